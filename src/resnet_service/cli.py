@@ -1,0 +1,205 @@
+"""``resnet-service``: serve, predict, quantize, info, finetune, bench, openapi.
+
+Flags map onto the one ``Settings`` class (flags win over ``RESNET_SERVICE_*`` variables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from resnet_service import __version__
+from resnet_service.config import Settings, SettingsError, load_settings
+from resnet_service.errors import ServiceError
+
+log = logging.getLogger("resnet_service")
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--weights", dest="weights_path", type=Path, help="fp32 ResNet18 state_dict")
+    group.add_argument("--bundle", dest="bundle_path", type=Path, help="model bundle directory")
+    group.add_argument("--precision", choices=["int8", "fp32"])
+    group.add_argument("--cache-dir", dest="model_cache_dir", type=Path)
+    group.add_argument("--calibration-dir", dest="calibration_dir", type=Path)
+    group.add_argument(
+        "--offline",
+        dest="allow_downloads",
+        action="store_const",
+        const=False,
+        help="never download weights",
+    )
+    group.add_argument(
+        "--allow-random-weights",
+        action="store_const",
+        const=True,
+        help="DEVELOPMENT ONLY: seeded random weights when none are found",
+    )
+    group.add_argument("--threads", dest="torch_threads", type=int, help="torch threads (0=auto)")
+    group.add_argument("--max-batch-size", type=int)
+    group.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    names = set(Settings.model_fields)
+    return load_settings(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _emit(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+# --- commands -----------------------------------------------------------------------------
+def cmd_info(args: argparse.Namespace, settings: Settings) -> int:
+    from resnet_service.classifier import Classifier
+    from resnet_service.model.loader import load_model
+
+    model = load_model(settings)
+    classifier = Classifier(model, settings)
+    info = model.info.model_dump(mode="json")
+    info["torch_threads"] = classifier.torch_threads
+    info["decode_threads"] = classifier.decode_threads
+    info["max_batch_size"] = settings.max_batch_size
+    print(json.dumps(info, indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace, settings: Settings) -> int:
+    from resnet_service.model.bundle import BundleManifest, write_bundle
+    from resnet_service.model.loader import load_model
+
+    model = load_model(settings.model_copy(update={"precision": "int8"}))
+    info = model.info
+    if args.out is not None:
+        if info.int8_cache:
+            shutil.copytree(info.int8_cache, args.out, dirs_exist_ok=True)
+        else:  # official int8 weights: write them as a bundle
+            manifest = BundleManifest(
+                name=info.name,
+                architecture=info.architecture,
+                num_classes=info.num_classes,
+                precision="int8",
+                weights_sha256=info.weights_sha256,
+                quantization=info.quantization,
+                provenance=info.provenance,
+            )
+            write_bundle(args.out, manifest, model.module.state_dict(), model.labels)
+        log.info("int8 bundle written to %s", args.out)
+    quant = info.quantization
+    _emit(
+        {
+            "name": info.name,
+            "weights_sha256": info.weights_sha256,
+            "random_weights": info.random_weights,
+            "int8_cache": info.int8_cache,
+            "bundle": str(args.out) if args.out else None,
+            "load_seconds": info.load_seconds,
+            "quantization": quant.model_dump(mode="json") if quant else None,
+        }
+    )
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
+    from resnet_service.classifier import Classification, Classifier
+    from resnet_service.model.loader import load_model
+
+    model = load_model(settings)
+    classifier = Classifier(model, settings)
+    classifier.start()
+    payloads: list[bytes | ServiceError] = []
+    for path in args.files:
+        try:
+            payloads.append(Path(path).read_bytes())
+        except OSError as exc:
+            payloads.append(ServiceError(f"cannot read {path}: {exc.strerror}"))
+
+    async def run() -> list[Classification | ServiceError]:
+        readable = [p for p in payloads if isinstance(p, bytes)]
+        results = iter(await classifier.classify_many(readable, args.top_k))
+        return [next(results) if isinstance(p, bytes) else p for p in payloads]
+
+    try:
+        results = asyncio.run(run())
+    finally:
+        classifier.stop()
+    failures = 0
+    for path, result in zip(args.files, results, strict=True):
+        if isinstance(result, ServiceError):
+            failures += 1
+            _emit({"file": str(path), "error": {"code": result.code, "detail": result.detail}})
+            continue
+        pred = result.prediction
+        _emit(
+            {
+                "file": str(path),
+                "predictions": [
+                    {"label": label, "index": index, "score": round(score, 6)}
+                    for label, index, score in zip(pred.labels, pred.indices, pred.scores, strict=True)
+                ],
+                "model": model.info.name,
+                "precision": model.info.precision,
+                "random_weights": model.info.random_weights,
+            }
+        )
+    return 1 if failures else 0
+
+
+# --- parser -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="resnet-service",
+        description="Fast CPU image classification with an int8 ResNet18.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    predict = sub.add_parser("predict", help="classify image files; one JSON line per file")
+    predict.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    predict.add_argument("-k", "--top-k", type=int, default=None)
+    _add_model_flags(predict)
+    predict.set_defaults(handler=cmd_predict)
+
+    quantize = sub.add_parser("quantize", help="build and cache the int8 model; print fidelity")
+    quantize.add_argument("--out", type=Path, help="also write the int8 model as a bundle here")
+    _add_model_flags(quantize)
+    quantize.set_defaults(handler=cmd_quantize)
+
+    info = sub.add_parser("info", help="show the model that would be served")
+    _add_model_flags(info)
+    info.set_defaults(handler=cmd_info)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``resnet-service`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings_from(args)
+    except SettingsError as exc:
+        print(f"resnet-service: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    handler: Handler = args.handler
+    try:
+        return handler(args, settings)
+    except ServiceError as exc:
+        print(f"resnet-service: error [{exc.code}]: {exc.detail}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,312 @@
+"""The inference engine: a bounded queue feeding one model thread that micro-batches.
+
+Contract:
+- torch runs only on the engine's own thread, with intra-op threads fixed at start;
+- a lone request runs at once; requests that arrive while a batch runs form the next batch
+  (at most ``max_batch_size``; once two or more are waiting, up to ``max_batch_wait_s`` more);
+- a full queue raises ``Overloaded`` at once, with a Retry-After estimate;
+- work whose deadline passed while queued is dropped with ``DeadlineExceeded``;
+- a failure in a batch reaches every waiter of that batch; outputs are counted against inputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from resnet_service.errors import (
+    DeadlineExceeded,
+    InferenceFailed,
+    NotReady,
+    Overloaded,
+    ServiceError,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """Top-k of one input, best first, with where its time went."""
+
+    indices: list[int]
+    scores: list[float]
+    labels: list[str]
+    queue_s: float
+    inference_s: float
+    batch_size: int
+
+
+class EngineObserver(Protocol):
+    """Hooks for metrics; called on the engine thread (keep them cheap)."""
+
+    def batch_done(self, size: int, inference_s: float, queue_waits_s: Sequence[float]) -> None: ...
+
+    def rejected(self, reason: str) -> None: ...
+
+
+@dataclass(slots=True)
+class _Work:
+    tensor: torch.Tensor
+    top_k: int
+    deadline: float
+    enqueued: float = field(default_factory=time.monotonic)
+    future: Future[Prediction] = field(default_factory=Future)
+
+
+class InferenceEngine:
+    """Micro-batching executor of one model on one dedicated thread."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        labels: Sequence[str],
+        *,
+        max_batch_size: int = 16,
+        max_batch_wait_s: float = 0.002,
+        queue_capacity: int = 256,
+        torch_threads: int = 1,
+        input_shape: tuple[int, int, int] = (3, 224, 224),
+        observer: EngineObserver | None = None,
+    ) -> None:
+        self._model = model
+        self._labels = list(labels)
+        self.max_batch_size = max_batch_size
+        self._max_wait = max_batch_wait_s
+        self._queue: queue.Queue[_Work] = queue.Queue(maxsize=queue_capacity)
+        self.torch_threads = torch_threads
+        self._input_shape = input_shape
+        self._observer = observer
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._stopping = threading.Event()
+        self._startup_error: BaseException | None = None
+        self._in_batch = 0
+        # Smoothed seconds of model time per image, for Retry-After.
+        self._per_item_s = 0.005
+        self.batches_run = 0
+        self.items_run = 0
+
+    # --- lifecycle -----------------------------------------------------------------------
+    def start(self, warmup: bool = True, timeout: float = 300.0) -> None:
+        """Start the model thread; returns once it is warmed up and accepting work."""
+        if self._thread is not None:
+            raise RuntimeError("engine already started")
+        self._thread = threading.Thread(
+            target=self._main, args=(warmup,), name="inference-engine", daemon=True
+        )
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise RuntimeError(f"engine did not warm up within {timeout}s")
+        if self._startup_error is not None:
+            raise RuntimeError("engine failed to start") from self._startup_error
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop accepting work, finish what is queued (within ``timeout``), then end the thread."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("engine thread still busy after %ss; failing what is queued", timeout)
+        self._fail_queued(NotReady("the service is shutting down"))
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and not self._stopping.is_set() and self._startup_error is None
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def in_batch(self) -> int:
+        return self._in_batch
+
+    @property
+    def labels(self) -> list[str]:
+        return self._labels
+
+    def retry_after_s(self) -> int:
+        """Seconds until the queue has likely drained, from depth and recent service time."""
+        backlog = self._queue.qsize() + self._in_batch + 1
+        return max(1, min(60, math.ceil(backlog * self._per_item_s)))
+
+    # --- submission ----------------------------------------------------------------------
+    def submit(
+        self, tensor: torch.Tensor, top_k: int, timeout_s: float = 30.0
+    ) -> Future[Prediction]:
+        """Queue one CHW tensor; the future resolves to its Prediction or a ServiceError."""
+        if not self.ready:
+            raise NotReady("the model is not ready (starting up or shutting down)")
+        if tuple(tensor.shape) != self._input_shape:
+            raise InferenceFailed(
+                f"expected a tensor of shape {self._input_shape}, got {tuple(tensor.shape)}"
+            )
+        work = _Work(tensor=tensor, top_k=top_k, deadline=time.monotonic() + timeout_s)
+        try:
+            self._queue.put_nowait(work)
+        except queue.Full:
+            if self._observer:
+                self._observer.rejected("queue_full")
+            raise Overloaded(
+                f"the inference queue is full ({self._queue.maxsize} waiting); retry later",
+                retry_after_s=self.retry_after_s(),
+            ) from None
+        return work.future
+
+    async def infer(self, tensor: torch.Tensor, top_k: int, timeout_s: float = 30.0) -> Prediction:
+        """``submit`` for asyncio callers; cancelling the await drops the queued work."""
+        return await asyncio.wrap_future(self.submit(tensor, top_k, timeout_s))
+
+    # --- the model thread ----------------------------------------------------------------
+    def _main(self, warmup: bool) -> None:
+        try:
+            # Thread counts are per OS thread for OpenMP: set them here, where torch runs.
+            torch.set_num_threads(self.torch_threads)
+            if warmup:
+                self._warm_up()
+        except BaseException as exc:  # reported to start()
+            self._startup_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        while True:
+            try:
+                first = self._queue.get(timeout=0.05)
+            except queue.Empty:
+                if self._stopping.is_set():
+                    return
+                continue
+            batch = self._collect(first)
+            self._execute(batch)
+
+    def warmup_batch_sizes(self) -> list[int]:
+        """Powers of two up to the max batch, and the max itself."""
+        sizes = [1]
+        while sizes[-1] * 2 < self.max_batch_size:
+            sizes.append(sizes[-1] * 2)
+        if self.max_batch_size > 1:
+            sizes.append(self.max_batch_size)
+        return sizes
+
+    def _warm_up(self) -> None:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for size in self.warmup_batch_sizes():
+                out = self._model(torch.zeros(size, *self._input_shape))
+                if out.shape != (size, len(self._labels)):
+                    raise InferenceFailed(
+                        f"model output {tuple(out.shape)} does not match {len(self._labels)} labels"
+                    )
+        log.info(
+            "engine warmed up (batch sizes %s, %d torch threads) in %.2fs",
+            self.warmup_batch_sizes(),
+            self.torch_threads,
+            time.perf_counter() - started,
+        )
+
+    def _collect(self, first: _Work) -> list[_Work]:
+        batch = [first]
+        wait_until = time.monotonic() + self._max_wait
+        while len(batch) < self.max_batch_size:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            remaining = wait_until - time.monotonic()
+            # A lone request never waits; a forming batch waits briefly for stragglers.
+            if len(batch) == 1 or remaining <= 0:
+                break
+            try:
+                batch.append(self._queue.get(timeout=remaining))
+            except queue.Empty:
+                break
+        return batch
+
+    def _execute(self, batch: list[_Work]) -> None:
+        now = time.monotonic()
+        live: list[_Work] = []
+        for work in batch:
+            if not work.future.set_running_or_notify_cancel():
+                continue  # the caller gave up (client disconnected)
+            if work.deadline <= now:
+                work.future.set_exception(
+                    DeadlineExceeded("the request's deadline passed while it waited for the model")
+                )
+                if self._observer:
+                    self._observer.rejected("deadline")
+                continue
+            live.append(work)
+        if not live:
+            return
+        self._in_batch = len(live)
+        started = time.perf_counter()
+        try:
+            scores, indices = self._forward(live)
+        except Exception as exc:
+            error = (
+                exc
+                if isinstance(exc, ServiceError)
+                else InferenceFailed(
+                    f"the model failed on a batch of {len(live)}: {type(exc).__name__}: {exc}"
+                )
+            )
+            log.exception("batch of %d failed", len(live))
+            for work in live:
+                work.future.set_exception(error)
+            return
+        finally:
+            self._in_batch = 0
+        elapsed = time.perf_counter() - started
+        self._per_item_s = 0.8 * self._per_item_s + 0.2 * (elapsed / len(live))
+        self.batches_run += 1
+        self.items_run += len(live)
+        waits = [now - work.enqueued for work in live]
+        for row, work in enumerate(live):
+            k = work.top_k
+            idx = indices[row][:k]
+            work.future.set_result(
+                Prediction(
+                    indices=idx,
+                    scores=scores[row][:k],
+                    labels=[self._labels[i] for i in idx],
+                    queue_s=waits[row],
+                    inference_s=elapsed,
+                    batch_size=len(live),
+                )
+            )
+        if self._observer:
+            self._observer.batch_done(len(live), elapsed, waits)
+
+    def _forward(self, live: list[_Work]) -> tuple[list[list[float]], list[list[int]]]:
+        inputs = torch.stack([work.tensor for work in live])
+        with torch.inference_mode():
+            logits = self._model(inputs)
+        if logits.ndim != 2 or logits.shape[0] != len(live):
+            raise InferenceFailed(
+                f"the model returned {tuple(logits.shape)} outputs for {len(live)} inputs"
+            )
+        k = min(max(work.top_k for work in live), logits.shape[1])
+        scores, indices = logits.float().softmax(dim=1).topk(k, dim=1)
+        return scores.tolist(), indices.tolist()
+
+    def _fail_queued(self, error: ServiceError) -> None:
+        while True:
+            try:
+                work = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if work.future.set_running_or_notify_cancel():
+                work.future.set_exception(error)

@@ -1,0 +1,99 @@
+"""Domain errors with stable codes. No HTTP here: ``api/problems.py`` maps them to statuses."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base of every error a caller can act on; ``code`` is stable across releases."""
+
+    code: str = "service_error"
+    title: str = "Service error"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+# --- input -----------------------------------------------------------------------------------
+class InputError(ServiceError):
+    """The caller sent something we will not process."""
+
+    code = "invalid_input"
+    title = "Invalid input"
+
+
+class EmptyUpload(InputError):
+    code = "empty_upload"
+    title = "Empty upload"
+
+
+class UploadTooLarge(InputError):
+    code = "upload_too_large"
+    title = "Upload too large"
+
+
+class ImageTooLarge(InputError):
+    code = "image_too_large"
+    title = "Image has too many pixels"
+
+
+class UnsupportedImage(InputError):
+    code = "unsupported_image_format"
+    title = "Unsupported image format"
+
+
+class UndecodableImage(InputError):
+    code = "undecodable_image"
+    title = "Image could not be decoded"
+
+
+class InvalidParameter(InputError):
+    code = "invalid_parameter"
+    title = "Invalid parameter"
+
+
+# --- capacity --------------------------------------------------------------------------------
+class Overloaded(ServiceError):
+    """The engine's queue is full; ``retry_after_s`` estimates when it will have room."""
+
+    code = "overloaded"
+    title = "Service overloaded"
+
+    def __init__(self, detail: str, retry_after_s: int = 1) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
+
+
+class NotReady(ServiceError):
+    code = "not_ready"
+    title = "Service not ready"
+
+    def __init__(self, detail: str, retry_after_s: int = 1) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(ServiceError):
+    code = "deadline_exceeded"
+    title = "Deadline exceeded"
+
+
+class InferenceFailed(ServiceError):
+    code = "inference_failed"
+    title = "Inference failed"
+
+
+# --- model -----------------------------------------------------------------------------------
+class ModelError(ServiceError):
+    code = "model_error"
+    title = "Model error"
+
+
+class WeightsUnavailable(ModelError):
+    code = "weights_unavailable"
+    title = "Model weights unavailable"
+
+
+class BundleInvalid(ModelError):
+    code = "bundle_invalid"
+    title = "Model bundle invalid"

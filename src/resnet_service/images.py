@@ -1,0 +1,237 @@
+"""The input contract: image bytes -> an upright RGB image -> a normalised 3x224x224 array.
+
+Matches ``ResNet18_Weights.IMAGENET1K_V1.transforms()`` (resize the shorter side to 256 with
+antialiased bilinear, centre-crop 224, ImageNet mean/std): the resize and crop are the very
+torchvision functions the reference calls on a PIL image, so the exact path differs from it only
+by float rounding. Large JPEGs may take a DCT-scaled fast path (``draft``); its error against the
+reference is measured in the tests (``FAST_PATH_TOLERANCE``).
+
+Nothing here runs torch kernels: decoding happens on a pool of plain threads, and torch compute
+belongs to the engine thread alone. Pillow releases the GIL while it decodes and resizes.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as tvf
+
+from resnet_service.errors import (
+    EmptyUpload,
+    ImageTooLarge,
+    UndecodableImage,
+    UnsupportedImage,
+    UploadTooLarge,
+)
+
+Tensor3 = npt.NDArray[np.float32]
+
+ALLOWED_FORMATS: Final = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+ALLOWED_DESCRIPTION: Final = "JPEG, PNG, WebP, BMP or GIF"
+#: Largest accepted long:short side ratio: beyond it, resizing the short side to 256 would
+#: build an enormous intermediate image (a 1x40M strip would become 256x10G).
+MAX_ASPECT_RATIO: Final = 32.0
+#: The fast JPEG path keeps at least this many pixels on the short side before the resize.
+FAST_PATH_MIN_SHORT_SIDE: Final = 512
+#: Max abs difference (normalised units) allowed between the fast JPEG path and the reference.
+FAST_PATH_TOLERANCE: Final = 0.25
+#: Max abs difference of the exact path (float rounding only).
+EXACT_TOLERANCE: Final = 1e-5
+
+_SIGNATURES: Final = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+)
+# Formats we recognise only to name them in the error message.
+_KNOWN_UNSUPPORTED: Final = (
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"%PDF", "PDF"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (b"8BPS", "PSD"),
+    (b"\x00\x00\x01\x00", "ICO"),
+)
+
+
+class PreprocessSpec(BaseModel):
+    """How images become model input; stored in every model bundle."""
+
+    model_config = ConfigDict(frozen=True)
+
+    resize_size: int = Field(256, ge=8, le=4096)
+    crop_size: int = Field(224, ge=8, le=4096)
+    interpolation: str = "bilinear"
+    antialias: bool = True
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageLimits:
+    """Input caps: bytes before decoding, pixels from the header before decoding."""
+
+    max_bytes: int
+    max_pixels: int
+
+
+def sniff_format(data: bytes) -> str:
+    """Decide the format from the content's magic bytes; raise ``UnsupportedImage`` otherwise."""
+    for magic, fmt in _SIGNATURES:
+        if data.startswith(magic):
+            return fmt
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    raise UnsupportedImage(
+        f"This file is not an image we can read ({describe_unsupported(data)}). "
+        f"Send {ALLOWED_DESCRIPTION}."
+    )
+
+
+def describe_unsupported(data: bytes) -> str:
+    """A short human name for content we refuse, for error messages."""
+    for magic, name in _KNOWN_UNSUPPORTED:
+        if data.startswith(magic):
+            return name
+    if data[4:8] == b"ftyp":
+        brand = data[8:12].decode("ascii", "replace").strip()
+        return {"heic": "HEIC", "heix": "HEIC", "mif1": "HEIF", "avif": "AVIF"}.get(
+            brand, f"ISO media '{brand}'"
+        )
+    head = data[:256].lstrip().lower()
+    if head.startswith((b"<svg", b"<?xml")):
+        return "SVG/XML"
+    if head.startswith((b"<!doctype html", b"<html")):
+        return "HTML"
+    try:
+        data[:64].decode("utf-8")
+    except UnicodeDecodeError:
+        return "unknown binary data"
+    return "text"
+
+
+def open_image(data: bytes, limits: ImageLimits) -> tuple[Image.Image, str]:
+    """Open (not yet decode) allow-listed image bytes, enforcing byte and pixel caps."""
+    if not data:
+        raise EmptyUpload("The upload is empty. Send the image file's bytes.")
+    if len(data) > limits.max_bytes:
+        raise UploadTooLarge(
+            f"The upload is {len(data)} bytes; the limit is {limits.max_bytes} bytes."
+        )
+    fmt = sniff_format(data)
+    try:
+        img = Image.open(io.BytesIO(data), formats=[fmt])
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(f"{exc} The limit is {limits.max_pixels} pixels.") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise UndecodableImage(
+            f"The file looks like {fmt} but its header could not be read ({exc}). "
+            "It may be corrupt or truncated."
+        ) from None
+    width, height = img.size
+    if width * height > limits.max_pixels:
+        raise ImageTooLarge(
+            f"The image is {width}x{height} = {width * height} pixels; the limit is "
+            f"{limits.max_pixels}. Downscale it before sending."
+        )
+    if width < 1 or height < 1 or max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        raise UnsupportedImage(
+            f"The image is {width}x{height}; sides more than {MAX_ASPECT_RATIO:g}:1 apart are "
+            "not supported. Crop it closer to a square."
+        )
+    return img, fmt
+
+
+def _apply_fast_jpeg_path(img: Image.Image, spec: PreprocessSpec) -> None:
+    """Let libjpeg scale large JPEGs down by DCT (1/2..1/8) while decoding."""
+    min_side = max(FAST_PATH_MIN_SHORT_SIDE, 2 * spec.resize_size)
+    width, height = img.size
+    short = min(width, height)
+    if short < 2 * min_side:
+        return
+    scale = min_side / short
+    img.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB: 16-bit rescaled (not clipped), transparency composited on white."""
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        # 16-bit samples (PNG opens as I;16 or I): rescale 0..65535 to 0..255.
+        arr = np.asarray(img).astype(np.float64)
+        gray = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if mode == "F":
+        return img.convert("L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return img if mode == "RGB" else img.convert("RGB")
+
+
+def decode_rgb(
+    data: bytes, limits: ImageLimits, spec: PreprocessSpec, *, fast: bool = True
+) -> Image.Image:
+    """Bytes -> upright RGB image (EXIF orientation applied), refusing anything unsafe."""
+    img, fmt = open_image(data, limits)
+    if fast and fmt == "JPEG":
+        _apply_fast_jpeg_path(img, spec)
+    try:
+        img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(str(exc)) from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+        raise UndecodableImage(
+            f"The {fmt} image could not be decoded ({exc}). It may be corrupt or truncated."
+        ) from None
+    try:
+        upright = ImageOps.exif_transpose(img)
+    except (OSError, SyntaxError, ValueError, KeyError, TypeError):
+        upright = img  # A broken EXIF block must not sink a readable image.
+    return to_rgb(upright)
+
+
+def preprocess(rgb: Image.Image, spec: PreprocessSpec) -> Tensor3:
+    """RGB image -> normalised CHW float32, the same ops as ``IMAGENET1K_V1.transforms()``."""
+    resized = tvf.resize(
+        rgb,
+        [spec.resize_size],
+        interpolation=InterpolationMode(spec.interpolation),
+        antialias=spec.antialias,
+    )
+    cropped = tvf.center_crop(resized, [spec.crop_size])
+    arr = np.asarray(cropped, dtype=np.float32) / np.float32(255.0)
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
+    normalised = (arr - mean) / std
+    return np.ascontiguousarray(normalised.transpose(2, 0, 1))
+
+
+def decode_and_preprocess(
+    data: bytes, limits: ImageLimits, spec: PreprocessSpec, *, fast: bool = True
+) -> Tensor3:
+    """The whole input contract: bytes -> model-ready CHW float32 array."""
+    return preprocess(decode_rgb(data, limits, spec, fast=fast), spec)
+
+
+def install_bomb_guard() -> None:
+    """Make Pillow's decompression-bomb *warning* an error, so oversized images are refused.
+
+    Our pixel cap sits below Pillow's limit, so this only matters if settings raise it; the
+    filter is process-wide (``warnings`` is not thread-local), so it is installed once at start.
+    """
+    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)

@@ -1,0 +1,1 @@
+"""Weights resolution, model bundles, quantization and labels."""

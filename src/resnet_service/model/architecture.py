@@ -1,0 +1,94 @@
+"""Network builders: fp32 torchvision ResNets and their quantizable (fusable) twins."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Final
+
+import torch
+from torch import nn
+from torchvision.models import resnet18, resnet50
+from torchvision.models.quantization import resnet18 as qresnet18
+from torchvision.models.quantization import resnet50 as qresnet50
+
+from resnet_service.errors import BundleInvalid
+
+_FP32: Final[dict[str, Callable[..., nn.Module]]] = {"resnet18": resnet18, "resnet50": resnet50}
+_QUANTIZABLE: Final[dict[str, Callable[..., nn.Module]]] = {
+    "resnet18": qresnet18,
+    "resnet50": qresnet50,
+}
+ARCHITECTURES: Final = tuple(_FP32)
+#: x86 is the engine for this CPU family (fbgemm + oneDNN kernels); measured ~30% faster
+#: than plain fbgemm here.
+QUANTIZED_ENGINE: Final = "x86"
+
+
+def _check(architecture: str) -> None:
+    if architecture not in _FP32:
+        raise BundleInvalid(
+            f"unknown architecture {architecture!r}; supported: {', '.join(ARCHITECTURES)}"
+        )
+
+
+def build_fp32(architecture: str, num_classes: int) -> nn.Module:
+    """An untrained fp32 network in eval mode."""
+    _check(architecture)
+    return _FP32[architecture](weights=None, num_classes=num_classes).eval()
+
+
+@contextmanager
+def quiet_quantization_warnings() -> Iterator[None]:
+    """Silence torch's deprecation notices for eager-mode quantization (still the fastest
+    int8 path here); only used during single-threaded model build at start-up."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
+        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor")
+        warnings.filterwarnings("ignore", message=r"TypedStorage is deprecated")
+        yield
+
+
+def select_quantized_engine() -> None:
+    """Use the x86 quantized engine (fails loudly if this torch build lacks it)."""
+    if QUANTIZED_ENGINE not in torch.backends.quantized.supported_engines:
+        raise RuntimeError(f"this torch build has no {QUANTIZED_ENGINE} quantized engine")
+    torch.backends.quantized.engine = QUANTIZED_ENGINE
+
+
+def build_prepared(
+    architecture: str, num_classes: int, state_dict: dict[str, torch.Tensor] | None, qconfig: str
+) -> nn.Module:
+    """A quantizable network with conv+bn+relu fused and observers attached (eval mode)."""
+    _check(architecture)
+    from torch.ao.quantization import get_default_qconfig, prepare
+
+    select_quantized_engine()
+    model = _QUANTIZABLE[architecture](weights=None, quantize=False, num_classes=num_classes)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    model.eval()
+    with quiet_quantization_warnings():
+        model.fuse_model(is_qat=False)  # type: ignore[operator]
+        model.qconfig = get_default_qconfig(qconfig)  # type: ignore[no-untyped-call]
+        prepare(model, inplace=True)  # type: ignore[no-untyped-call]
+    return model
+
+
+def convert_prepared(model: nn.Module) -> nn.Module:
+    """Observers -> int8 modules."""
+    from torch.ao.quantization import convert
+
+    with quiet_quantization_warnings():
+        convert(model, inplace=True)  # type: ignore[no-untyped-call]
+    return model.eval()
+
+
+def build_int8_skeleton(architecture: str, num_classes: int, qconfig: str) -> nn.Module:
+    """An int8 network ready for ``load_state_dict`` of a saved int8 state."""
+    model = build_prepared(architecture, num_classes, None, qconfig)
+    # One tiny pass so observers hold values: convert() then needs no fake statistics.
+    with torch.inference_mode():
+        model(torch.zeros(1, 3, 64, 64))
+    return convert_prepared(model)

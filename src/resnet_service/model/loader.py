@@ -1,0 +1,261 @@
+"""Settings -> a ready network: resolve weights or a bundle, quantize (or hit the cache)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+from torchvision.models import ResNet18_Weights
+
+from resnet_service.config import Settings
+from resnet_service.errors import BundleInvalid
+from resnet_service.images import PreprocessSpec
+from resnet_service.model.architecture import QUANTIZED_ENGINE, build_fp32
+from resnet_service.model.bundle import (
+    BundleManifest,
+    Fidelity,
+    QuantizationInfo,
+    instantiate,
+    read_labels,
+    read_manifest,
+    read_weights,
+)
+from resnet_service.model.quantize import (
+    ImageFiles,
+    builtin_calibration_files,
+    builtin_holdout_files,
+    cache_key,
+    directory_files,
+    load_cached,
+    quantize_to_bundle,
+)
+from resnet_service.model.weights import (
+    FP32_WEIGHTS,
+    INT8_WEIGHTS,
+    ResolvedWeights,
+    WeightsSource,
+    find_in_hub_or_download,
+    hub_checkpoint_path,
+    resolve_fp32_weights,
+)
+
+log = logging.getLogger(__name__)
+
+IMAGENET_NAME = "resnet18-imagenet1k"
+
+
+class ModelInfo(BaseModel):
+    """What is being served and how it was made; shown by ``/model`` and ``info``."""
+
+    name: str
+    architecture: str
+    num_classes: int
+    precision: str
+    weights_source: WeightsSource
+    weights_path: str | None
+    weights_sha256: str
+    weights_matches_published_hash: bool | None
+    random_weights: bool
+    quantization: QuantizationInfo | None
+    int8_cache: str | None
+    provenance: dict[str, Any]
+    load_seconds: float
+
+    @property
+    def fidelity(self) -> Fidelity | None:
+        return self.quantization.fidelity if self.quantization else None
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """A network in eval mode with its labels, preprocessing and provenance."""
+
+    module: nn.Module
+    labels: list[str]
+    spec: PreprocessSpec
+    info: ModelInfo
+
+
+def imagenet_labels() -> list[str]:
+    """The 1000 ImageNet category names that ship inside torchvision."""
+    return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def _imagenet_manifest(weights: ResolvedWeights) -> BundleManifest:
+    return BundleManifest(
+        name=IMAGENET_NAME,
+        architecture="resnet18",
+        num_classes=1000,
+        precision="fp32",
+        weights_sha256=weights.sha256,
+        random_weights=weights.source is WeightsSource.RANDOM,
+        provenance={
+            "source": "torchvision ResNet18_Weights.IMAGENET1K_V1",
+            "acc@1": FP32_WEIGHTS.meta["_metrics"]["ImageNet-1K"]["acc@1"],
+            "weights_source": weights.source.value,
+        },
+    )
+
+
+def _calibration(settings: Settings, fallback: Path | None) -> ImageFiles:
+    directory = settings.calibration_dir or fallback
+    return directory_files(directory) if directory else builtin_calibration_files()
+
+
+def _int8_from_fp32(
+    settings: Settings,
+    manifest: BundleManifest,
+    state_dict: dict[str, torch.Tensor],
+    labels: list[str],
+    *,
+    calibration_fallback: Path | None = None,
+    holdout: ImageFiles | None = None,
+) -> tuple[nn.Module, BundleManifest, Path]:
+    """Quantize fp32 weights, or load the cached int8 result of an earlier identical run."""
+    spec = manifest.preprocessing
+    calibration_files = _calibration(settings, calibration_fallback)
+    fingerprint = calibration_files.fingerprint(spec)
+    key = cache_key(
+        manifest.weights_sha256, manifest.architecture, manifest.num_classes, fingerprint
+    )
+    cache_dir = settings.model_cache_dir / f"int8-{manifest.architecture}-{key}"
+    cached = load_cached(cache_dir, manifest.weights_sha256)
+    if cached is not None:
+        log.info("int8 model loaded from cache %s", cache_dir)
+        return cached[0], cached[1], cache_dir
+    calibration = calibration_files.load(spec)
+    log.info(
+        "quantizing to int8 (%d calibration images from %s)", len(calibration), calibration.source
+    )
+    fp32 = build_fp32(manifest.architecture, manifest.num_classes)
+    fp32.load_state_dict(state_dict)
+    module, int8_manifest = quantize_to_bundle(
+        fp32_model=fp32,
+        manifest=manifest,
+        state_dict=state_dict,
+        labels=labels,
+        calibration=calibration,
+        calibration_fingerprint=fingerprint,
+        holdout=(holdout or builtin_holdout_files()).load(spec),
+        out_dir=cache_dir,
+    )
+    return module, int8_manifest, cache_dir
+
+
+def _official_int8(settings: Settings) -> ResolvedWeights | None:
+    """torchvision's own int8 ResNet18 (fbgemm-calibrated), preferred over quantizing ourselves:
+    from the hub cache, or downloaded when no fp32 file is on disk either."""
+    if settings.weights_path is not None:
+        return None
+    int8_on_disk = hub_checkpoint_path(INT8_WEIGHTS.url).is_file()
+    fp32_on_disk = hub_checkpoint_path(FP32_WEIGHTS.url).is_file()
+    if int8_on_disk or not fp32_on_disk:
+        return find_in_hub_or_download(INT8_WEIGHTS.url, settings.allow_downloads)
+    return None
+
+
+def _load_official_int8(weights: ResolvedWeights) -> tuple[nn.Module, BundleManifest]:
+    manifest = BundleManifest(
+        name=f"{IMAGENET_NAME}-int8",
+        architecture="resnet18",
+        num_classes=1000,
+        precision="int8",
+        weights_sha256=weights.sha256,
+        quantization=QuantizationInfo(method="official", engine=QUANTIZED_ENGINE, qconfig="fbgemm"),
+        provenance={
+            "source": "torchvision ResNet18_QuantizedWeights.IMAGENET1K_FBGEMM_V1",
+            "acc@1": INT8_WEIGHTS.meta["_metrics"]["ImageNet-1K"]["acc@1"],
+            "weights_source": weights.source.value,
+        },
+    )
+    return instantiate(manifest, weights.state_dict), manifest
+
+
+def _load_imagenet(
+    settings: Settings,
+) -> tuple[nn.Module, BundleManifest, ResolvedWeights, Path | None]:
+    labels = imagenet_labels()
+    official = _official_int8(settings) if settings.precision == "int8" else None
+    if official is not None:
+        module, manifest = _load_official_int8(official)
+        return module, manifest, official, None
+    weights = resolve_fp32_weights(
+        settings.weights_path,
+        allow_downloads=settings.allow_downloads,
+        allow_random=settings.allow_random_weights,
+    )
+    manifest = _imagenet_manifest(weights)
+    if settings.precision == "fp32":
+        return instantiate(manifest, weights.state_dict), manifest, weights, None
+    module, int8_manifest, cache_dir = _int8_from_fp32(
+        settings, manifest, weights.state_dict, labels
+    )
+    return module, int8_manifest, weights, cache_dir
+
+
+def _load_bundle(
+    settings: Settings, directory: Path
+) -> tuple[nn.Module, BundleManifest, list[str], Path | None]:
+    manifest = read_manifest(directory)
+    labels = read_labels(directory, manifest)
+    state_dict = read_weights(directory, manifest)
+    if manifest.precision == "int8" or settings.precision == "fp32":
+        if manifest.precision == "int8" and settings.precision == "fp32":
+            raise BundleInvalid(
+                f"{directory} holds an int8 model; serve it with precision=int8 or give its "
+                "fp32 source bundle"
+            )
+        return instantiate(manifest, state_dict), manifest, labels, None
+    train_dir = manifest.provenance.get("train_dir")
+    fallback = Path(train_dir) if isinstance(train_dir, str) and Path(train_dir).is_dir() else None
+    module, int8_manifest, cache_dir = _int8_from_fp32(
+        settings, manifest, state_dict, labels, calibration_fallback=fallback
+    )
+    return module, int8_manifest, labels, cache_dir
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    """Resolve, build (or load from cache) and return the model the settings ask for."""
+    started = time.perf_counter()
+    path: str | None
+    published: bool | None
+    if settings.bundle_path is not None:
+        module, manifest, labels, cache_dir = _load_bundle(settings, settings.bundle_path)
+        source, path, published = WeightsSource.BUNDLE, str(settings.bundle_path), None
+        sha = manifest.weights_sha256
+    else:
+        module, manifest, weights, cache_dir = _load_imagenet(settings)
+        labels = imagenet_labels()
+        source, path = weights.source, str(weights.path) if weights.path else None
+        published, sha = weights.matches_published_hash, weights.sha256
+    info = ModelInfo(
+        name=manifest.name,
+        architecture=manifest.architecture,
+        num_classes=manifest.num_classes,
+        precision=manifest.precision,
+        weights_source=source,
+        weights_path=path,
+        weights_sha256=sha,
+        weights_matches_published_hash=published,
+        random_weights=manifest.random_weights,
+        quantization=manifest.quantization,
+        int8_cache=str(cache_dir) if cache_dir else None,
+        provenance=manifest.provenance,
+        load_seconds=round(time.perf_counter() - started, 3),
+    )
+    log.info(
+        "model %s (%s) from %s, sha256 %s..., loaded in %.2fs%s",
+        info.name,
+        info.precision,
+        info.weights_source.value,
+        info.weights_sha256[:12],
+        info.load_seconds,
+        " [RANDOM WEIGHTS]" if info.random_weights else "",
+    )
+    return LoadedModel(module=module.eval(), labels=labels, spec=manifest.preprocessing, info=info)

@@ -1,0 +1,200 @@
+"""Where the weights come from: explicit path -> torch hub cache -> hash-checked download.
+
+Never silently random: seeded random weights are served only behind the development flag, and
+then every response says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Final
+
+import torch
+from torchvision.models import ResNet18_Weights
+from torchvision.models.quantization import ResNet18_QuantizedWeights
+
+from resnet_service.errors import WeightsUnavailable
+
+log = logging.getLogger(__name__)
+
+# Values are tensors; an int8 Linear's packed params add a dtype and a (weight, bias) tuple.
+StateDict = dict[str, Any]
+
+FP32_WEIGHTS: Final = ResNet18_Weights.IMAGENET1K_V1
+INT8_WEIGHTS: Final = ResNet18_QuantizedWeights.IMAGENET1K_FBGEMM_V1
+RANDOM_SEED: Final = 0
+
+
+class WeightsSource(StrEnum):
+    """How the served weights were found; reported by /model and in logs."""
+
+    EXPLICIT_PATH = "explicit_path"
+    HUB_CACHE = "hub_cache"
+    DOWNLOAD = "download"
+    BUNDLE = "bundle"
+    RANDOM = "random"
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedWeights:
+    """A state_dict with its provenance."""
+
+    state_dict: StateDict
+    source: WeightsSource
+    sha256: str
+    path: Path | None
+    #: True when the file's sha256 starts with the hash prefix torchvision publishes for it.
+    matches_published_hash: bool | None = None
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_state_dict(state_dict: StateDict) -> str:
+    """Content hash of a state_dict (names, dtypes, shapes and values), independent of files."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        value = state_dict[name]
+        if not isinstance(value, torch.Tensor):
+            digest.update(f"{name}:{value!r};".encode())
+            continue
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        if tensor.is_quantized:
+            tensor = tensor.int_repr()
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_state_dict_file(path: Path) -> StateDict:
+    """``torch.load`` with ``weights_only=True`` (no pickled code), refusing non-state-dicts."""
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise WeightsUnavailable(f"cannot read weights file {path}: {exc}") from exc
+    if (
+        isinstance(loaded, dict)
+        and "state_dict" in loaded
+        and isinstance(loaded["state_dict"], dict)
+    ):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict) or not all(
+        isinstance(k, str) and _is_state_value(v) for k, v in loaded.items()
+    ):
+        raise WeightsUnavailable(f"{path} is not a state_dict of tensors")
+    return loaded
+
+
+def _is_state_value(value: object) -> bool:
+    if isinstance(value, torch.Tensor | torch.dtype):
+        return True
+    return isinstance(value, tuple) and all(
+        isinstance(item, torch.Tensor) or item is None for item in value
+    )
+
+
+def hub_checkpoint_path(url: str) -> Path:
+    """Where torch hub (and torchvision) keeps a downloaded checkpoint (honours $TORCH_HOME)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+
+
+def published_hash_prefix(url: str) -> str | None:
+    """torchvision names files ``<name>-<sha256 prefix>.pth``."""
+    stem = Path(url).stem
+    prefix = stem.rsplit("-", 1)[-1] if "-" in stem else stem.rsplit("_", 1)[-1]
+    return prefix if all(c in "0123456789abcdef" for c in prefix) and len(prefix) >= 8 else None
+
+
+def _from_file(path: Path, source: WeightsSource, url: str | None) -> ResolvedWeights:
+    digest = sha256_file(path)
+    prefix = published_hash_prefix(url) if url else None
+    return ResolvedWeights(
+        state_dict=load_state_dict_file(path),
+        source=source,
+        sha256=digest,
+        path=path,
+        matches_published_hash=digest.startswith(prefix) if prefix else None,
+    )
+
+
+def _download(url: str) -> Path:
+    """Download into the hub cache, checking the published sha256 prefix."""
+    dest = hub_checkpoint_path(url)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s to %s", url, dest)
+    try:
+        torch.hub.download_url_to_file(url, str(dest), hash_prefix=published_hash_prefix(url))
+    except Exception as exc:  # URLError, hash mismatch (RuntimeError), OSError...
+        raise WeightsUnavailable(f"download of {url} failed: {exc}") from exc
+    return dest
+
+
+def find_in_hub_or_download(url: str, allow_downloads: bool) -> ResolvedWeights | None:
+    """The hub cache file for ``url``, else a checked download when allowed, else None."""
+    cached = hub_checkpoint_path(url)
+    if cached.is_file():
+        return _from_file(cached, WeightsSource.HUB_CACHE, url)
+    if allow_downloads:
+        try:
+            return _from_file(_download(url), WeightsSource.DOWNLOAD, url)
+        except WeightsUnavailable as exc:
+            log.warning("%s", exc)
+    return None
+
+
+def random_weights(num_classes: int = 1000) -> ResolvedWeights:
+    """Seeded random ResNet18 weights: the same every run, for demos without real weights."""
+    from torchvision.models import resnet18
+
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(RANDOM_SEED)
+        state_dict = resnet18(num_classes=num_classes).state_dict()
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return ResolvedWeights(
+        state_dict=state_dict,
+        source=WeightsSource.RANDOM,
+        sha256=sha256_state_dict(state_dict),
+        path=None,
+    )
+
+
+def how_to_provide_weights() -> str:
+    """The exact remedy, for the start-up error."""
+    name = Path(FP32_WEIGHTS.url).name
+    return (
+        "No ResNet18 weights are available. Provide them in one of these ways:\n"
+        f"  1. set RESNET_SERVICE_WEIGHTS_PATH=/path/to/{name} (or --weights PATH);\n"
+        f"  2. place {name} at {hub_checkpoint_path(FP32_WEIGHTS.url)} "
+        "(the torch hub cache; $TORCH_HOME moves it);\n"
+        f"  3. allow a download (RESNET_SERVICE_ALLOW_DOWNLOADS=true) from {FP32_WEIGHTS.url} "
+        "on a machine that can reach it;\n"
+        "  development only: RESNET_SERVICE_ALLOW_RANDOM_WEIGHTS=true serves seeded random "
+        "weights (meaningless predictions, flagged in every response)."
+    )
+
+
+def resolve_fp32_weights(
+    explicit: Path | None, *, allow_downloads: bool, allow_random: bool
+) -> ResolvedWeights:
+    """Resolve the fp32 ImageNet weights in the documented order."""
+    if explicit is not None:
+        return _from_file(explicit, WeightsSource.EXPLICIT_PATH, None)
+    found = find_in_hub_or_download(FP32_WEIGHTS.url, allow_downloads)
+    if found is not None:
+        return found
+    if allow_random:
+        log.warning("no weights found: serving SEEDED RANDOM weights (development flag is on)")
+        return random_weights()
+    raise WeightsUnavailable(how_to_provide_weights())
