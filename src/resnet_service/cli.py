@@ -145,7 +145,9 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
                 "file": str(path),
                 "predictions": [
                     {"label": label, "index": index, "score": round(score, 6)}
-                    for label, index, score in zip(pred.labels, pred.indices, pred.scores, strict=True)
+                    for label, index, score in zip(
+                        pred.labels, pred.indices, pred.scores, strict=True
+                    )
                 ],
                 "model": model.info.name,
                 "precision": model.info.precision,

@@ -132,11 +132,14 @@ def open_image(data: bytes, limits: ImageLimits) -> tuple[Image.Image, str]:
     fmt = sniff_format(data)
     try:
         img = Image.open(io.BytesIO(data), formats=[fmt])
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLarge(f"{exc} The limit is {limits.max_pixels} pixels.") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageTooLarge(
+            "The image header claims far more pixels than allowed (decompression-bomb guard); "
+            f"the limit is {limits.max_pixels} pixels. Downscale it before sending."
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
         raise UndecodableImage(
-            f"The file looks like {fmt} but its header could not be read ({exc}). "
+            f"The file starts like a {fmt} image but its header could not be read. "
             "It may be corrupt or truncated."
         ) from None
     width, height = img.size

@@ -47,6 +47,7 @@ def quiet_quantization_warnings() -> Iterator[None]:
         warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
         warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor")
         warnings.filterwarnings("ignore", message=r"TypedStorage is deprecated")
+        warnings.filterwarnings("ignore", message=r"Please use quant_min and quant_max")
         yield
 
 

@@ -1,0 +1,51 @@
+# One entry point per check; CI (.ci/run) calls the same targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+WORKERS ?= 1
+
+.PHONY: install run test test-fast lint format typecheck openapi bench bench-quick check clean
+
+install: $(BIN)/resnet-service
+
+$(BIN)/resnet-service: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	@touch $@
+
+run: install
+	$(BIN)/resnet-service serve --host $(HOST) --port $(PORT) --workers $(WORKERS)
+
+test: install
+	$(BIN)/pytest
+
+test-fast: install
+	$(BIN)/pytest -m "not slow and not browser"
+
+lint: install
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
+
+format: install
+	$(BIN)/ruff check --fix src tests bench scripts
+	$(BIN)/ruff format src tests bench scripts
+
+typecheck: install
+	$(BIN)/mypy
+
+openapi: install
+	$(BIN)/resnet-service openapi > openapi/openapi.json
+
+bench: install
+	$(BIN)/resnet-service bench
+
+bench-quick: install
+	$(BIN)/resnet-service bench --quick
+
+check: lint typecheck test
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist src/*.egg-info

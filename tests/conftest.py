@@ -1,0 +1,68 @@
+"""Shared fixtures: weights the tests make, a loaded int8 model, settings in temp dirs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from resnet_service.config import Settings, load_settings
+from resnet_service.model.loader import LoadedModel, load_model
+from tests.helpers import write_weights
+
+
+@pytest.fixture(autouse=True)
+def _isolated_torch_home(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every test gets an empty torch hub cache unless it fills one: nothing leaks from ~."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+    for name in list(os.environ):
+        if name.startswith("RESNET_SERVICE_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Seeded test weights saved as a plain state_dict file."""
+    return write_weights(tmp_path_factory.mktemp("weights") / "resnet18-test.pth")
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("model_cache")
+
+
+def make_settings(weights_file: Path, cache: Path, **overrides: object) -> Settings:
+    base: dict[str, object] = {
+        "weights_path": weights_file,
+        "model_cache_dir": cache,
+        "allow_downloads": False,
+        "torch_threads": 1,
+    }
+    base.update(overrides)
+    return load_settings(**base)
+
+
+@pytest.fixture(scope="session")
+def int8_model(weights_file: Path, model_cache: Path) -> LoadedModel:
+    """The int8 model built from the test weights through the production loader."""
+    return load_model(make_settings(weights_file, model_cache))
+
+
+@pytest.fixture(scope="session")
+def fp32_loaded(weights_file: Path, model_cache: Path) -> LoadedModel:
+    return load_model(make_settings(weights_file, model_cache, precision="fp32"))
+
+
+@pytest.fixture
+def settings(weights_file: Path, model_cache: Path) -> Settings:
+    return make_settings(weights_file, model_cache)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_threads() -> None:
+    """Two cores, shared with servers the tests start: keep the test process to one thread."""
+    torch.set_num_threads(1)

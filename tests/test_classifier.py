@@ -1,0 +1,75 @@
+"""The transport-free core: bytes in, Top-k out, errors per image, shared by HTTP and CLI."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+import torch
+
+from resnet_service.classifier import Classification, Classifier
+from resnet_service.config import Settings
+from resnet_service.errors import InvalidParameter, NotReady, UnsupportedImage
+from resnet_service.images import decode_and_preprocess
+from resnet_service.model.loader import LoadedModel
+from tests.helpers import LIMITS, SPEC, jpeg_of
+
+
+@pytest.fixture
+async def classifier(int8_model: LoadedModel, settings: Settings) -> AsyncIterator[Classifier]:
+    clf = Classifier(int8_model, settings)
+    clf.start()
+    yield clf
+    clf.stop(timeout=5)
+
+
+async def test_classify_matches_the_model_directly(
+    classifier: Classifier, int8_model: LoadedModel
+) -> None:
+    data = jpeg_of("chelsea")
+    result = await classifier.classify(data, 5)
+    x = torch.from_numpy(decode_and_preprocess(data, LIMITS, SPEC))[None]
+    with torch.inference_mode():
+        expected = int8_model.module(x).softmax(1).topk(5)
+    assert result.prediction.indices == expected.indices[0].tolist()
+    assert np.allclose(result.prediction.scores, expected.values[0].tolist(), atol=1e-5)
+    timings = result.timings
+    assert 0 < timings.decode_s <= timings.total_s
+    assert timings.inference_s > 0
+
+
+async def test_default_top_k(classifier: Classifier) -> None:
+    result = await classifier.classify(jpeg_of("coffee"))
+    assert len(result.prediction.indices) == 5
+
+
+@pytest.mark.parametrize("top_k", [0, -1, 1001])
+async def test_top_k_out_of_range(classifier: Classifier, top_k: int) -> None:
+    with pytest.raises(InvalidParameter, match="between 1 and 1000"):
+        await classifier.classify(jpeg_of("coffee"), top_k)
+
+
+async def test_one_bad_image_does_not_sink_the_batch(classifier: Classifier) -> None:
+    images = [jpeg_of("coffee"), b"%PDF-1.4 not an image", jpeg_of("rocket"), b""]
+    results = await classifier.classify_many(images, 3)
+    assert isinstance(results[0], Classification)
+    assert isinstance(results[1], UnsupportedImage)
+    assert isinstance(results[2], Classification)
+    assert results[3].code == "empty_upload"  # type: ignore[union-attr]
+    single = await classifier.classify(jpeg_of("rocket"), 3)
+    assert isinstance(results[2], Classification)
+    assert results[2].prediction.indices == single.prediction.indices
+
+
+async def test_many_images_share_batches(classifier: Classifier) -> None:
+    results = await classifier.classify_many([jpeg_of("astronaut", (320, 240))] * 24, 1)
+    sizes = [r.prediction.batch_size for r in results if isinstance(r, Classification)]
+    assert len(sizes) == 24
+    assert max(sizes) > 1
+
+
+async def test_not_ready_before_start(int8_model: LoadedModel, settings: Settings) -> None:
+    clf = Classifier(int8_model, settings)
+    with pytest.raises(NotReady):
+        await clf.classify(jpeg_of("coffee"))

@@ -1,0 +1,120 @@
+"""The CLI: predict, quantize and info through the same engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from resnet_service.cli import main
+from tests.helpers import jpeg_of
+
+
+def model_args(weights: Path, cache: Path) -> list[str]:
+    return ["--weights", str(weights), "--cache-dir", str(cache), "--offline", "--threads", "1"]
+
+
+def test_predict_prints_a_json_line_per_file(
+    weights_file: Path, model_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(jpeg_of("chelsea"))
+    code = main(["predict", str(photo), "-k", "5", *model_args(weights_file, model_cache)])
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    row = json.loads(lines[0])
+    assert row["file"] == str(photo)
+    assert row["precision"] == "int8"
+    assert row["random_weights"] is False
+    preds = row["predictions"]
+    assert len(preds) == 5
+    assert [p["score"] for p in preds] == sorted((p["score"] for p in preds), reverse=True)
+    assert all(isinstance(p["label"], str) and 0 <= p["index"] < 1000 for p in preds)
+
+
+def test_predict_reports_each_failure_and_exits_nonzero(
+    weights_file: Path, model_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = tmp_path / "good.jpg"
+    good.write_bytes(jpeg_of("coffee"))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    missing = tmp_path / "missing.jpg"
+    code = main(
+        ["predict", str(good), str(bad), str(missing), *model_args(weights_file, model_cache)]
+    )
+    assert code == 1
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["file"] for r in rows] == [str(good), str(bad), str(missing)]
+    assert "predictions" in rows[0]
+    assert rows[1]["error"]["code"] == "undecodable_image"
+    assert "No such file" in rows[2]["error"]["detail"]
+
+
+def test_quantize_prints_fidelity_and_writes_a_bundle(
+    weights_file: Path, model_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "int8-bundle"
+    assert main(["quantize", "--out", str(out), *model_args(weights_file, model_cache)]) == 0
+    row = json.loads(capsys.readouterr().out)
+    fidelity = row["quantization"]["fidelity"]
+    assert fidelity["images"] == 16
+    assert 0 <= fidelity["top1_agreement"] <= 1
+    assert (out / "bundle.json").is_file()
+    manifest = json.loads((out / "bundle.json").read_text())
+    assert manifest["precision"] == "int8"
+    code = main(
+        ["predict", str(_photo(tmp_path)), "--bundle", str(out), "--cache-dir", str(model_cache)]
+    )
+    assert code == 0
+
+
+def _photo(tmp_path: Path) -> Path:
+    path = tmp_path / "p.jpg"
+    path.write_bytes(jpeg_of("rocket"))
+    return path
+
+
+def test_info_shows_provenance_and_threads(
+    weights_file: Path, model_cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["info", *model_args(weights_file, model_cache)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["weights_source"] == "explicit_path"
+    assert len(info["weights_sha256"]) == 64
+    assert info["torch_threads"] == 1
+    assert info["quantization"]["fidelity"]["images"] == 16
+
+
+def test_invalid_setting_exits_2_naming_it(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "--max-batch-size", "0"]) == 2
+    assert "max_batch_size" in capsys.readouterr().err
+
+
+def test_console_script_without_weights_explains_the_remedy(tmp_path: Path) -> None:
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "th")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "resnet_service",
+            "predict",
+            str(_photo(tmp_path)),
+            "--offline",
+            "--cache-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "weights_unavailable" in proc.stderr
+    assert "RESNET_SERVICE_WEIGHTS_PATH" in proc.stderr

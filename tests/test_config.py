@@ -1,0 +1,72 @@
+"""Settings: bounds, environment, and start-up errors that name the setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from resnet_service.config import SettingsError, load_settings
+from resnet_service.cpus import threads_per_worker, usable_cpus
+
+
+def test_defaults_are_valid() -> None:
+    settings = load_settings()
+    assert settings.precision == "int8"
+    assert settings.default_top_k == 5
+    assert settings.allow_random_weights is False
+
+
+def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RESNET_SERVICE_MAX_BATCH_SIZE", "4")
+    monkeypatch.setenv("RESNET_SERVICE_PRECISION", "fp32")
+    settings = load_settings()
+    assert settings.max_batch_size == 4
+    assert settings.precision == "fp32"
+
+
+def test_overrides_win_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RESNET_SERVICE_MAX_BATCH_SIZE", "4")
+    assert load_settings(max_batch_size=8).max_batch_size == 8
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "named"),
+    [
+        ("MAX_BATCH_SIZE", "0", "max_batch_size"),
+        ("PRECISION", "int4", "precision"),
+        ("QUEUE_CAPACITY", "-1", "queue_capacity"),
+        ("MAX_PIXELS", "999999999999", "max_pixels"),
+        ("WEIGHTS_PATH", "/no/such/file.pth", "weights_path"),
+        ("TORCH_THREADS", "many", "torch_threads"),
+    ],
+)
+def test_invalid_values_name_the_setting(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str, named: str
+) -> None:
+    monkeypatch.setenv(f"RESNET_SERVICE_{env}", value)
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert named in str(info.value)
+    assert f"RESNET_SERVICE_{env}" in str(info.value)
+
+
+def test_unknown_setting_refused() -> None:
+    with pytest.raises(SettingsError, match="max_batchsize"):
+        load_settings(max_batchsize=3)
+
+
+def test_cross_field_checks(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="default_top_k"):
+        load_settings(default_top_k=10, max_top_k=5)
+    with pytest.raises(SettingsError, match="not both"):
+        load_settings(weights_path=tmp_path, bundle_path=tmp_path)
+
+
+def test_threads_follow_cpus_and_workers() -> None:
+    cpus = usable_cpus()
+    assert cpus >= 1
+    assert threads_per_worker(0, 1) == cpus
+    assert threads_per_worker(0, cpus) == 1
+    assert threads_per_worker(0, cpus * 4) == 1
+    assert threads_per_worker(3, 2) == 3
