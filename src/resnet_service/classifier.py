@@ -120,8 +120,6 @@ class Classifier:
         """Decode on the pool; ``Overloaded`` at once when the pool's backlog is full."""
         with self._decoding_lock:
             if self._decoding >= self._decode_capacity:
-                if self._observer:
-                    self._observer.rejected("decode_backlog")
                 raise Overloaded(
                     "too many images are waiting to be decoded; retry later",
                     retry_after_s=self.engine.retry_after_s(),

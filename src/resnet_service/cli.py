@@ -157,6 +157,19 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if failures else 0
 
 
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from resnet_service.serve import run_server
+
+    return run_server(settings)
+
+
+def cmd_openapi(args: argparse.Namespace, settings: Settings) -> int:
+    from resnet_service.api.app import openapi_document
+
+    print(json.dumps(openapi_document(), indent=2, sort_keys=False, ensure_ascii=False))
+    return 0
+
+
 # --- parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -181,6 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(info)
     info.set_defaults(handler=cmd_info)
 
+    serve = sub.add_parser("serve", help="run the HTTP service")
+    from resnet_service.serve import add_arguments
+
+    add_arguments(serve)
+    _add_model_flags(serve)
+    serve.set_defaults(handler=cmd_serve)
+
+    openapi = sub.add_parser("openapi", help="print the OpenAPI spec (JSON)")
+    openapi.set_defaults(handler=cmd_openapi)
     return parser
 
 

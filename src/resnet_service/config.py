@@ -99,6 +99,12 @@ class Settings(BaseSettings):
     max_batch_files: int = Field(
         64, ge=1, le=1024, description="Most images in one /classify/batch request."
     )
+    max_batch_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        le=4 * 1024 * 1024 * 1024,
+        description="Largest /classify/batch request body, all images together.",
+    )
 
     # --- HTTP ------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", min_length=1, description="Address to bind.")
@@ -109,6 +115,13 @@ class Settings(BaseSettings):
     )
     shutdown_grace_s: float = Field(
         30.0, ge=0, le=3600, description="On SIGTERM, time given to finish accepted requests."
+    )
+    drain_delay_s: float = Field(
+        0.0,
+        ge=0,
+        le=600,
+        description="On SIGTERM, how long to keep accepting requests with /readyz at 503 "
+        "(lets a load balancer take the pod out first), before the graceful stop.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."

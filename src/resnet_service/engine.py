@@ -53,8 +53,6 @@ class EngineObserver(Protocol):
 
     def batch_done(self, size: int, inference_s: float, queue_waits_s: Sequence[float]) -> None: ...
 
-    def rejected(self, reason: str) -> None: ...
-
 
 @dataclass(slots=True)
 class _Work:
@@ -157,8 +155,6 @@ class InferenceEngine:
         try:
             self._queue.put_nowait(work)
         except queue.Full:
-            if self._observer:
-                self._observer.rejected("queue_full")
             raise Overloaded(
                 f"the inference queue is full ({self._queue.maxsize} waiting); retry later",
                 retry_after_s=self.retry_after_s(),
@@ -245,8 +241,6 @@ class InferenceEngine:
                 work.future.set_exception(
                     DeadlineExceeded("the request's deadline passed while it waited for the model")
                 )
-                if self._observer:
-                    self._observer.rejected("deadline")
                 continue
             live.append(work)
         if not live:

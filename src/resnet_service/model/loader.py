@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from torch import nn
 from torchvision.models import ResNet18_Weights
 
-from resnet_service.config import Settings
+from resnet_service.config import Precision, Settings
 from resnet_service.errors import BundleInvalid
 from resnet_service.images import PreprocessSpec
 from resnet_service.model.architecture import QUANTIZED_ENGINE, build_fp32
@@ -56,7 +56,7 @@ class ModelInfo(BaseModel):
     name: str
     architecture: str
     num_classes: int
-    precision: str
+    precision: Precision
     weights_source: WeightsSource
     weights_path: str | None
     weights_sha256: str

@@ -1,0 +1,1 @@
+"""The HTTP face of the service: app factory, routes, schemas, problem+json, metrics."""

@@ -1,0 +1,145 @@
+"""Prometheus metrics on the app's own registry (multiprocess-aware for ``--workers N``)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Final
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+from resnet_service.engine import InferenceEngine
+
+PREFIX: Final = "resnet_service"
+_LATENCY_BUCKETS: Final = (
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+_BATCH_BUCKETS: Final = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+
+
+def multiprocess_dir() -> str | None:
+    """Set by ``serve --workers N``: every worker writes its samples there."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class Metrics:
+    """Every metric of one app; also the engine's and the decoder's observer."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            f"{PREFIX}_requests",
+            "HTTP requests answered.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "HTTP request latency, body read to response.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decode_latency = Histogram(
+            f"{PREFIX}_decode_duration_seconds",
+            "Image decode + preprocess time.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_latency = Histogram(
+            f"{PREFIX}_queue_wait_seconds",
+            "Time an image waited for the model.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_latency = Histogram(
+            f"{PREFIX}_inference_duration_seconds",
+            "Model forward time per batch.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            f"{PREFIX}_batch_size", "Images per forward pass.", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.images = Counter(
+            f"{PREFIX}_images", "Images classified or refused.", ["outcome"], registry=r
+        )
+        self.rejections = Counter(
+            f"{PREFIX}_rejections",
+            "Requests or images refused, by error code.",
+            ["reason"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            f"{PREFIX}_queue_depth",
+            "Images waiting for the model.",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            f"{PREFIX}_in_flight_requests",
+            "HTTP requests being processed.",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.ready = Gauge(
+            f"{PREFIX}_ready",
+            "1 when the model is loaded and warmed.",
+            multiprocess_mode="livemin",
+            registry=r,
+        )
+        self.model_info = Gauge(
+            f"{PREFIX}_model_info",
+            "The served model (value is always 1).",
+            ["name", "precision", "weights_sha256", "random_weights"],
+            multiprocess_mode="max",
+            registry=r,
+        )
+
+    # --- engine / decoder observer -------------------------------------------------------
+    def batch_done(self, size: int, inference_s: float, queue_waits_s: Sequence[float]) -> None:
+        self.batch_size.observe(size)
+        self.inference_latency.observe(inference_s)
+        for wait in queue_waits_s:
+            self.queue_latency.observe(wait)
+
+    def decoded(self, seconds: float) -> None:
+        self.decode_latency.observe(seconds)
+
+    # --- exposition ----------------------------------------------------------------------
+    def refresh(self, engine: InferenceEngine | None) -> None:
+        """Gauges that are read, not counted: set at scrape time."""
+        self.queue_depth.set(engine.queue_depth if engine else 0)
+
+    def render(self) -> tuple[bytes, str]:
+        """The text exposition: this process, or every worker in multiprocess mode."""
+        directory = multiprocess_dir()
+        if directory:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

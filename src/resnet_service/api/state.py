@@ -1,0 +1,45 @@
+"""Per-app runtime state: the classifier once loaded, readiness and draining."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from resnet_service.api.metrics import Metrics
+from resnet_service.api.schemas import ModelRef
+from resnet_service.classifier import Classifier
+from resnet_service.config import Settings
+from resnet_service.errors import NotReady
+
+
+@dataclass
+class ServiceState:
+    """What the routes need; one per app (never module-global)."""
+
+    settings: Settings
+    metrics: Metrics = field(default_factory=Metrics)
+    classifier: Classifier | None = None
+    draining: bool = False
+    startup_error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.classifier is not None and self.classifier.ready and not self.draining
+
+    def require_classifier(self) -> Classifier:
+        """The classifier, or ``NotReady`` (503 + Retry-After) while starting or draining."""
+        if self.draining:
+            raise NotReady("The service is shutting down; retry on another replica.", 1)
+        if self.classifier is None or not self.classifier.ready:
+            reason = self.startup_error or "the model is still loading"
+            raise NotReady(f"The service is not ready: {reason}.", 2)
+        return self.classifier
+
+    def model_ref(self) -> ModelRef:
+        classifier = self.require_classifier()
+        info = classifier.model.info
+        return ModelRef(
+            name=info.name,
+            precision=info.precision,
+            weights_sha256=info.weights_sha256[:12],
+            random_weights=info.random_weights,
+        )
