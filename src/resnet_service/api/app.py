@@ -143,6 +143,7 @@ def create_app(
     )
     app.state.service = state
     problems.install(app)
+    problems.document(app)
     app.include_router(build_router(state))
     app.add_middleware(RequestContextMiddleware, metrics=state.metrics)
     return app

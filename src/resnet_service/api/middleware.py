@@ -29,6 +29,24 @@ def request_id_from(scope: Scope) -> str:
     return uuid.uuid4().hex
 
 
+def _too_large_problem(scope: Scope, request_id: str) -> bytes:
+    route = scope.get("route")
+    limit = getattr(route, "max_body_size", None)
+    detail = "The request body is larger than this route accepts"
+    detail += f" ({limit} bytes)." if limit else "."
+    return json.dumps(
+        {
+            "type": "about:blank",
+            "title": "Upload too large",
+            "status": 413,
+            "detail": detail,
+            "code": "upload_too_large",
+            "instance": scope.get("path"),
+            "request_id": request_id,
+        }
+    ).encode()
+
+
 class RequestContextMiddleware:
     """Wraps every HTTP request: id in and out, in-flight gauge, counters, access log line."""
 
@@ -46,11 +64,24 @@ class RequestContextMiddleware:
         started = time.perf_counter()
         status = 500
 
+        replace_body: bytes | None = None
+
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, replace_body
             if message["type"] == "http.response.start":
                 status = message["status"]
-                MutableHeaders(scope=message).append("X-Request-ID", request_id)
+                headers = MutableHeaders(scope=message)
+                if status == 413 and headers.get("content-type", "").startswith("text/plain"):
+                    # Starlette's per-route body limiter answers in plain text; keep the
+                    # one error body of this API.
+                    replace_body = _too_large_problem(scope, request_id)
+                    headers["content-type"] = "application/problem+json"
+                    headers["content-length"] = str(len(replace_body))
+                    state["error_code"] = "upload_too_large"
+                headers.append("X-Request-ID", request_id)
+            elif message["type"] == "http.response.body" and replace_body is not None:
+                message = {"type": "http.response.body", "body": replace_body, "more_body": False}
+                replace_body = None
             await send(message)
 
         self.metrics.in_flight.inc()

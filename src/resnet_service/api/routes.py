@@ -9,7 +9,7 @@ from typing import Annotated, Any, Final
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from resnet_service.api.multipart import FormLimits, read_form
-from resnet_service.api.problems import MissingField, Unauthorized, item_error
+from resnet_service.api.problems import PROBLEM_JSON, MissingField, Unauthorized, item_error
 from resnet_service.api.schemas import (
     BatchItemResult,
     BatchResponse,
@@ -17,7 +17,6 @@ from resnet_service.api.schemas import (
     Health,
     ModelResponse,
     Prediction,
-    Problem,
     Readiness,
     Timings,
 )
@@ -36,11 +35,24 @@ TopK = Annotated[
     Query(ge=1, description="How many classes to return (default 5; at most the class count)."),
 ]
 
-_PROBLEM: Final = {"model": Problem, "content": {"application/problem+json": {}}}
+_PROBLEM_DESCRIPTIONS: Final = {
+    400: "Malformed request (not multipart, broken multipart, empty upload).",
+    401: "Missing or wrong bearer token.",
+    413: "Upload too large: bytes, or pixels from the image header.",
+    415: "Not an allowed image format, or undecodable.",
+    422: "Invalid parameter or missing field.",
+    503: "Overloaded or not ready; see Retry-After.",
+    504: "The request's deadline passed while it waited for the model.",
+}
 
 
 def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: _PROBLEM for code in codes}
+    """Error responses, all RFC 9457 problem+json (schema ``Problem``)."""
+    ref = {"schema": {"$ref": "#/components/schemas/Problem"}}
+    return {
+        code: {"description": _PROBLEM_DESCRIPTIONS[code], "content": {PROBLEM_JSON: ref}}
+        for code in codes
+    }
 
 
 def _multipart_body(field: str, many: bool) -> dict[str, Any]:
@@ -224,9 +236,9 @@ def build_router(state: ServiceState) -> APIRouter:
         responses=_problems(503),
     )
     async def readyz() -> Readiness:
-        if not state.ready:
-            state.require_classifier()  # raises the precise NotReady
-            raise NotReady("The service is not ready.")
+        if state.draining:
+            raise NotReady("The service is shutting down; send new requests elsewhere.")
+        state.require_classifier()  # raises the precise NotReady while starting
         return Readiness(model=state.model_ref())
 
     @router.get(

@@ -26,9 +26,10 @@ class ServiceState:
         return self.classifier is not None and self.classifier.ready and not self.draining
 
     def require_classifier(self) -> Classifier:
-        """The classifier, or ``NotReady`` (503 + Retry-After) while starting or draining."""
-        if self.draining:
-            raise NotReady("The service is shutting down; retry on another replica.", 1)
+        """The classifier, or ``NotReady`` (503 + Retry-After) while starting or stopped.
+
+        Draining does not refuse work: requests keep being served until the server stops
+        accepting them; only /readyz turns 503, so load balancers stop sending new ones."""
         if self.classifier is None or not self.classifier.ready:
             reason = self.startup_error or "the model is still loading"
             raise NotReady(f"The service is not ready: {reason}.", 2)
