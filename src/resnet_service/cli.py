@@ -96,6 +96,8 @@ def cmd_quantize(args: argparse.Namespace, settings: Settings) -> int:
             write_bundle(args.out, manifest, model.module.state_dict(), model.labels)
         log.info("int8 bundle written to %s", args.out)
     quant = info.quantization
+    if settings.bundle_path is not None and quant is not None and quant.fidelity is not None:
+        _record_int8_evaluation(settings.bundle_path, quant.fidelity.model_dump(mode="json"))
     _emit(
         {
             "name": info.name,
@@ -105,6 +107,50 @@ def cmd_quantize(args: argparse.Namespace, settings: Settings) -> int:
             "bundle": str(args.out) if args.out else None,
             "load_seconds": info.load_seconds,
             "quantization": quant.model_dump(mode="json") if quant else None,
+        }
+    )
+    return 0
+
+
+def _record_int8_evaluation(bundle: Path, fidelity: dict[str, Any]) -> None:
+    """Keep the int8 figures next to the fp32 ones in the fine-tuned bundle's report."""
+    from resnet_service.training.finetune import REPORT_JSON
+
+    path = bundle / REPORT_JSON
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    report["int8"] = fidelity
+    path.write_text(json.dumps(report, indent=2))
+
+
+def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
+    from resnet_service.training.finetune import FinetuneConfig, finetune
+
+    config = FinetuneConfig(
+        data_dir=args.data_dir,
+        out_dir=args.out,
+        val_dir=args.val_dir,
+        val_fraction=args.val_fraction,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        train=args.train,
+        augment=args.augment,
+        image_size=args.image_size,
+        patience=args.patience,
+        seed=args.seed,
+        recalibrate_bn=args.recalibrate_bn,
+        name=args.name,
+        progress=not args.no_progress,
+    )
+    result = finetune(config, settings)
+    _emit(
+        {
+            "bundle": str(args.out),
+            "classes": result.manifest.num_classes,
+            "val_accuracy": round(result.val_accuracy, 4),
+            "best_epoch": result.best_epoch,
+            "epochs_run": len(result.history),
+            "weights_sha256": result.manifest.weights_sha256,
         }
     )
     return 0
@@ -193,6 +239,39 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="show the model that would be served")
     _add_model_flags(info)
     info.set_defaults(handler=cmd_info)
+
+    ft = sub.add_parser(
+        "finetune",
+        help="train a classifier for your own classes (an ImageFolder) into a bundle",
+        description="DATA_DIR holds one sub-folder per class. Starts from the ImageNet weights "
+        "(same resolution order as serving), writes a bundle that `serve --bundle` serves.",
+    )
+    ft.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    ft.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    ft.add_argument("--val-dir", type=Path, help="validation ImageFolder (else a stratified split)")
+    ft.add_argument("--val-fraction", type=float, default=0.2)
+    ft.add_argument("--epochs", type=int, default=15)
+    ft.add_argument("--batch-size", type=int, default=32)
+    ft.add_argument("--lr", type=float, default=1e-3)
+    ft.add_argument(
+        "--train",
+        choices=["head", "layer4", "all"],
+        default="head",
+        help="what to train: the classifier head, the last block + head, or everything",
+    )
+    ft.add_argument("--augment", choices=["none", "crop", "crop-flip"], default="crop-flip")
+    ft.add_argument("--image-size", type=int, default=224, help="model input side (crop)")
+    ft.add_argument("--patience", type=int, default=4, help="early-stopping patience (epochs)")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument(
+        "--recalibrate-bn",
+        action="store_true",
+        help="re-estimate BatchNorm statistics on your images first (helps far-off domains)",
+    )
+    ft.add_argument("--name", help="model name in the bundle")
+    ft.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_model_flags(ft)
+    ft.set_defaults(handler=cmd_finetune)
 
     serve = sub.add_parser("serve", help="run the HTTP service")
     from resnet_service.serve import add_arguments

@@ -216,12 +216,15 @@ def preprocess(rgb: Image.Image, spec: PreprocessSpec) -> Tensor3:
         interpolation=InterpolationMode(spec.interpolation),
         antialias=spec.antialias,
     )
-    cropped = tvf.center_crop(resized, [spec.crop_size])
-    arr = np.asarray(cropped, dtype=np.float32) / np.float32(255.0)
+    return normalise(tvf.center_crop(resized, [spec.crop_size]), spec)
+
+
+def normalise(rgb: Image.Image, spec: PreprocessSpec) -> Tensor3:
+    """RGB image (already model-sized) -> CHW float32 with the spec's mean/std."""
+    arr = np.asarray(rgb, dtype=np.float32) / np.float32(255.0)
     mean = np.asarray(spec.mean, dtype=np.float32)
     std = np.asarray(spec.std, dtype=np.float32)
-    normalised = (arr - mean) / std
-    return np.ascontiguousarray(normalised.transpose(2, 0, 1))
+    return np.ascontiguousarray(((arr - mean) / std).transpose(2, 0, 1))
 
 
 def decode_and_preprocess(

@@ -42,6 +42,8 @@ class Fidelity(BaseModel):
     max_abs_prob_diff: float = Field(ge=0, le=1)
     mean_abs_logit_rel_error: float = Field(ge=0)
     image_source: str
+    fp32_accuracy: float | None = Field(None, description="When the images have labels.")
+    int8_accuracy: float | None = None
 
 
 class QuantizationInfo(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from resnet_service.model.bundle import (
     read_weights,
 )
 from resnet_service.model.quantize import (
+    MAX_CALIBRATION_IMAGES,
     ImageFiles,
     builtin_calibration_files,
     builtin_holdout_files,
@@ -46,6 +48,9 @@ from resnet_service.model.weights import (
 )
 
 log = logging.getLogger(__name__)
+
+#: Written by fine-tuning: the training and validation files with their class indices.
+SPLITS_FILE = "splits.json"
 
 IMAGENET_NAME = "resnet18-imagenet1k"
 
@@ -103,9 +108,10 @@ def _imagenet_manifest(weights: ResolvedWeights) -> BundleManifest:
     )
 
 
-def _calibration(settings: Settings, fallback: Path | None) -> ImageFiles:
-    directory = settings.calibration_dir or fallback
-    return directory_files(directory) if directory else builtin_calibration_files()
+def _calibration(settings: Settings, given: ImageFiles | None) -> ImageFiles:
+    if settings.calibration_dir is not None:
+        return directory_files(settings.calibration_dir)
+    return given or builtin_calibration_files()
 
 
 def _int8_from_fp32(
@@ -114,12 +120,12 @@ def _int8_from_fp32(
     state_dict: dict[str, torch.Tensor],
     labels: list[str],
     *,
-    calibration_fallback: Path | None = None,
+    calibration: ImageFiles | None = None,
     holdout: ImageFiles | None = None,
 ) -> tuple[nn.Module, BundleManifest, Path]:
     """Quantize fp32 weights, or load the cached int8 result of an earlier identical run."""
     spec = manifest.preprocessing
-    calibration_files = _calibration(settings, calibration_fallback)
+    calibration_files = _calibration(settings, calibration)
     fingerprint = calibration_files.fingerprint(spec)
     key = cache_key(
         manifest.weights_sha256, manifest.architecture, manifest.num_classes, fingerprint
@@ -129,9 +135,11 @@ def _int8_from_fp32(
     if cached is not None:
         log.info("int8 model loaded from cache %s", cache_dir)
         return cached[0], cached[1], cache_dir
-    calibration = calibration_files.load(spec)
+    calibration_set = calibration_files.load(spec)
     log.info(
-        "quantizing to int8 (%d calibration images from %s)", len(calibration), calibration.source
+        "quantizing to int8 (%d calibration images from %s)",
+        len(calibration_set),
+        calibration_set.source,
     )
     fp32 = build_fp32(manifest.architecture, manifest.num_classes)
     fp32.load_state_dict(state_dict)
@@ -140,7 +148,7 @@ def _int8_from_fp32(
         manifest=manifest,
         state_dict=state_dict,
         labels=labels,
-        calibration=calibration,
+        calibration=calibration_set,
         calibration_fingerprint=fingerprint,
         holdout=(holdout or builtin_holdout_files()).load(spec),
         out_dir=cache_dir,
@@ -199,6 +207,39 @@ def _load_imagenet(
     return module, int8_manifest, weights, cache_dir
 
 
+def _bundle_splits(directory: Path) -> tuple[ImageFiles | None, ImageFiles | None]:
+    """A fine-tuned bundle's own images: calibrate on its training split, measure fidelity
+    (and fp32/int8 accuracy) on its validation split. None where the files are gone."""
+    path = directory / SPLITS_FILE
+    if not path.is_file():
+        return None, None
+    try:
+        splits = json.loads(path.read_text())
+        train = [(Path(p), int(t)) for p, t in splits["train"] if Path(p).is_file()]
+        val = [(Path(p), int(t)) for p, t in splits["val"] if Path(p).is_file()]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("ignoring unreadable %s: %s", path, exc)
+        return None, None
+    if len(train) > MAX_CALIBRATION_IMAGES:
+        step = len(train) / MAX_CALIBRATION_IMAGES
+        train = [train[int(i * step)] for i in range(MAX_CALIBRATION_IMAGES)]
+    calibration = (
+        ImageFiles(tuple(p for p, _ in train), f"{splits.get('root')} (train split)")
+        if train
+        else None
+    )
+    holdout = (
+        ImageFiles(
+            tuple(p for p, _ in val),
+            f"{splits.get('root')} (validation split)",
+            tuple(t for _, t in val),
+        )
+        if val
+        else None
+    )
+    return calibration, holdout
+
+
 def _load_bundle(
     settings: Settings, directory: Path
 ) -> tuple[nn.Module, BundleManifest, list[str], Path | None]:
@@ -212,10 +253,9 @@ def _load_bundle(
                 "fp32 source bundle"
             )
         return instantiate(manifest, state_dict), manifest, labels, None
-    train_dir = manifest.provenance.get("train_dir")
-    fallback = Path(train_dir) if isinstance(train_dir, str) and Path(train_dir).is_dir() else None
+    calibration, holdout = _bundle_splits(directory)
     module, int8_manifest, cache_dir = _int8_from_fp32(
-        settings, manifest, state_dict, labels, calibration_fallback=fallback
+        settings, manifest, state_dict, labels, calibration=calibration, holdout=holdout
     )
     return module, int8_manifest, labels, cache_dir
 

@@ -56,6 +56,8 @@ class ImageSet:
     tensor: torch.Tensor
     source: str
     skipped: tuple[str, ...] = ()
+    #: Class indices aligned with ``tensor`` when the images are labelled.
+    targets: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.tensor.shape[0])
@@ -67,6 +69,7 @@ class ImageFiles:
 
     files: tuple[Path, ...]
     source: str
+    targets: tuple[int, ...] | None = None
 
     def fingerprint(self, spec: PreprocessSpec) -> str:
         """Hash of the preprocessing and every file's bytes: the cache key's calibration part."""
@@ -78,15 +81,20 @@ class ImageFiles:
     def load(self, spec: PreprocessSpec) -> ImageSet:
         """Decode through the serving path; unreadable files are skipped and listed."""
         arrays: list[np.ndarray] = []
+        kept: list[int] = []
         skipped: list[str] = []
-        for path in self.files:
+        for index, path in enumerate(self.files):
             try:
                 arrays.append(decode_and_preprocess(path.read_bytes(), _LIMITS, spec))
-            except InputError as exc:
-                skipped.append(f"{path}: {exc.detail}")
+                kept.append(index)
+            except (InputError, OSError) as exc:
+                skipped.append(f"{path}: {getattr(exc, 'detail', exc)}")
         if not arrays:
             raise BundleInvalid(f"no readable images in {self.source}")
-        return ImageSet(torch.from_numpy(np.stack(arrays)), self.source, tuple(skipped))
+        targets = (
+            torch.tensor([self.targets[i] for i in kept]) if self.targets is not None else None
+        )
+        return ImageSet(torch.from_numpy(np.stack(arrays)), self.source, tuple(skipped), targets)
 
 
 def _builtin(prefix: str, source: str) -> ImageFiles:
@@ -146,12 +154,17 @@ def measure_fidelity(fp32: nn.Module, int8: nn.Module, images: ImageSet) -> Fide
     agree = (ref.argmax(1) == got.argmax(1)).float().mean().item()
     prob_diff = (ref.softmax(1) - got.softmax(1)).abs().max().item()
     rel = ((got - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-12)).mean().item()
+    accuracy: dict[str, float] = {}
+    if images.targets is not None:
+        accuracy["fp32_accuracy"] = (ref.argmax(1) == images.targets).float().mean().item()
+        accuracy["int8_accuracy"] = (got.argmax(1) == images.targets).float().mean().item()
     return Fidelity(
         images=len(images),
         top1_agreement=agree,
         max_abs_prob_diff=min(1.0, prob_diff),
         mean_abs_logit_rel_error=rel,
         image_source=images.source,
+        **accuracy,
     )
 
 

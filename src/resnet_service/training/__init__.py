@@ -1,0 +1,1 @@
+"""Fine-tuning on image folders (transfer learning) into a servable model bundle."""
