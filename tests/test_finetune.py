@@ -29,7 +29,9 @@ MIN_AGREEMENT = 0.98
 HTTP_MIN_ACCURACY = 0.88
 
 
-def write_digits(root: Path, per_class_train: int = 60, per_class_test: int = 20) -> tuple[Path, Path]:
+def write_digits(
+    root: Path, per_class_train: int = 60, per_class_test: int = 20
+) -> tuple[Path, Path]:
     """scikit-learn's 8x8 handwritten digits as an ImageFolder of 32x32 PNGs."""
     digits = load_digits()
     order = np.random.default_rng(0).permutation(len(digits.images))
@@ -38,13 +40,21 @@ def write_digits(root: Path, per_class_train: int = 60, per_class_test: int = 20
         target = int(digits.target[i])
         n = seen.get(target, 0)
         seen[target] = n + 1
-        split = "train" if n < per_class_train else "test" if n < per_class_train + per_class_test else None
+        split = (
+            "train"
+            if n < per_class_train
+            else "test"
+            if n < per_class_train + per_class_test
+            else None
+        )
         if split is None:
             continue
         folder = root / split / str(target)
         folder.mkdir(parents=True, exist_ok=True)
         pixels = (digits.images[i] * 255 / 16).astype(np.uint8)
-        Image.fromarray(pixels).resize((32, 32), Image.Resampling.BILINEAR).save(folder / f"{i}.png")
+        Image.fromarray(pixels).resize((32, 32), Image.Resampling.BILINEAR).save(
+            folder / f"{i}.png"
+        )
     return root / "train", root / "test"
 
 
@@ -55,15 +65,38 @@ def test_finetune_quantize_and_serve_digits(
     train_dir, test_dir = write_digits(tmp_path / "digits")
     bundle, cache = tmp_path / "bundle", tmp_path / "cache"
     common = ["--offline", "--cache-dir", str(cache), "--threads", "2"]
-    code = main([
-        "finetune", str(train_dir), "--out", str(bundle), "--train", "layer4", "--image-size", "64",
-        "--augment", "none", "--recalibrate-bn", "--epochs", "15", "--no-progress",
-        "--weights", str(weights_file), *common,
-    ])
+    code = main(
+        [
+            "finetune",
+            str(train_dir),
+            "--out",
+            str(bundle),
+            "--train",
+            "layer4",
+            "--image-size",
+            "64",
+            "--augment",
+            "none",
+            "--recalibrate-bn",
+            "--epochs",
+            "15",
+            "--no-progress",
+            "--weights",
+            str(weights_file),
+            *common,
+        ]
+    )
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["val_accuracy"] >= FP32_MIN_ACCURACY
-    for name in ("bundle.json", "weights.pt", "labels.json", "report.json", "report.png", "splits.json"):
+    for name in (
+        "bundle.json",
+        "weights.pt",
+        "labels.json",
+        "report.json",
+        "report.png",
+        "splits.json",
+    ):
         assert (bundle / name).is_file(), name
     manifest = json.loads((bundle / "bundle.json").read_text())
     assert manifest["num_classes"] == 10
@@ -83,7 +116,9 @@ def test_finetune_quantize_and_serve_digits(
     assert fidelity["fp32_accuracy"] >= FP32_MIN_ACCURACY
     assert fidelity["int8_accuracy"] >= INT8_MIN_ACCURACY
     assert fidelity["top1_agreement"] >= MIN_AGREEMENT
-    assert json.loads((bundle / "report.json").read_text())["int8"]["top1_agreement"] >= MIN_AGREEMENT
+    assert (
+        json.loads((bundle / "report.json").read_text())["int8"]["top1_agreement"] >= MIN_AGREEMENT
+    )
 
     test_files = sorted(test_dir.rglob("*.png"))
     with serve(tmp_path, "--bundle", str(bundle), "--cache-dir", str(cache), "--offline") as server:
@@ -92,9 +127,14 @@ def test_finetune_quantize_and_serve_digits(
         assert model["precision"] == "int8"
         assert model["provenance"]["val_accuracy"] >= FP32_MIN_ACCURACY
         assert model["runtime"]["max_top_k"] == 10
-        too_many = httpx.post(f"{server.url}/classify?top_k=11", files={"image": ("a.png", test_files[0].read_bytes())})
+        too_many = httpx.post(
+            f"{server.url}/classify?top_k=11",
+            files={"image": ("a.png", test_files[0].read_bytes())},
+        )
         assert too_many.status_code == 422
-        default = httpx.post(f"{server.url}/classify", files={"image": ("a.png", test_files[0].read_bytes())})
+        default = httpx.post(
+            f"{server.url}/classify", files={"image": ("a.png", test_files[0].read_bytes())}
+        )
         assert len(default.json()["predictions"]) == 5
 
         async def classify_all() -> list[dict[str, object]]:
@@ -109,10 +149,8 @@ def test_finetune_quantize_and_serve_digits(
                 return out
 
         results = asyncio.run(classify_all())
-    correct = sum(
-        1 for path, r in zip(test_files, results, strict=True)
-        if r["predictions"][0]["label"] == path.parent.name  # type: ignore[index]
-    )
+    labels = [r["predictions"][0]["label"] for r in results]  # type: ignore[index]
+    correct = sum(label == path.parent.name for path, label in zip(test_files, labels, strict=True))
     assert len(results) == 200
     assert correct / len(results) >= HTTP_MIN_ACCURACY
 

@@ -203,6 +203,18 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if failures else 0
 
 
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from resnet_service.benchmark.runner import BenchOptions, run_benchmark
+
+    opts = BenchOptions(out_dir=args.out, quick=args.quick, skip_naive=args.skip_naive)
+    if settings.weights_path is None and settings.bundle_path is None:
+        # Speed does not depend on the weights' values: measure anywhere, even offline.
+        settings = settings.model_copy(update={"allow_random_weights": True})
+    result = run_benchmark(settings, opts)
+    log.info("wrote %s (%.0fs)", args.out / "bench.json", result["seconds"])
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from resnet_service.serve import run_server
 
@@ -272,6 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_flags(ft)
     ft.set_defaults(handler=cmd_finetune)
+
+    bench = sub.add_parser(
+        "bench", help="measure ceiling, service and naive baseline; write JSON, table, chart"
+    )
+    bench.add_argument("--out", type=Path, default=Path("bench/results"))
+    bench.add_argument("--quick", action="store_true", help="seconds, not minutes (CI)")
+    bench.add_argument("--skip-naive", action="store_true", help="no Flask baseline")
+    _add_model_flags(bench)
+    bench.set_defaults(handler=cmd_bench)
 
     serve = sub.add_parser("serve", help="run the HTTP service")
     from resnet_service.serve import add_arguments

@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from resnet_service import __version__
-from resnet_service.api import problems
+from resnet_service.api import problems, web
 from resnet_service.api.middleware import RequestContextMiddleware
 from resnet_service.api.routes import build_router
 from resnet_service.api.state import ServiceState
@@ -145,6 +145,7 @@ def create_app(
     problems.install(app)
     problems.document(app)
     app.include_router(build_router(state))
+    web.install(app)
     app.add_middleware(RequestContextMiddleware, metrics=state.metrics)
     return app
 

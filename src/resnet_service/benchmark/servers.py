@@ -1,0 +1,123 @@
+"""Start servers under test as real processes; read their memory from /proc."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Running:
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            text = (task / "children").read_text().split()
+            out.extend(int(c) for c in text)
+    except OSError:
+        return []
+    return out
+
+
+def _tree(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        pids.append(current)
+        todo.extend(_children(current))
+    return pids
+
+
+def _status_kb(pid: int, field: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """Peak and current RSS (and its anonymous part) summed over the process tree, in MB.
+
+    Processes that do no work (uvicorn's supervisor, Python's multiprocessing helpers) count
+    too: they are part of what the deployment costs."""
+    pids = _tree(pid)
+    return {
+        "processes": len(pids),
+        "peak_rss_mb": round(sum(_status_kb(p, "VmHWM") for p in pids) / 1024, 1),
+        "rss_mb": round(sum(_status_kb(p, "VmRSS") for p in pids) / 1024, 1),
+        "rss_anon_mb": round(sum(_status_kb(p, "RssAnon") for p in pids) / 1024, 1),
+    }
+
+
+@contextmanager
+def running(
+    cmd: list[str],
+    env: dict[str, str],
+    ready_path: str,
+    log: Path,
+    timeout: float = 300,
+    ready_count: int = 1,
+) -> Iterator[Running]:
+    """Run ``cmd`` (its own process group) until ``ready_path`` answers 200; stop it after."""
+    port = free_port()
+    full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [*cmd, "--port", str(port)],
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        answered = 0
+        while answered < ready_count:
+            if process.poll() is not None:
+                raise RuntimeError(f"{cmd} exited:\n{log.read_text(errors='replace')[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{cmd} not ready after {timeout}s")
+            try:
+                ok = httpx.get(f"http://127.0.0.1:{port}{ready_path}", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            answered = answered + 1 if ok else 0
+            time.sleep(0.05 if ok else 0.2)
+        yield Running(process, port, log)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+
+
+def python() -> str:
+    return sys.executable

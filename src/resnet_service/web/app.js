@@ -1,0 +1,411 @@
+// The upload page: stage images (picker, drop, paste), send them to /classify/batch in one
+// request (split only above the server's max_batch_files), show a card per image.
+// Server strings (filenames, labels, error details) only ever go through textContent.
+"use strict";
+
+(() => {
+  const TOP_K_CHOICES = [1, 3, 5, 10];
+
+  const $ = (id) => document.getElementById(id);
+  const ui = {
+    form: $("classify-form"),
+    input: $("file-input"),
+    dropzone: $("dropzone"),
+    topK: $("top-k"),
+    tokenField: $("token-field"),
+    token: $("token"),
+    classify: $("classify"),
+    clear: $("clear"),
+    status: $("status"),
+    results: $("results"),
+    banner: $("dev-banner"),
+    modelName: $("model-name"),
+    modelPrecision: $("model-precision"),
+    modelWeights: $("model-weights"),
+    modelSha: $("model-sha"),
+  };
+
+  // Defaults match the server's; /model replaces them once it answers.
+  const limits = { maxBatchFiles: 64, maxUploadBytes: 20 * 1024 * 1024, maxTopK: 1000 };
+  const items = []; // {id, file, name, url, card, body, state, k, retriable}
+  let nextId = 1;
+  let busy = false;
+  let userPickedTopK = false;
+
+  // ---- small helpers -------------------------------------------------------------------
+
+  function h(tag, attrs = {}, ...children) {
+    const node = document.createElement(tag);
+    for (const [name, value] of Object.entries(attrs)) {
+      if (name === "text") node.textContent = value;
+      else if (name === "class") node.className = value;
+      else node.setAttribute(name, value);
+    }
+    node.append(...children);
+    return node;
+  }
+
+  /** "83.1%": one decimal, and "<0.1%" for what would round to nothing. */
+  function formatPercent(score) {
+    if (score > 0 && score < 0.0005) return "<0.1%";
+    return `${(score * 100).toFixed(1)}%`;
+  }
+
+  function formatBytes(n) {
+    if (n >= 1024 * 1024) return `${(n / (1024 * 1024)).toFixed(1)} MB`;
+    if (n >= 1024) return `${Math.round(n / 1024)} KB`;
+    return `${n} bytes`;
+  }
+
+  function plural(n, word) {
+    return `${n} ${word}${n === 1 ? "" : "s"}`;
+  }
+
+  function setStatus(text, kind = "info") {
+    ui.status.textContent = text;
+    ui.status.dataset.kind = kind;
+  }
+
+  /** The problem+json detail, or a sentence about the status when the body is not one. */
+  async function problemDetail(response) {
+    try {
+      const body = await response.json();
+      if (body && typeof body.detail === "string") return body.detail;
+    } catch {
+      // not JSON: fall through
+    }
+    return `The service answered ${response.status} ${response.statusText}.`.trim();
+  }
+
+  function authHeaders() {
+    const token = ui.token.value.trim();
+    return token ? { Authorization: `Bearer ${token}` } : {};
+  }
+
+  const selectedTopK = () => Number(ui.topK.value);
+  // Unreadable files are not sent again; only server-side trouble (5xx) is worth a retry.
+  function needsWork(item) {
+    if (item.state === "pending") return true;
+    if (item.state === "done") return item.k !== selectedTopK();
+    return item.state === "error" && item.retriable;
+  }
+
+  function updateButtons() {
+    const nothingToDo = busy || !items.some(needsWork);
+    // aria-disabled rather than disabled: the buttons stay focusable for keyboard users.
+    ui.classify.setAttribute("aria-disabled", String(nothingToDo));
+    ui.clear.setAttribute("aria-disabled", String(busy || items.length === 0));
+    ui.form.setAttribute("aria-busy", String(busy));
+  }
+
+  // ---- cards ---------------------------------------------------------------------------
+
+  function setCardBody(item, state, ...children) {
+    item.state = state;
+    item.card.dataset.state = state;
+    item.card.setAttribute("aria-busy", String(state === "busy"));
+    item.body.replaceChildren(...children);
+  }
+
+  function showNote(item, state, text) {
+    setCardBody(item, state, h("p", { class: "note", "data-testid": "card-note", text }));
+  }
+
+  function showError(item, detail, state = "error") {
+    setCardBody(
+      item,
+      state,
+      h(
+        "p",
+        { class: "error", "data-testid": "card-error" },
+        h("span", { class: "error-icon", "aria-hidden": "true", text: "!" }),
+        h("span", { "data-testid": "card-error-detail", text: detail }),
+      ),
+    );
+  }
+
+  function showPredictions(item, predictions, k) {
+    const list = h("ol", {
+      class: "bars",
+      role: "list",
+      "aria-label": `Top ${predictions.length} predictions`,
+      "data-testid": "predictions",
+    });
+    for (const p of predictions) {
+      const fill = h("span", { class: "fill" });
+      fill.style.width = `${Math.min(100, Math.max(0, p.score * 100))}%`;
+      list.append(
+        h(
+          "li",
+          { class: "bar-row", "data-testid": "prediction" },
+          h(
+            "span",
+            { class: "bar-text" },
+            h("span", { class: "bar-label", "data-testid": "prediction-label", text: p.label }),
+            h("span", { class: "bar-pct", "data-testid": "prediction-score", text: formatPercent(p.score) }),
+          ),
+          h("span", { class: "bar", "aria-hidden": "true" }, fill),
+        ),
+      );
+    }
+    item.k = k;
+    setCardBody(item, "done", list);
+  }
+
+  function makeCard(item) {
+    const img = h("img", { alt: `Preview of ${item.name}`, src: item.url, decoding: "async" });
+    const preview = h("div", { class: "preview" }, img);
+    img.addEventListener(
+      "error",
+      () => preview.replaceChildren(h("span", { class: "no-preview", text: "No preview" })),
+      { once: true },
+    );
+    const remove = h("button", {
+      type: "button",
+      class: "remove",
+      "aria-label": `Remove ${item.name}`,
+      "data-testid": "card-remove",
+      text: "×",
+    });
+    remove.addEventListener("click", () => removeItem(item));
+    item.body = h("div", { class: "card-result", "data-testid": "card-result" });
+    item.card = h(
+      "li",
+      { class: "card", "data-testid": "card" },
+      preview,
+      h(
+        "div",
+        { class: "card-body" },
+        h("div", { class: "card-head" }, h("p", { class: "filename", "data-testid": "card-filename", text: item.name }), remove),
+        item.body,
+      ),
+    );
+  }
+
+  function addFiles(fileList) {
+    const files = Array.from(fileList || []);
+    if (!files.length) return;
+    for (const file of files) {
+      const id = nextId++;
+      const name = file.name || `pasted-image-${id}`;
+      const item = { id, file, name, url: URL.createObjectURL(file), k: null };
+      makeCard(item);
+      if (file.size > limits.maxUploadBytes) {
+        showError(
+          item,
+          `This file is ${formatBytes(file.size)}; the service accepts images up to ${formatBytes(limits.maxUploadBytes)}.`,
+          "rejected",
+        );
+      } else {
+        showNote(item, "pending", "Ready to classify");
+      }
+      items.push(item);
+      ui.results.append(item.card);
+    }
+    setStatus(`Added ${plural(files.length, "image")}. Press Classify to see the Top-${selectedTopK()}.`);
+    updateButtons();
+  }
+
+  function forget(item) {
+    URL.revokeObjectURL(item.url);
+    item.card.remove();
+    items.splice(items.indexOf(item), 1);
+  }
+
+  function removeItem(item) {
+    if (busy) return;
+    const next = items[items.indexOf(item) + 1] || items[items.indexOf(item) - 1];
+    forget(item);
+    setStatus(`Removed ${item.name}.`);
+    // Keep keyboard users where they were instead of dropping focus to <body>.
+    (next ? next.card.querySelector(".remove") : ui.input).focus();
+    updateButtons();
+  }
+
+  function clearAll() {
+    if (busy || !items.length) return;
+    for (const item of [...items]) forget(item);
+    setStatus("Cleared.");
+    updateButtons();
+  }
+
+  // ---- classification ------------------------------------------------------------------
+
+  async function sendChunk(chunk, k) {
+    const form = new FormData();
+    for (const item of chunk) form.append("images", item.file, item.name);
+    let response;
+    try {
+      response = await fetch(`/classify/batch?top_k=${k}`, {
+        method: "POST",
+        body: form,
+        headers: authHeaders(),
+      });
+    } catch {
+      return { error: "Could not reach the service. Check that it is running and try again." };
+    }
+    if (!response.ok) {
+      if (response.status === 401) showTokenField();
+      return { error: await problemDetail(response) };
+    }
+    const body = await response.json();
+    showModelRef(body.model);
+    for (const result of body.results) {
+      const item = chunk[result.index];
+      if (!item) continue;
+      if (result.error) {
+        item.retriable = result.error.status >= 500;
+        showError(item, result.error.detail);
+      }
+      else showPredictions(item, result.predictions, k);
+    }
+    return { succeeded: body.succeeded, failed: body.failed };
+  }
+
+  async function classify() {
+    if (busy) return;
+    const k = selectedTopK();
+    const todo = items.filter(needsWork);
+    if (!todo.length) {
+      setStatus(items.length ? `Every image already shows its Top-${k}.` : "Choose, drop or paste some images first.");
+      return;
+    }
+    busy = true;
+    updateButtons();
+    for (const item of todo) showNote(item, "busy", "Classifying…");
+    setStatus(`Classifying ${plural(todo.length, "image")}…`);
+    let succeeded = 0;
+    let failed = 0;
+    let requestError = null;
+    for (let start = 0; start < todo.length && !requestError; start += limits.maxBatchFiles) {
+      const chunk = todo.slice(start, start + limits.maxBatchFiles);
+      const outcome = await sendChunk(chunk, k);
+      if (outcome.error) requestError = outcome.error;
+      else {
+        succeeded += outcome.succeeded;
+        failed += outcome.failed;
+      }
+    }
+    for (const item of todo) {
+      if (item.state === "busy") showNote(item, "pending", "Not classified yet");
+    }
+    busy = false;
+    updateButtons();
+    if (requestError) {
+      setStatus(requestError, "error");
+    } else if (failed) {
+      setStatus(`Classified ${succeeded} of ${plural(todo.length, "image")}; ${failed} could not be read.`, "warning");
+    } else {
+      setStatus(`Classified ${plural(succeeded, "image")}.`, "success");
+    }
+  }
+
+  // ---- model info ----------------------------------------------------------------------
+
+  function showTokenField() {
+    if (ui.tokenField.hidden) {
+      ui.tokenField.hidden = false;
+      ui.token.focus();
+    }
+  }
+
+  function showModelRef(model) {
+    if (!model) return;
+    ui.modelName.textContent = model.name;
+    ui.modelPrecision.textContent = model.precision;
+    ui.banner.hidden = !model.random_weights;
+  }
+
+  function fillTopK(defaultK, maxK) {
+    const current = selectedTopK();
+    const choices = [...new Set([...TOP_K_CHOICES, defaultK])].filter((k) => k <= maxK).sort((a, b) => a - b);
+    ui.topK.replaceChildren(...choices.map((k) => h("option", { value: String(k), text: String(k) })));
+    const wanted = userPickedTopK && choices.includes(current) ? current : defaultK;
+    ui.topK.value = String(choices.includes(wanted) ? wanted : choices[choices.length - 1]);
+  }
+
+  async function loadModel(attempt = 0) {
+    let response;
+    try {
+      response = await fetch("/model", { headers: { Accept: "application/json" } });
+    } catch {
+      response = null;
+    }
+    if (!response || !response.ok) {
+      // 503 while the model loads and warms up: say so and look again.
+      const detail = response ? await problemDetail(response) : "The service does not answer.";
+      setStatus(`${detail} Retrying…`, "warning");
+      const retryAfter = Number(response && response.headers.get("Retry-After")) || 1;
+      setTimeout(() => loadModel(attempt + 1), Math.min(retryAfter, 5) * 1000);
+      return;
+    }
+    const info = await response.json();
+    const runtime = info.runtime || {};
+    limits.maxBatchFiles = Number(runtime.max_batch_files) || limits.maxBatchFiles;
+    limits.maxUploadBytes = Number(runtime.max_upload_bytes) || limits.maxUploadBytes;
+    limits.maxTopK = Number(runtime.max_top_k) || limits.maxTopK;
+    fillTopK(Number(runtime.default_top_k) || 5, limits.maxTopK);
+    if (runtime.auth_required) ui.tokenField.hidden = false;
+    showModelRef(info);
+    ui.modelWeights.textContent = info.weights_source;
+    ui.modelSha.textContent = (info.weights_sha256 || "").slice(0, 12);
+    ui.modelSha.title = info.weights_sha256 || "";
+    if (attempt > 0 || ui.status.dataset.kind === "warning") setStatus("The model is ready.");
+    ui.form.dataset.ready = "true";
+    updateButtons();
+  }
+
+  // ---- events --------------------------------------------------------------------------
+
+  ui.input.addEventListener("change", () => {
+    addFiles(ui.input.files);
+    ui.input.value = ""; // choosing the same file again still fires "change"
+  });
+
+  ui.form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    classify();
+  });
+  ui.clear.addEventListener("click", clearAll);
+  ui.topK.addEventListener("change", () => {
+    userPickedTopK = true;
+    updateButtons();
+  });
+
+  // Drop anywhere on the page; the drop zone lights up while files are dragged over it.
+  const hasFiles = (event) => Array.from(event.dataTransfer?.types || []).includes("Files");
+  let dragDepth = 0;
+  document.addEventListener("dragenter", (event) => {
+    if (!hasFiles(event)) return;
+    dragDepth += 1;
+    ui.dropzone.classList.add("is-dragover");
+  });
+  document.addEventListener("dragleave", (event) => {
+    if (!hasFiles(event)) return;
+    dragDepth = Math.max(0, dragDepth - 1);
+    if (dragDepth === 0) ui.dropzone.classList.remove("is-dragover");
+  });
+  document.addEventListener("dragover", (event) => {
+    if (!hasFiles(event)) return;
+    event.preventDefault(); // otherwise the browser opens the file instead
+    event.dataTransfer.dropEffect = "copy";
+  });
+  document.addEventListener("drop", (event) => {
+    if (!hasFiles(event)) return;
+    event.preventDefault();
+    dragDepth = 0;
+    ui.dropzone.classList.remove("is-dragover");
+    addFiles(event.dataTransfer.files);
+  });
+
+  // Paste: only clipboard files; pasted text (e.g. into the token field) is left alone.
+  document.addEventListener("paste", (event) => {
+    const files = Array.from(event.clipboardData?.files || []);
+    if (!files.length) return;
+    event.preventDefault();
+    addFiles(files);
+  });
+
+  updateButtons();
+  loadModel();
+})();
