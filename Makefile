@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
-WORKERS ?= 1
+WORKERS ?= 0  # 0 = one worker process per usable CPU
 
 .PHONY: install run test test-fast lint format typecheck openapi bench bench-quick check clean
 

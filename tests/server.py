@@ -72,6 +72,8 @@ def serve(
     """Start ``python -m resnet_service serve`` in its own process group; always cleaned up."""
     port = free_port()
     log = tmp_path / f"server-{port}.log"
+    if "--workers" not in args:
+        args = (*args, "--workers", "1")  # one process unless a test asks for more
     full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     with log.open("wb") as out:
         process = subprocess.Popen(

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from resnet_service.config import SettingsError, load_settings
-from resnet_service.cpus import threads_per_worker, usable_cpus
+from resnet_service.cpus import MAX_AUTO_WORKERS, resolve_workers, threads_per_worker, usable_cpus
 
 
 def test_defaults_are_valid() -> None:
@@ -70,3 +70,5 @@ def test_threads_follow_cpus_and_workers() -> None:
     assert threads_per_worker(0, cpus) == 1
     assert threads_per_worker(0, cpus * 4) == 1
     assert threads_per_worker(3, 2) == 3
+    assert resolve_workers(0) == min(cpus, MAX_AUTO_WORKERS)
+    assert resolve_workers(3) == 3

@@ -59,7 +59,8 @@ class Classifier:
     ) -> None:
         self.model = model
         self.settings = settings
-        self.torch_threads = threads_per_worker(settings.torch_threads, settings.workers)
+        # workers=0 outside `serve` (tests, a bare uvicorn) means this is the only process.
+        self.torch_threads = threads_per_worker(settings.torch_threads, settings.workers or 1)
         self.decode_threads = settings.decode_threads or self.torch_threads
         self.limits = ImageLimits(settings.max_upload_bytes, settings.max_pixels)
         self.max_top_k = min(settings.max_top_k, model.info.num_classes)

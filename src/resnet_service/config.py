@@ -109,7 +109,13 @@ class Settings(BaseSettings):
     # --- HTTP ------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", min_length=1, description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0 = any free port).")
-    workers: int = Field(1, ge=1, le=64, description="Worker processes, each with its own engine.")
+    workers: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Worker processes of `serve`, each with its own engine and CPUs/N torch "
+        "threads; 0 = one per usable CPU (the layout the benchmark found fastest), at most 8.",
+    )
     auth_token: SecretStr | None = Field(
         None, description="When set, inference routes require `Authorization: Bearer <token>`."
     )

@@ -39,6 +39,15 @@ def usable_cpus() -> int:
     return max(1, min(count, quota) if quota else count)
 
 
+#: Auto layout cap: each worker holds its own copy of torch and the model (~1 GB RSS here).
+MAX_AUTO_WORKERS = 8
+
+
+def resolve_workers(requested: int) -> int:
+    """``requested``, or one worker process per usable CPU (at most ``MAX_AUTO_WORKERS``)."""
+    return requested if requested > 0 else min(usable_cpus(), MAX_AUTO_WORKERS)
+
+
 def threads_per_worker(requested: int, workers: int) -> int:
     """``requested`` if set, else the usable CPUs shared evenly among worker processes."""
     if requested > 0:

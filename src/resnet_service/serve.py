@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -12,6 +13,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from resnet_service.config import ENV_PREFIX, Settings
+from resnet_service.cpus import resolve_workers
 
 ACCESS_AND_APP_LOGGERS = ("resnet_service", "uvicorn", "uvicorn.error")
 
@@ -84,6 +86,7 @@ def run_server(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code."""
     import uvicorn
 
+    settings = settings.model_copy(update={"workers": resolve_workers(settings.workers)})
     common: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
@@ -102,18 +105,41 @@ def run_server(settings: Settings) -> int:
     env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     _preflight(env)
     os.environ.update(env)
-    uvicorn.run(
+    from uvicorn.supervisors import Multiprocess
+
+    config = uvicorn.Config(
         "resnet_service.api.app:create_app_from_env",
         factory=True,
         workers=settings.workers,
         **common,
     )
+    Multiprocess(config, sockets=[listening_socket(settings.host, settings.port)]).run()
     return 0
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The shared socket of the worker processes, declared as TCP.
+
+    asyncio turns on TCP_NODELAY only for sockets whose ``proto`` is IPPROTO_TCP; uvicorn's own
+    multi-worker socket is made with proto 0, so its connections keep Nagle's algorithm, and
+    each response (headers and body written separately) waits ~40 ms for a delayed ACK:
+    measured here, 56 ms per request at concurrency 1 instead of 10 ms.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host")
     parser.add_argument("--port", type=int)
-    parser.add_argument("--workers", type=int, help="worker processes (each: CPUs/N torch threads)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes, each with CPUs/N torch threads (0 = one per CPU)",
+    )
     parser.add_argument("--drain-delay", dest="drain_delay_s", type=float)
     parser.add_argument("--shutdown-grace", dest="shutdown_grace_s", type=float)

@@ -211,7 +211,7 @@ def build_router(state: ServiceState) -> APIRouter:
             runtime={
                 "torch_threads": classifier.torch_threads,
                 "decode_threads": classifier.decode_threads,
-                "workers": settings.workers,
+                "workers": settings.workers or 1,
                 "max_batch_size": settings.max_batch_size,
                 "max_batch_wait_ms": settings.max_batch_wait_ms,
                 "queue_capacity": settings.queue_capacity,

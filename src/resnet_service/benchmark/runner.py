@@ -28,7 +28,7 @@ from resnet_service.benchmark.images import BenchImage, bench_images
 from resnet_service.benchmark.report import render_chart, render_table
 from resnet_service.benchmark.servers import memory_mb, python, running
 from resnet_service.config import Settings
-from resnet_service.cpus import usable_cpus
+from resnet_service.cpus import resolve_workers, usable_cpus
 from resnet_service.serve import settings_as_env
 
 log = logging.getLogger(__name__)
@@ -300,7 +300,7 @@ def run_benchmark(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
         ),
     }
     result["service"] = {}
-    for workers in [1] if opts.quick else sorted({1, cpus}):
+    for workers in [resolve_workers(0)] if opts.quick else sorted({1, cpus}):
         result["service"][f"workers_{workers}"] = bench_service(
             settings, workers, images, opts, workdir
         )

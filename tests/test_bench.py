@@ -1,0 +1,56 @@
+"""The benchmark harness works end to end (quick mode) and writes valid JSON. No timing asserts:
+these machines are shared and noisy, so speed is reported as ratios by `make bench`, never
+asserted here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from resnet_service.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_bench_writes_every_figure(
+    weights_file: Path, model_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bench"
+    args = ["bench", "--quick", "--out", str(out), "--weights", str(weights_file)]
+    assert main([*args, "--cache-dir", str(model_cache), "--offline"]) == 0
+    table = capsys.readouterr().out
+    assert "| ratio | value | goal | met |" in table
+    result = json.loads((out / "bench.json").read_text())
+    assert (out / "bench.png").stat().st_size > 10_000
+    assert result["quick"] is True
+    machine = result["machine"]
+    assert machine["usable_cpus"] >= 1
+    assert machine["versions"]["torch"].startswith("2.14.1")
+    assert set(result["forward_ms_per_image"]) == {"int8", "fp32"}
+    assert result["ceiling"]["best_layout_int8_images_per_s"] > 0
+    service = result["service"][result["service_default_layout"]]
+    for row in service["closed_loop"]:
+        assert row["ok"] > 0
+        assert row["errors"] == 0
+        assert row["non_200"] == 0
+        assert row["p50_ms"] <= row["p99_ms"]
+    assert service["open_loop"]["ok"] > 0
+    assert service["memory"]["peak_rss_mb"] > 100
+    naive = result["naive"]["closed_loop"]
+    assert naive[0]["ok"] > 0
+    ratios = result["ratios"]
+    for key in (
+        "service_over_ceiling_c16",
+        "service_over_naive_throughput_c16",
+        "p99_c16_over_p50_c1",
+        "int8_over_fp32_forward_speed_batch_1",
+        "service_over_engine_in_process_rps_c1",
+    ):
+        assert ratios[key] > 0, key
+    assert set(ratios["goals"]) == {
+        "service_over_ceiling_c16",
+        "service_over_naive_throughput_c16",
+        "p99_c16_over_p50_c1",
+    }
