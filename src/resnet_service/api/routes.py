@@ -75,8 +75,9 @@ def state_of(request: Request) -> ServiceState:
     return state
 
 
-def require_token(request: Request) -> None:
-    """Bearer-token check for inference routes, when a token is configured."""
+async def require_token(request: Request) -> None:
+    """Bearer-token check for inference routes, when a token is configured (async: a plain
+    function dependency would cost a thread-pool hop per request)."""
     token = state_of(request).settings.auth_token
     if token is None:
         return

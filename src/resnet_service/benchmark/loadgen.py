@@ -48,6 +48,8 @@ class LoadResult:
     latencies: list[float] = field(default_factory=list)
     statuses: dict[int, int] = field(default_factory=dict)
     errors: int = 0
+    #: CPU seconds the load generator itself used: it shares the machine with the server.
+    client_cpu_s: float = 0.0
 
     @property
     def ok(self) -> int:
@@ -70,6 +72,7 @@ class LoadResult:
             "p90_ms": round(float(np.percentile(lat, 90)), 2),
             "p99_ms": round(float(np.percentile(lat, 99)), 2),
             "mean_ms": round(float(lat.mean()), 2),
+            "client_cpu_s": round(self.client_cpu_s, 3),
         }
 
 
@@ -135,6 +138,7 @@ async def closed_loop(
         await conn.send(payload)
         conn.close()
     budget = [max_requests]
+    cpu_started = time.process_time()
     started = time.perf_counter()
     stop_at = started + duration_s
 
@@ -156,6 +160,7 @@ async def closed_loop(
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
     result.elapsed_s = time.perf_counter() - started
+    result.client_cpu_s = time.process_time() - cpu_started
     return result
 
 
@@ -166,6 +171,7 @@ async def open_loop(
     result = LoadResult("open", None, rate, 0.0)
     idle: list[_Connection] = []
     open_count = [0]
+    cpu_started = time.process_time()
     started = time.perf_counter()
     total = int(rate * duration_s)
     tasks: list[asyncio.Task[None]] = []
@@ -198,6 +204,7 @@ async def open_loop(
         tasks.append(asyncio.create_task(one(arrival)))
     await asyncio.gather(*tasks)
     result.elapsed_s = time.perf_counter() - started
+    result.client_cpu_s = time.process_time() - cpu_started
     for conn in idle:
         conn.close()
     return result

@@ -198,14 +198,26 @@ def compute_ratios(result: dict[str, Any], opts: BenchOptions) -> dict[str, Any]
     engine16 = _at(result["ceiling"]["engine_in_process"], c)
     engine1 = _at(result["ceiling"]["engine_in_process"], 1)
     fwd = result["forward_ms_per_image"]
+    # The load generator runs on the same cores as the server (the ceiling has no client):
+    # its CPU share of the machine, to read the service/ceiling ratio against.
+    client_share = svc16["client_cpu_s"] / (svc16["elapsed_s"] * usable_cpus())
     ratios: dict[str, Any] = {
         "concurrency_for_c16_figures": c,
         "service_over_ceiling_c16": round(svc16["rps"] / best_ceiling["images_per_s"], 3),
+        "load_generator_cpu_share_c16": round(client_share, 3),
+        "service_over_ceiling_c16_client_cpu_excluded": round(
+            svc16["rps"] / (best_ceiling["images_per_s"] * (1 - client_share)), 3
+        ),
         "service_over_engine_in_process_rps_c16": round(svc16["rps"] / engine16["rps"], 3),
         "service_over_engine_in_process_rps_c1": round(svc1["rps"] / engine1["rps"], 3),
         "service_over_engine_in_process_p50_c1": round(svc1["p50_ms"] / engine1["p50_ms"], 3),
         "service_over_engine_in_process_p99_c16": round(svc16["p99_ms"] / engine16["p99_ms"], 3),
         "p99_c16_over_p50_c1": round(svc16["p99_ms"] / svc1["p50_ms"], 3),
+        # Little's law: with c clients and throughput X, mean latency is c/X, so p99 at c=16
+        # can't be below 16/X. These two show how far the tail is from that floor.
+        "littles_law_floor_c16_ms": round(c / svc16["rps"] * 1000, 2),
+        "p99_c16_over_littles_law_floor": round(svc16["p99_ms"] / (c / svc16["rps"] * 1000), 3),
+        "p99_c16_over_p50_c16": round(svc16["p99_ms"] / svc16["p50_ms"], 3),
         "int8_over_fp32_forward_speed_batch_1": round(
             fwd["fp32"]["batch_1"] / fwd["int8"]["batch_1"], 2
         ),
