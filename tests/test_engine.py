@@ -170,26 +170,22 @@ def test_expired_work_is_dropped(engine: InferenceEngine, gated: GatedModel) -> 
     assert gated.batch_sizes == [1, 1]  # the expired one never reached the model
 
 
-def test_a_failed_batch_reaches_every_waiter(engine: InferenceEngine, gated: GatedModel) -> None:
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [("fail", "boom"), ("drop_one", "outputs for")],  # an exception; an output missing
+)
+def test_a_failed_batch_reaches_every_waiter(
+    engine: InferenceEngine, gated: GatedModel, fault: str, message: str
+) -> None:
     first = hold_engine(engine, gated)
-    gated.fail = True
+    setattr(gated, fault, True)
     futures = [first] + [engine.submit(tensor(i), 1) for i in range(3)]
     gated.gate.set()
     for fut in futures:
-        with pytest.raises(InferenceFailed, match="boom"):
+        with pytest.raises(InferenceFailed, match=message):
             fut.result(5)
-    gated.fail = False
+    setattr(gated, fault, False)
     assert engine.submit(tensor(), 1).result(5).batch_size == 1  # the engine lives on
-
-
-def test_outputs_are_counted_against_inputs(engine: InferenceEngine, gated: GatedModel) -> None:
-    first = hold_engine(engine, gated)
-    gated.drop_one = True
-    futures = [first] + [engine.submit(tensor(i), 1) for i in range(3)]
-    gated.gate.set()
-    for fut in futures:
-        with pytest.raises(InferenceFailed, match="outputs for"):
-            fut.result(5)
 
 
 def test_wrong_input_shape_is_refused(engine: InferenceEngine) -> None:
