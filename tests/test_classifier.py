@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -73,3 +74,24 @@ async def test_not_ready_before_start(int8_model: LoadedModel, settings: Setting
     clf = Classifier(int8_model, settings)
     with pytest.raises(NotReady):
         await clf.classify(jpeg_of("coffee"))
+
+
+async def test_cancelled_callers_give_back_their_decode_slots(
+    int8_model: LoadedModel, settings: Settings
+) -> None:
+    clf = Classifier(
+        int8_model, settings.model_copy(update={"queue_capacity": 2, "decode_threads": 1})
+    )
+    clf.start()
+    try:
+        big = jpeg_of("astronaut", (2000, 1500))
+        tasks = [asyncio.create_task(clf.classify(big)) for _ in range(3)]
+        await asyncio.sleep(0)  # all three hold a decode slot; two wait behind the first
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0.5)  # the running decode finishes
+        results = await clf.classify_many([jpeg_of("coffee")] * 3)
+        assert all(isinstance(r, Classification) for r in results)
+    finally:
+        clf.stop(timeout=5)

@@ -110,12 +110,12 @@ class Classifier:
     # --- decoding ------------------------------------------------------------------------
     def _decode_sync(self, data: bytes) -> tuple[torch.Tensor, float]:
         started = time.perf_counter()
-        try:
-            array = decode_and_preprocess(data, self.limits, self.model.spec)
-        finally:
-            with self._decoding_lock:
-                self._decoding -= 1
+        array = decode_and_preprocess(data, self.limits, self.model.spec)
         return torch.from_numpy(array), time.perf_counter() - started
+
+    def _release_decode_slot(self, _: object = None) -> None:
+        with self._decoding_lock:
+            self._decoding -= 1
 
     async def decode(self, data: bytes) -> tuple[torch.Tensor, float]:
         """Decode on the pool; ``Overloaded`` at once when the pool's backlog is full."""
@@ -129,9 +129,10 @@ class Classifier:
         try:
             future = self._pool.submit(self._decode_sync, data)
         except RuntimeError:  # pool shut down
-            with self._decoding_lock:
-                self._decoding -= 1
+            self._release_decode_slot()
             raise
+        # Released when the decode ends *or* is cancelled before it ran (caller gone).
+        future.add_done_callback(self._release_decode_slot)
         tensor, seconds = await asyncio.wrap_future(future)
         if self._observer:
             self._observer.decoded(seconds)
