@@ -390,3 +390,22 @@ async def test_garbage_never_gives_500(client: Client, body: bytes) -> None:
     )
     assert 400 <= response.status_code < 500
     assert response.headers["content-type"].startswith("application/problem+json")
+
+
+async def test_an_internal_failure_is_a_problem_with_the_request_id(
+    settings_for: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from resnet_service.classifier import Classifier
+
+    async def broken(self: Classifier, data: bytes, top_k: int | None = None) -> None:
+        raise RuntimeError("injected fault")
+
+    async with running(settings_for()) as (client, _):
+        monkeypatch.setattr(Classifier, "classify", broken)
+        response = await client.post(
+            "/classify", files=image_file(jpeg_of("coffee")), headers={"X-Request-ID": "req-500"}
+        )
+        body = assert_problem(response, 500, "internal_error")
+        assert response.headers["x-request-id"] == "req-500"
+        assert body["request_id"] == "req-500"
+        assert "injected" not in body["detail"]  # no internals leak to the caller

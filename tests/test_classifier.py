@@ -95,3 +95,15 @@ async def test_cancelled_callers_give_back_their_decode_slots(
         assert all(isinstance(r, Classification) for r in results)
     finally:
         clf.stop(timeout=5)
+
+
+async def test_a_long_list_waits_its_turn_instead_of_being_refused(
+    int8_model: LoadedModel, settings: Settings
+) -> None:
+    clf = Classifier(int8_model, settings.model_copy(update={"queue_capacity": 4}))
+    clf.start()
+    try:
+        results = await clf.classify_many([jpeg_of("coffee", (320, 240))] * 12, 1)
+        assert all(isinstance(r, Classification) for r in results)
+    finally:
+        clf.stop(timeout=5)

@@ -141,8 +141,10 @@ class Classifier:
     # --- classification ------------------------------------------------------------------
     async def classify(self, data: bytes, top_k: int | None = None) -> Classification:
         """Bytes -> Top-k; raises a ``ServiceError`` subclass for anything the caller can fix."""
+        return await self._classify(data, self.check_top_k(top_k))
+
+    async def _classify(self, data: bytes, k: int) -> Classification:
         started = time.perf_counter()
-        k = self.check_top_k(top_k)
         if not self.engine.ready:
             raise NotReady("the model is not ready (starting up or shutting down)")
         tensor, decode_s = await self.decode(data)
@@ -160,12 +162,17 @@ class Classifier:
     async def classify_many(
         self, images: list[bytes], top_k: int | None = None
     ) -> list[Classification | ServiceError]:
-        """Many images at once: each gets a result or its own error, in order. Their tensors
-        reach the engine together, so the good ones share batches."""
+        """Many images at once: each gets a result or its own error, in order. At most half the
+        queue is in flight per call, so a long list waits its turn instead of being refused,
+        while its images still reach the engine together and share batches."""
         k = self.check_top_k(top_k)
-        results = await asyncio.gather(
-            *(self.classify(data, k) for data in images), return_exceptions=True
-        )
+        gate = asyncio.Semaphore(max(1, self.settings.queue_capacity // 2))
+
+        async def one(data: bytes) -> Classification:
+            async with gate:
+                return await self._classify(data, k)
+
+        results = await asyncio.gather(*(one(data) for data in images), return_exceptions=True)
         out: list[Classification | ServiceError] = []
         for result in results:
             if isinstance(result, Classification | ServiceError):

@@ -9,7 +9,6 @@ import argparse
 import asyncio
 import json
 import logging
-import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -61,28 +60,27 @@ def _emit(obj: Any) -> None:
 
 # --- commands -----------------------------------------------------------------------------
 def cmd_info(args: argparse.Namespace, settings: Settings) -> int:
-    from resnet_service.classifier import Classifier
+    from resnet_service.cpus import threads_per_worker
     from resnet_service.model.loader import load_model
 
     model = load_model(settings)
-    classifier = Classifier(model, settings)
     info = model.info.model_dump(mode="json")
-    info["torch_threads"] = classifier.torch_threads
-    info["decode_threads"] = classifier.decode_threads
+    info["torch_threads"] = threads_per_worker(settings.torch_threads, settings.workers or 1)
+    info["decode_threads"] = settings.decode_threads or info["torch_threads"]
     info["max_batch_size"] = settings.max_batch_size
     print(json.dumps(info, indent=2, ensure_ascii=False))
     return 0
 
 
 def cmd_quantize(args: argparse.Namespace, settings: Settings) -> int:
-    from resnet_service.model.bundle import BundleManifest, write_bundle
+    from resnet_service.model.bundle import BundleManifest, copy_bundle, write_bundle
     from resnet_service.model.loader import load_model
 
     model = load_model(settings.model_copy(update={"precision": "int8"}))
     info = model.info
     if args.out is not None:
         if info.int8_cache:
-            shutil.copytree(info.int8_cache, args.out, dirs_exist_ok=True)
+            copy_bundle(Path(info.int8_cache), args.out)
         else:  # official int8 weights: write them as a bundle
             manifest = BundleManifest(
                 name=info.name,

@@ -35,6 +35,9 @@ from resnet_service.errors import (
 
 log = logging.getLogger(__name__)
 
+#: Extra seconds an async caller waits past its deadline before giving up on the engine.
+_BACKSTOP_S = 5.0
+
 
 @dataclass(frozen=True, slots=True)
 class Prediction:
@@ -51,7 +54,9 @@ class Prediction:
 class EngineObserver(Protocol):
     """Hooks for metrics; called on the engine thread (keep them cheap)."""
 
-    def batch_done(self, size: int, inference_s: float, queue_waits_s: Sequence[float]) -> None: ...
+    def batch_done(
+        self, size: int, inference_s: float, queue_waits_s: Sequence[float], queue_depth: int
+    ) -> None: ...
 
 
 @dataclass(slots=True)
@@ -93,7 +98,6 @@ class InferenceEngine:
         self._in_batch = 0
         # Smoothed seconds of model time per image, for Retry-After.
         self._per_item_s = 0.005
-        self.batches_run = 0
         self.items_run = 0
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -121,19 +125,17 @@ class InferenceEngine:
 
     @property
     def ready(self) -> bool:
-        return self._ready.is_set() and not self._stopping.is_set() and self._startup_error is None
+        return (
+            self._ready.is_set()
+            and not self._stopping.is_set()
+            and self._startup_error is None
+            and self._thread is not None
+            and self._thread.is_alive()
+        )
 
     @property
     def queue_depth(self) -> int:
         return self._queue.qsize()
-
-    @property
-    def in_batch(self) -> int:
-        return self._in_batch
-
-    @property
-    def labels(self) -> list[str]:
-        return self._labels
 
     def retry_after_s(self) -> int:
         """Seconds until the queue has likely drained, from depth and recent service time."""
@@ -163,7 +165,12 @@ class InferenceEngine:
 
     async def infer(self, tensor: torch.Tensor, top_k: int, timeout_s: float = 30.0) -> Prediction:
         """``submit`` for asyncio callers; cancelling the await drops the queued work."""
-        return await asyncio.wrap_future(self.submit(tensor, top_k, timeout_s))
+        future = self.submit(tensor, top_k, timeout_s)
+        try:
+            # The engine enforces the deadline; this backstop only fires if its thread is gone.
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s + _BACKSTOP_S)
+        except TimeoutError:
+            raise DeadlineExceeded("no answer from the model within the deadline") from None
 
     # --- the model thread ----------------------------------------------------------------
     def _main(self, warmup: bool) -> None:
@@ -185,7 +192,14 @@ class InferenceEngine:
                     return
                 continue
             batch = self._collect(first)
-            self._execute(batch)
+            try:
+                self._execute(batch)
+            except Exception as exc:  # never let one batch kill the model thread
+                log.exception("engine error on a batch of %d", len(batch))
+                failure = InferenceFailed(f"internal engine error: {type(exc).__name__}: {exc}")
+                for work in batch:
+                    if not work.future.done():
+                        work.future.set_exception(failure)
 
     def warmup_batch_sizes(self) -> list[int]:
         """Powers of two up to the max batch, and the max itself."""
@@ -265,7 +279,6 @@ class InferenceEngine:
             self._in_batch = 0
         elapsed = time.perf_counter() - started
         self._per_item_s = 0.8 * self._per_item_s + 0.2 * (elapsed / len(live))
-        self.batches_run += 1
         self.items_run += len(live)
         waits = [now - work.enqueued for work in live]
         for row, work in enumerate(live):
@@ -282,7 +295,7 @@ class InferenceEngine:
                 )
             )
         if self._observer:
-            self._observer.batch_done(len(live), elapsed, waits)
+            self._observer.batch_done(len(live), elapsed, waits, self._queue.qsize())
 
     def _forward(self, live: list[_Work]) -> tuple[list[list[float]], list[list[int]]]:
         inputs = torch.stack([work.tensor for work in live])

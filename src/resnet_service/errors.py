@@ -53,24 +53,24 @@ class InvalidParameter(InputError):
 
 
 # --- capacity --------------------------------------------------------------------------------
-class Overloaded(ServiceError):
-    """The engine's queue is full; ``retry_after_s`` estimates when it will have room."""
+class RetryLater(ServiceError):
+    """Try again later (or elsewhere); ``retry_after_s`` estimates when."""
+
+    def __init__(self, detail: str, retry_after_s: int = 1) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
+
+
+class Overloaded(RetryLater):
+    """The queue is full."""
 
     code = "overloaded"
     title = "Service overloaded"
 
-    def __init__(self, detail: str, retry_after_s: int = 1) -> None:
-        super().__init__(detail)
-        self.retry_after_s = retry_after_s
 
-
-class NotReady(ServiceError):
+class NotReady(RetryLater):
     code = "not_ready"
     title = "Service not ready"
-
-    def __init__(self, detail: str, retry_after_s: int = 1) -> None:
-        super().__init__(detail)
-        self.retry_after_s = retry_after_s
 
 
 class DeadlineExceeded(ServiceError):

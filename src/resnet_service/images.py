@@ -12,6 +12,7 @@ belongs to the engine thread alone. Pillow releases the GIL while it decodes and
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import warnings
@@ -35,7 +36,6 @@ from resnet_service.errors import (
 
 Tensor3 = npt.NDArray[np.float32]
 
-ALLOWED_FORMATS: Final = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 ALLOWED_DESCRIPTION: Final = "JPEG, PNG, WebP, BMP or GIF"
 #: Largest accepted long:short side ratio: beyond it, resizing the short side to 256 would
 #: build an enormous intermediate image (a 1x40M strip would become 256x10G).
@@ -172,8 +172,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     mode = img.mode
     if mode.startswith("I;16") or mode == "I":
         # 16-bit samples (PNG opens as I;16 or I): rescale 0..65535 to 0..255.
-        arr = np.asarray(img).astype(np.float64)
-        gray = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
+        # Integer math (4 bytes/pixel, not float64's 8): round(v / 257), clipped to 0..255.
+        arr = np.clip(np.asarray(img), 0, 65535).astype(np.uint32)
+        gray = ((arr + 128) // 257).astype(np.uint8)
         return Image.fromarray(gray).convert("RGB")
     if mode == "F":
         return img.convert("L").convert("RGB")
@@ -201,11 +202,11 @@ def decode_rgb(
         raise UndecodableImage(
             f"The {fmt} image could not be decoded ({exc}). It may be corrupt or truncated."
         ) from None
-    try:
-        upright = ImageOps.exif_transpose(img)
-    except (OSError, SyntaxError, ValueError, KeyError, TypeError):
-        upright = img  # A broken EXIF block must not sink a readable image.
-    return to_rgb(upright)
+    # In place: no copy when there is nothing to rotate. A broken EXIF block must not sink a
+    # readable image, so its errors are ignored.
+    with contextlib.suppress(OSError, SyntaxError, ValueError, KeyError, TypeError):
+        ImageOps.exif_transpose(img, in_place=True)
+    return to_rgb(img)
 
 
 def preprocess(rgb: Image.Image, spec: PreprocessSpec) -> Tensor3:

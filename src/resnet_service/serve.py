@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -61,9 +63,6 @@ def settings_as_env(settings: Settings) -> dict[str, str]:
         if isinstance(value, bool):
             value = "true" if value else "false"
         env[f"{ENV_PREFIX}{name.upper()}"] = str(value)
-    token = settings.auth_token
-    if token is not None:
-        env[f"{ENV_PREFIX}AUTH_TOKEN"] = token.get_secret_value()
     return env
 
 
@@ -92,7 +91,8 @@ def run_server(settings: Settings) -> int:
         "port": settings.port,
         "log_config": log_config(settings.log_level),
         "access_log": False,
-        "timeout_graceful_shutdown": int(settings.shutdown_grace_s) or None,
+        # Whole seconds (uvicorn's type); rounded up so a short grace is never "no limit".
+        "timeout_graceful_shutdown": math.ceil(settings.shutdown_grace_s),
         "lifespan": "on",
     }
     if settings.workers == 1:
@@ -113,7 +113,10 @@ def run_server(settings: Settings) -> int:
         workers=settings.workers,
         **common,
     )
-    Multiprocess(config, sockets=[listening_socket(settings.host, settings.port)]).run()
+    try:
+        Multiprocess(config, sockets=[listening_socket(settings.host, settings.port)]).run()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

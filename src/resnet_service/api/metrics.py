@@ -16,8 +16,6 @@ from prometheus_client import (
     multiprocess,
 )
 
-from resnet_service.engine import InferenceEngine
-
 PREFIX: Final = "resnet_service"
 _LATENCY_BUCKETS: Final = (
     0.001,
@@ -121,7 +119,10 @@ class Metrics:
         )
 
     # --- engine / decoder observer -------------------------------------------------------
-    def batch_done(self, size: int, inference_s: float, queue_waits_s: Sequence[float]) -> None:
+    def batch_done(
+        self, size: int, inference_s: float, queue_waits_s: Sequence[float], queue_depth: int
+    ) -> None:
+        self.queue_depth.set(queue_depth)
         self.batch_size.observe(size)
         self.inference_latency.observe(inference_s)
         for wait in queue_waits_s:
@@ -131,10 +132,6 @@ class Metrics:
         self.decode_latency.observe(seconds)
 
     # --- exposition ----------------------------------------------------------------------
-    def refresh(self, engine: InferenceEngine | None) -> None:
-        """Gauges that are read, not counted: set at scrape time."""
-        self.queue_depth.set(engine.queue_depth if engine else 0)
-
     def render(self) -> tuple[bytes, str]:
         """The text exposition: this process, or every worker in multiprocess mode."""
         directory = multiprocess_dir()

@@ -13,10 +13,14 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from resnet_service.api.metrics import Metrics
+from resnet_service.api.problems import INTERNAL_DETAIL, PROBLEM_JSON, TOO_LARGE_DETAIL
+from resnet_service.api.schemas import Problem
 
 access_log = logging.getLogger("resnet_service.access")
 
 _REQUEST_ID: Final = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+#: A 503 from a readiness probe is an answer, not a rejected request.
+_PROBES: Final = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 def request_id_from(scope: Scope) -> str:
@@ -29,22 +33,21 @@ def request_id_from(scope: Scope) -> str:
     return uuid.uuid4().hex
 
 
-def _too_large_problem(scope: Scope, request_id: str) -> bytes:
-    route = scope.get("route")
-    limit = getattr(route, "max_body_size", None)
-    detail = "The request body is larger than this route accepts"
-    detail += f" ({limit} bytes)." if limit else "."
-    return json.dumps(
-        {
-            "type": "about:blank",
-            "title": "Upload too large",
-            "status": 413,
-            "detail": detail,
-            "code": "upload_too_large",
-            "instance": scope.get("path"),
-            "request_id": request_id,
-        }
-    ).encode()
+def _problem_body(
+    scope: Scope, request_id: str, status: int, code: str, title: str, detail: str
+) -> bytes:
+    return (
+        Problem(
+            title=title,
+            status=status,
+            detail=detail,
+            code=code,
+            instance=scope.get("path"),
+            request_id=request_id,
+        )
+        .model_dump_json(exclude_none=True)
+        .encode()
+    )
 
 
 class RequestContextMiddleware:
@@ -66,15 +69,25 @@ class RequestContextMiddleware:
 
         replace_body: bytes | None = None
 
+        status_started = False
+
         async def send_with_id(message: Message) -> None:
-            nonlocal status, replace_body
+            nonlocal status, replace_body, status_started
             if message["type"] == "http.response.start":
                 status = message["status"]
+                status_started = True
                 headers = MutableHeaders(scope=message)
                 if status == 413 and headers.get("content-type", "").startswith("text/plain"):
                     # Starlette's per-route body limiter answers in plain text; keep the
                     # one error body of this API.
-                    replace_body = _too_large_problem(scope, request_id)
+                    replace_body = _problem_body(
+                        scope,
+                        request_id,
+                        413,
+                        "upload_too_large",
+                        "Upload too large",
+                        TOO_LARGE_DETAIL,
+                    )
                     headers["content-type"] = "application/problem+json"
                     headers["content-length"] = str(len(replace_body))
                     state["error_code"] = "upload_too_large"
@@ -87,6 +100,27 @@ class RequestContextMiddleware:
         self.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            # Never for bad input; answered here (not by Starlette's outer error middleware)
+            # so a 500 still carries the request id and is counted and logged.
+            access_log.exception("unhandled error, request %s", request_id)
+            state["error_code"] = "internal_error"
+            if status_started:
+                raise
+            body = _problem_body(
+                scope, request_id, 500, "internal_error", "Internal error", INTERNAL_DETAIL
+            )
+            await send_with_id(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [
+                        (b"content-type", PROBLEM_JSON.encode()),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send_with_id({"type": "http.response.body", "body": body})
         finally:
             self.metrics.in_flight.dec()
             elapsed = time.perf_counter() - started
@@ -94,8 +128,10 @@ class RequestContextMiddleware:
             self.metrics.requests.labels(route, scope["method"], str(status)).inc()
             self.metrics.request_latency.labels(route).observe(elapsed)
             code = state.get("error_code")
-            if code:
+            if code and route not in _PROBES:
                 self.metrics.rejections.labels(code).inc()
+                if route == "/classify":
+                    self.metrics.images.labels("error").inc()
             self._log(scope, state, route, status, elapsed)
 
     @staticmethod

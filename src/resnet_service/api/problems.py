@@ -16,6 +16,8 @@ from resnet_service.api.schemas import ItemError, Problem
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON: Final = "application/problem+json"
+TOO_LARGE_DETAIL: Final = "The request body is larger than this route accepts."
+INTERNAL_DETAIL: Final = "The server failed unexpectedly; the request id identifies it in the logs."
 
 _STATUS: Final[dict[type[errors.ServiceError], int]] = {
     errors.EmptyUpload: 400,
@@ -114,12 +116,12 @@ def problem_response(
 
 def service_error_response(request: Request, exc: errors.ServiceError) -> JSONResponse:
     headers: dict[str, str] = {}
-    if isinstance(exc, errors.Overloaded | errors.NotReady):
+    if isinstance(exc, errors.RetryLater):
         headers["Retry-After"] = str(exc.retry_after_s)
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = 'Bearer realm="resnet-service"'
     status = status_of(exc)
-    if status >= 500 and not isinstance(exc, errors.Overloaded | errors.NotReady):
+    if status >= 500 and not isinstance(exc, errors.RetryLater):
         log.error("%s: %s", exc.code, exc.detail)
     return problem_response(
         request, status=status, code=exc.code, title=exc.title, detail=exc.detail, headers=headers
@@ -161,7 +163,7 @@ def install(app: FastAPI) -> None:
         code, title = _HTTP_CODES.get(exc.status_code, ("http_error", "HTTP error"))
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 413:
-            detail = "The request body is larger than this route accepts."
+            detail = TOO_LARGE_DETAIL
         elif exc.status_code in (404, 405):
             detail = (
                 f"No route for {request.method} {request.url.path}. The API is described at "
@@ -176,20 +178,9 @@ def install(app: FastAPI) -> None:
             headers=dict(exc.headers or {}),
         )
 
-    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return problem_response(
-            request,
-            status=500,
-            code="internal_error",
-            title="Internal error",
-            detail="The server failed unexpectedly; the request id identifies it in the logs.",
-        )
-
     app.add_exception_handler(errors.ServiceError, on_service_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
-    app.add_exception_handler(Exception, on_unexpected)
 
 
 def document(app: FastAPI) -> None:

@@ -249,7 +249,6 @@ def build_router(state: ServiceState) -> APIRouter:
         responses={200: {"content": {"text/plain": {}}}},
     )
     async def metrics() -> Response:
-        state.metrics.refresh(state.classifier.engine if state.classifier else None)
         body, content_type = state.metrics.render()
         return Response(body, media_type=content_type)
 

@@ -83,6 +83,7 @@ def write_bundle(
     """Write atomically (a temp dir renamed into place); returns the manifest with the sha256."""
     if len(labels) != manifest.num_classes:
         raise BundleInvalid(f"{len(labels)} labels for {manifest.num_classes} classes")
+    refuse_to_overwrite(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
@@ -97,6 +98,26 @@ def write_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def refuse_to_overwrite(directory: Path) -> None:
+    """A bundle may replace a bundle or fill an empty folder, never clobber anything else
+    (``--out data`` must not wipe the training data)."""
+    if directory.exists() and (
+        not directory.is_dir()
+        or (any(directory.iterdir()) and not (directory / MANIFEST).is_file())
+    ):
+        raise BundleInvalid(
+            f"{directory} exists and is not a model bundle; choose an empty or new folder"
+        )
+
+
+def copy_bundle(source: Path, directory: Path) -> None:
+    """Replace ``directory`` with a copy of the bundle at ``source`` (same rules as writing)."""
+    refuse_to_overwrite(directory)
+    if directory.exists():
+        shutil.rmtree(directory)
+    shutil.copytree(source, directory)
 
 
 def read_manifest(directory: Path) -> BundleManifest:
