@@ -409,3 +409,27 @@ async def test_an_internal_failure_is_a_problem_with_the_request_id(
         assert response.headers["x-request-id"] == "req-500"
         assert body["request_id"] == "req-500"
         assert "injected" not in body["detail"]  # no internals leak to the caller
+
+
+async def test_upload_memory_is_bounded_and_given_back(
+    settings_for: Callable[..., Settings],
+) -> None:
+    mib = 1024 * 1024
+    settings = settings_for(
+        max_upload_bytes=400_000, max_batch_bytes=mib, max_buffered_upload_bytes=mib
+    )
+    async with running(settings) as (client, app):
+        state: ServiceState = app.state.service
+        data = jpeg_of("astronaut", (900, 700), quality=97)
+        assert 200_000 < len(data) < 400_000
+        responses = await asyncio.gather(
+            *(client.post("/classify", files=image_file(data)) for _ in range(8))
+        )
+        statuses = [r.status_code for r in responses]
+        assert set(statuses) <= {200, 503}
+        assert 503 in statuses  # 8 x >200 KB cannot all be held under 1 MiB
+        assert 200 in statuses
+        rejected = next(r for r in responses if r.status_code == 503)
+        assert "Uploads in progress" in assert_problem(rejected, 503, "overloaded")["detail"]
+        assert state.upload_budget.used == 0
+        assert (await client.post("/classify", files=image_file(data))).status_code == 200

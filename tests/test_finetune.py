@@ -127,6 +127,8 @@ def test_finetune_quantize_and_serve_digits(
         assert model["precision"] == "int8"
         assert model["provenance"]["val_accuracy"] >= FP32_MIN_ACCURACY
         assert model["runtime"]["max_top_k"] == 10
+        assert "train_dir" not in model["provenance"]
+        assert str(tmp_path) not in json.dumps(model)  # no server paths on an open route
         too_many = httpx.post(
             f"{server.url}/classify?top_k=11",
             files={"image": ("a.png", test_files[0].read_bytes())},

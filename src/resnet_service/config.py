@@ -106,6 +106,14 @@ class Settings(BaseSettings):
         description="Largest /classify/batch request body, all images together.",
     )
 
+    max_buffered_upload_bytes: int = Field(
+        512 * 1024 * 1024,
+        ge=1024 * 1024,
+        le=64 * 1024 * 1024 * 1024,
+        description="Upload bytes held in memory by all requests together; beyond it new "
+        "uploads get 503 (bounds memory under many concurrent uploads).",
+    )
+
     # --- HTTP ------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", min_length=1, description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0 = any free port).")
@@ -144,6 +152,10 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.default_top_k > self.max_top_k:
             raise ValueError("default_top_k must not exceed max_top_k")
+        if self.max_buffered_upload_bytes < max(self.max_batch_bytes, self.max_upload_bytes):
+            raise ValueError(
+                "max_buffered_upload_bytes must be at least max_batch_bytes and max_upload_bytes"
+            )
         if self.weights_path is not None and self.bundle_path is not None:
             raise ValueError("give weights_path or bundle_path, not both")
         return self

@@ -131,6 +131,7 @@ def create_app(
                 await asyncio.to_thread(state.classifier.stop, settings.shutdown_grace_s)
             if restore is not None:
                 restore()
+            state.metrics.close()
             log.info("stopped")
 
     app = FastAPI(

@@ -131,6 +131,11 @@ class Metrics:
     def decoded(self, seconds: float) -> None:
         self.decode_latency.observe(seconds)
 
+    def close(self) -> None:
+        """A worker stopping: drop its live gauges from the shared multiprocess view."""
+        if multiprocess_dir():
+            multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+
     # --- exposition ----------------------------------------------------------------------
     def render(self) -> tuple[bytes, str]:
         """The text exposition: this process, or every worker in multiprocess mode."""

@@ -7,6 +7,8 @@ written to disk, and a body over the cap is refused before the rest of it is rea
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from python_multipart.exceptions import MultipartParseError
@@ -14,7 +16,27 @@ from python_multipart.multipart import MultipartParser, MultipartState, parse_op
 from starlette.requests import ClientDisconnect, Request
 
 from resnet_service.api.problems import MalformedRequest, MissingField, TooManyFiles
-from resnet_service.errors import UploadTooLarge
+from resnet_service.errors import Overloaded, UploadTooLarge
+
+
+class UploadBudget:
+    """Upload bytes held in memory by all requests of this process (event-loop thread only)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+
+    def take(self, size: int) -> None:
+        if self.used + size > self.capacity:
+            raise Overloaded(
+                f"Uploads in progress already hold {self.used} bytes (limit {self.capacity}); "
+                "retry shortly.",
+                retry_after_s=1,
+            )
+        self.used += size
+
+    def give_back(self, size: int) -> None:
+        self.used -= size
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,9 +158,22 @@ class _FormCollector:
             self.fields[part.name] = part.data.decode("utf-8", "replace")
 
 
-async def read_form(
-    request: Request, limits: FormLimits
-) -> tuple[list[UploadedFile], dict[str, str]]:
+@asynccontextmanager
+async def uploaded_files(
+    request: Request, limits: FormLimits, budget: UploadBudget
+) -> AsyncIterator[list[UploadedFile]]:
+    """The request's files, read into memory under the process-wide upload budget, which they
+    hold until the block ends."""
+    held = [0]
+    try:
+        yield await _read_form(request, limits, budget, held)
+    finally:
+        budget.give_back(held[0])
+
+
+async def _read_form(
+    request: Request, limits: FormLimits, budget: UploadBudget, held: list[int]
+) -> list[UploadedFile]:
     """Read a multipart body into memory, refusing it as soon as a limit is crossed."""
     content_type, params = parse_options_header(request.headers.get("content-type"))
     if content_type != b"multipart/form-data":
@@ -178,6 +213,8 @@ async def read_form(
                     f"The request body exceeds {limits.max_body_bytes} bytes; this route "
                     "accepts no more."
                 )
+            budget.take(len(chunk))
+            held[0] += len(chunk)
             parser.write(chunk)
         parser.finalize()
     except MultipartParseError as exc:
@@ -190,4 +227,4 @@ async def read_form(
         raise MalformedRequest(
             "The multipart body ended before its closing boundary (truncated upload?)."
         )
-    return collector.files, collector.fields
+    return collector.files

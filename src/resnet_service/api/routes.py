@@ -8,7 +8,7 @@ from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
-from resnet_service.api.multipart import FormLimits, read_form
+from resnet_service.api.multipart import FormLimits, uploaded_files
 from resnet_service.api.problems import PROBLEM_JSON, MissingField, Unauthorized, item_error
 from resnet_service.api.schemas import (
     BatchItemResult,
@@ -23,6 +23,7 @@ from resnet_service.api.schemas import (
 from resnet_service.api.state import ServiceState
 from resnet_service.classifier import Classification
 from resnet_service.errors import NotReady, ServiceError
+from resnet_service.model.loader import ModelInfo
 
 # Multipart framing around an image: part headers and boundaries.
 _FORM_OVERHEAD: Final = 64 * 1024
@@ -106,6 +107,32 @@ def _timings(result: Classification) -> Timings:
     )
 
 
+#: Provenance that names places on the server's disk: not for an unauthenticated route.
+_PRIVATE_PROVENANCE: Final = frozenset({"train_dir", "val_dir", "skipped_files", "options"})
+
+
+def public_model_info(info: ModelInfo) -> dict[str, Any]:
+    """The model info minus server paths (weights file, caches, training folders)."""
+    public = info.model_dump(exclude={"int8_cache", "weights_path"})
+    public["provenance"] = {
+        k: v for k, v in info.provenance.items() if k not in _PRIVATE_PROVENANCE
+    }
+    quant = public.get("quantization")
+    if quant and quant.get("calibration_source"):
+        quant["calibration_source"] = _without_paths(quant["calibration_source"])
+    if quant and quant.get("fidelity"):
+        fidelity = quant["fidelity"]
+        fidelity["image_source"] = _without_paths(fidelity["image_source"])
+    return public
+
+
+def _without_paths(source: str) -> str:
+    """'/srv/data/train (train split)' -> 'train (train split)'; builtin names unchanged."""
+    head, _, note = source.partition(" (")
+    name = head.rstrip("/").rsplit("/", 1)[-1]
+    return f"{name} ({note}" if note else name
+
+
 def build_router(state: ServiceState) -> APIRouter:
     """All routes; body caps come from the settings, so they are set per app."""
     settings = state.settings
@@ -136,12 +163,12 @@ def build_router(state: ServiceState) -> APIRouter:
     )
     async def classify(request: Request, top_k: TopK = None) -> ClassifyResponse:
         classifier = state.require_classifier()
-        classifier.check_top_k(top_k)
-        files, _ = await read_form(request, single)
-        if not files:
-            raise MissingField("Missing the multipart file field 'image'.")
-        request.state.images = 1
-        result = await classifier.classify(files[0].data, top_k)
+        k = classifier.check_top_k(top_k)
+        async with uploaded_files(request, single, state.upload_budget) as files:
+            if not files:
+                raise MissingField("Missing the multipart file field 'image'.")
+            request.state.images = 1
+            result = await classifier.classify(files[0].data, k)
         request.state.timings = result.timings
         state.metrics.images.labels("ok").inc()
         return ClassifyResponse(
@@ -165,28 +192,29 @@ def build_router(state: ServiceState) -> APIRouter:
     async def classify_batch(request: Request, top_k: TopK = None) -> BatchResponse:
         started = time.perf_counter()
         classifier = state.require_classifier()
-        classifier.check_top_k(top_k)
-        files, _ = await read_form(request, batch)
-        if not files:
-            raise MissingField("Missing the multipart file field 'images' (repeat it per image).")
-        request.state.images = len(files)
-        outcomes = await classifier.classify_many([f.data for f in files], top_k)
+        k = classifier.check_top_k(top_k)
+        async with uploaded_files(request, batch, state.upload_budget) as files:
+            if not files:
+                raise MissingField(
+                    "Missing the multipart file field 'images' (repeat it per image)."
+                )
+            request.state.images = len(files)
+            outcomes = await classifier.classify_many([f.data for f in files], k)
+            names = [f.filename for f in files]
         results: list[BatchItemResult] = []
-        for index, (upload, outcome) in enumerate(zip(files, outcomes, strict=True)):
+        for index, (filename, outcome) in enumerate(zip(names, outcomes, strict=True)):
             if isinstance(outcome, ServiceError):
                 state.metrics.rejections.labels(outcome.code).inc()
                 state.metrics.images.labels("error").inc()
                 results.append(
-                    BatchItemResult(
-                        index=index, filename=upload.filename, error=item_error(outcome)
-                    )
+                    BatchItemResult(index=index, filename=filename, error=item_error(outcome))
                 )
             else:
                 state.metrics.images.labels("ok").inc()
                 results.append(
                     BatchItemResult(
                         index=index,
-                        filename=upload.filename,
+                        filename=filename,
                         predictions=_predictions(outcome),
                         timings=_timings(outcome),
                     )
@@ -207,7 +235,7 @@ def build_router(state: ServiceState) -> APIRouter:
         classifier = state.require_classifier()
         info = classifier.model.info
         return ModelResponse(
-            **info.model_dump(exclude={"int8_cache", "weights_path"}),
+            **public_model_info(info),
             labels=classifier.model.labels,
             runtime={
                 "torch_threads": classifier.torch_threads,
@@ -222,6 +250,7 @@ def build_router(state: ServiceState) -> APIRouter:
                 "default_top_k": min(settings.default_top_k, classifier.max_top_k),
                 "max_top_k": classifier.max_top_k,
                 "max_batch_files": settings.max_batch_files,
+                "max_batch_bytes": settings.max_batch_bytes,
                 "auth_required": settings.auth_token is not None,
             },
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from resnet_service.api.metrics import Metrics
+from resnet_service.api.multipart import UploadBudget
 from resnet_service.api.schemas import ModelRef
 from resnet_service.classifier import Classifier
 from resnet_service.config import Settings
@@ -20,6 +21,11 @@ class ServiceState:
     classifier: Classifier | None = None
     draining: bool = False
     startup_error: str | None = None
+    upload_budget: UploadBudget = field(init=False)
+    _model_ref: ModelRef | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.upload_budget = UploadBudget(self.settings.max_buffered_upload_bytes)
 
     @property
     def ready(self) -> bool:
@@ -36,11 +42,13 @@ class ServiceState:
         return self.classifier
 
     def model_ref(self) -> ModelRef:
-        classifier = self.require_classifier()
-        info = classifier.model.info
-        return ModelRef(
-            name=info.name,
-            precision=info.precision,
-            weights_sha256=info.weights_sha256[:12],
-            random_weights=info.random_weights,
-        )
+        """Which model answers (built once: the model never changes while served)."""
+        if self._model_ref is None:
+            info = self.require_classifier().model.info
+            self._model_ref = ModelRef(
+                name=info.name,
+                precision=info.precision,
+                weights_sha256=info.weights_sha256[:12],
+                random_weights=info.random_weights,
+            )
+        return self._model_ref

@@ -13,9 +13,8 @@ import torch
 
 from resnet_service.benchmark.loadgen import LoadResult
 from resnet_service.config import Settings
-from resnet_service.images import ImageLimits, decode_and_preprocess
-
-_LIMITS = ImageLimits(max_bytes=256 * 1024 * 1024, max_pixels=40_000_000)
+from resnet_service.images import LOCAL_FILE_LIMITS as _LIMITS
+from resnet_service.images import decode_and_preprocess
 
 
 def _decode_infer_worker(

@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 from torchvision import models
 from torchvision import transforms as tv_transforms
+from werkzeug.utils import secure_filename
 
 from resnet_service.model.weights import resolve_fp32_weights
 
@@ -51,7 +52,7 @@ transform = tv_transforms.Compose(
 @app.route("/predict", methods=["POST"])
 def predict():  # type: ignore[no-untyped-def]
     file = request.files["file"]
-    path = os.path.join(UPLOAD_FOLDER, file.filename or "upload")
+    path = os.path.join(UPLOAD_FOLDER, secure_filename(file.filename or "upload"))
     file.save(path)
     image = Image.open(path).convert("RGB")
     batch = transform(image).unsqueeze(0)

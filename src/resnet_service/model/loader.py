@@ -20,7 +20,6 @@ from resnet_service.images import PreprocessSpec
 from resnet_service.model.architecture import QUANTIZED_ENGINE, build_fp32
 from resnet_service.model.bundle import (
     BundleManifest,
-    Fidelity,
     QuantizationInfo,
     instantiate,
     read_labels,
@@ -36,6 +35,7 @@ from resnet_service.model.quantize import (
     directory_files,
     load_cached,
     quantize_to_bundle,
+    spread,
 )
 from resnet_service.model.weights import (
     FP32_WEIGHTS,
@@ -71,10 +71,6 @@ class ModelInfo(BaseModel):
     int8_cache: str | None
     provenance: dict[str, Any]
     load_seconds: float
-
-    @property
-    def fidelity(self) -> Fidelity | None:
-        return self.quantization.fidelity if self.quantization else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,9 +216,7 @@ def _bundle_splits(directory: Path) -> tuple[ImageFiles | None, ImageFiles | Non
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("ignoring unreadable %s: %s", path, exc)
         return None, None
-    if len(train) > MAX_CALIBRATION_IMAGES:
-        step = len(train) / MAX_CALIBRATION_IMAGES
-        train = [train[int(i * step)] for i in range(MAX_CALIBRATION_IMAGES)]
+    train = spread(train, MAX_CALIBRATION_IMAGES)
     calibration = (
         ImageFiles(tuple(p for p, _ in train), f"{splits.get('root')} (train split)")
         if train

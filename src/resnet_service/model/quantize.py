@@ -16,14 +16,14 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from resnet_service.errors import BundleInvalid, InputError
-from resnet_service.images import ImageLimits, PreprocessSpec, decode_and_preprocess
+from resnet_service.images import LOCAL_FILE_LIMITS, PreprocessSpec, decode_and_preprocess
 from resnet_service.model.architecture import (
     QUANTIZED_ENGINE,
     build_prepared,
@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 QCONFIG: Final = "onednn"
 CACHE_FORMAT: Final = 1
 IMAGE_SUFFIXES: Final = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
-_LIMITS: Final = ImageLimits(max_bytes=64 * 1024 * 1024, max_pixels=40_000_000)
 MAX_CALIBRATION_IMAGES: Final = 256
 
 
@@ -85,10 +84,12 @@ class ImageFiles:
         skipped: list[str] = []
         for index, path in enumerate(self.files):
             try:
-                arrays.append(decode_and_preprocess(path.read_bytes(), _LIMITS, spec))
+                arrays.append(decode_and_preprocess(path.read_bytes(), LOCAL_FILE_LIMITS, spec))
                 kept.append(index)
             except (InputError, OSError) as exc:
                 skipped.append(f"{path}: {getattr(exc, 'detail', exc)}")
+        for problem in skipped:
+            log.warning("skipped unreadable image %s", problem)
         if not arrays:
             raise BundleInvalid(f"no readable images in {self.source}")
         targets = (
@@ -125,10 +126,18 @@ def directory_files(directory: Path, limit: int = MAX_CALIBRATION_IMAGES) -> Ima
     files = image_files(directory)
     if not files:
         raise BundleInvalid(f"no images ({', '.join(IMAGE_SUFFIXES)}) below {directory}")
-    if len(files) > limit:
-        step = len(files) / limit
-        files = [files[int(i * step)] for i in range(limit)]
-    return ImageFiles(tuple(files), str(directory))
+    return ImageFiles(tuple(spread(files, limit)), str(directory))
+
+
+T = TypeVar("T")
+
+
+def spread(items: list[T], limit: int) -> list[T]:
+    """At most ``limit`` items, evenly spaced over the list (every class of a sorted folder)."""
+    if len(items) <= limit:
+        return items
+    step = len(items) / limit
+    return [items[int(i * step)] for i in range(limit)]
 
 
 def _batches(tensor: torch.Tensor, size: int = 16) -> list[torch.Tensor]:

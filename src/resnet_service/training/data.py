@@ -10,10 +10,8 @@ from pathlib import Path
 from PIL import Image
 
 from resnet_service.errors import InputError, ServiceError
-from resnet_service.images import ImageLimits, PreprocessSpec, decode_rgb
-from resnet_service.model.quantize import IMAGE_SUFFIXES
-
-_LIMITS = ImageLimits(max_bytes=64 * 1024 * 1024, max_pixels=40_000_000)
+from resnet_service.images import LOCAL_FILE_LIMITS, PreprocessSpec, decode_rgb
+from resnet_service.model.quantize import IMAGE_SUFFIXES, image_files
 
 
 class DatasetError(ServiceError):
@@ -87,13 +85,7 @@ def scan_image_folder(
     empty: list[str] = []
     for target, name in enumerate(classes):
         folder = root / name
-        files = (
-            sorted(
-                p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-            )
-            if folder.is_dir()
-            else []
-        )
+        files = image_files(folder) if folder.is_dir() else []
         if not files:
             empty.append(name)
         samples.extend(Sample(path, target) for path in files)
@@ -126,7 +118,7 @@ def load_image_folder(
     for sample in samples:
         data = sample.path.read_bytes()
         try:
-            rgb = decode_rgb(data, _LIMITS, spec)
+            rgb = decode_rgb(data, LOCAL_FILE_LIMITS, spec)
         except InputError as exc:
             skipped.append(f"{sample.path}: {exc.detail}")
             continue

@@ -27,7 +27,7 @@ from resnet_service.images import PreprocessSpec, normalise, preprocess
 from resnet_service.model.architecture import build_fp32
 from resnet_service.model.bundle import BundleManifest, write_bundle
 from resnet_service.model.loader import SPLITS_FILE
-from resnet_service.model.weights import resolve_fp32_weights
+from resnet_service.model.weights import WeightsSource, resolve_fp32_weights
 from resnet_service.training.data import load_image_folder, stratified_split
 
 log = logging.getLogger(__name__)
@@ -270,7 +270,7 @@ def finetune(config: FinetuneConfig, settings: Settings) -> FinetuneResult:
     provenance: dict[str, Any] = {
         "source": f"fine-tuned from torchvision ResNet18 ({base.source.value} weights)",
         "base_weights_sha256": base.sha256,
-        "base_random_weights": base.source.value == "random",
+        "base_random_weights": base.source is WeightsSource.RANDOM,
         "train_dir": str(root),
         "val_dir": str(config.val_dir.resolve()) if config.val_dir else None,
         "data_fingerprint": data.fingerprint,
@@ -291,7 +291,7 @@ def finetune(config: FinetuneConfig, settings: Settings) -> FinetuneResult:
         precision="fp32",
         weights_sha256="0" * 64,
         preprocessing=spec,
-        random_weights=base.source.value == "random",
+        random_weights=base.source is WeightsSource.RANDOM,
         provenance=provenance,
     )
     written = write_bundle(config.out_dir, manifest, model.state_dict(), classes)

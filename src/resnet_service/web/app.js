@@ -26,7 +26,33 @@
   };
 
   // Defaults match the server's; /model replaces them once it answers.
-  const limits = { maxBatchFiles: 64, maxUploadBytes: 20 * 1024 * 1024, maxTopK: 1000 };
+  const limits = {
+    maxBatchFiles: 64,
+    maxBatchBytes: 64 * 1024 * 1024,
+    maxUploadBytes: 20 * 1024 * 1024,
+    maxTopK: 1000,
+  };
+  // Framing per image in a multipart body (boundary and part headers), generously.
+  const PART_OVERHEAD = 1024;
+
+  // Split into requests the server accepts: at most maxBatchFiles images and maxBatchBytes.
+  function chunksOf(todo) {
+    const chunks = [];
+    let current = [];
+    let bytes = 0;
+    for (const item of todo) {
+      const size = item.file.size + PART_OVERHEAD;
+      if (current.length && (current.length >= limits.maxBatchFiles || bytes + size > limits.maxBatchBytes)) {
+        chunks.push(current);
+        current = [];
+        bytes = 0;
+      }
+      current.push(item);
+      bytes += size;
+    }
+    if (current.length) chunks.push(current);
+    return chunks;
+  }
   const items = []; // {id, file, name, url, card, body, state, k, retriable}
   let nextId = 1;
   let busy = false;
@@ -277,8 +303,8 @@
     let succeeded = 0;
     let failed = 0;
     let requestError = null;
-    for (let start = 0; start < todo.length && !requestError; start += limits.maxBatchFiles) {
-      const chunk = todo.slice(start, start + limits.maxBatchFiles);
+    for (const chunk of chunksOf(todo)) {
+      if (requestError) break;
       const outcome = await sendChunk(chunk, k);
       if (outcome.error) requestError = outcome.error;
       else {
@@ -343,6 +369,7 @@
     const runtime = info.runtime || {};
     limits.maxBatchFiles = Number(runtime.max_batch_files) || limits.maxBatchFiles;
     limits.maxUploadBytes = Number(runtime.max_upload_bytes) || limits.maxUploadBytes;
+    limits.maxBatchBytes = Number(runtime.max_batch_bytes) || limits.maxBatchBytes;
     limits.maxTopK = Number(runtime.max_top_k) || limits.maxTopK;
     fillTopK(Number(runtime.default_top_k) || 5, limits.maxTopK);
     if (runtime.auth_required) ui.tokenField.hidden = false;
