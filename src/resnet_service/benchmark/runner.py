@@ -34,6 +34,8 @@ from resnet_service.serve import settings_as_env
 log = logging.getLogger(__name__)
 
 MAIN_IMAGE = "jpeg-500x375"
+#: Load is bounded in time (the level's duration) and in count.
+MAX_REQUESTS_PER_LEVEL = 20_000
 GOALS = {
     "service_over_ceiling_c16": ("≥", 0.85),
     "service_over_naive_throughput_c16": ("≥", 5.0),
@@ -109,7 +111,9 @@ def _load(
         image.data,
         image.content_type,
     )
-    result = asyncio.run(loadgen.closed_loop(host, port, payload, concurrency, duration))
+    result = asyncio.run(
+        loadgen.closed_loop(host, port, payload, concurrency, duration, MAX_REQUESTS_PER_LEVEL)
+    )
     return {**result.summary(), "image": image.name}
 
 
