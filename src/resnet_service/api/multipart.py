@@ -56,9 +56,7 @@ class FormLimits:
 class UploadedFile:
     """One file part, held in memory."""
 
-    field: str
     filename: str | None
-    content_type: str | None
     data: bytes
 
 
@@ -146,14 +144,7 @@ class _FormCollector:
     def on_part_end(self) -> None:
         part = self.part
         if part.is_file:
-            self.files.append(
-                UploadedFile(
-                    field=part.name,
-                    filename=part.filename,
-                    content_type=part.headers.get("content-type"),
-                    data=bytes(part.data),
-                )
-            )
+            self.files.append(UploadedFile(filename=part.filename, data=bytes(part.data)))
         else:
             self.fields[part.name] = part.data.decode("utf-8", "replace")
 

@@ -54,7 +54,6 @@ class ImageSet:
 
     tensor: torch.Tensor
     source: str
-    skipped: tuple[str, ...] = ()
     #: Class indices aligned with ``tensor`` when the images are labelled.
     targets: torch.Tensor | None = None
 
@@ -78,24 +77,21 @@ class ImageFiles:
         return digest.hexdigest()
 
     def load(self, spec: PreprocessSpec) -> ImageSet:
-        """Decode through the serving path; unreadable files are skipped and listed."""
+        """Decode through the serving path; unreadable files are skipped with a warning."""
         arrays: list[np.ndarray] = []
         kept: list[int] = []
-        skipped: list[str] = []
         for index, path in enumerate(self.files):
             try:
                 arrays.append(decode_and_preprocess(path.read_bytes(), LOCAL_FILE_LIMITS, spec))
                 kept.append(index)
             except (InputError, OSError) as exc:
-                skipped.append(f"{path}: {getattr(exc, 'detail', exc)}")
-        for problem in skipped:
-            log.warning("skipped unreadable image %s", problem)
+                log.warning("skipped unreadable image %s: %s", path, getattr(exc, "detail", exc))
         if not arrays:
             raise BundleInvalid(f"no readable images in {self.source}")
         targets = (
             torch.tensor([self.targets[i] for i in kept]) if self.targets is not None else None
         )
-        return ImageSet(torch.from_numpy(np.stack(arrays)), self.source, tuple(skipped), targets)
+        return ImageSet(torch.from_numpy(np.stack(arrays)), self.source, targets)
 
 
 def _builtin(prefix: str, source: str) -> ImageFiles:
