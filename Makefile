@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 WORKERS ?= 0  # 0 = one worker process per usable CPU
 
-.PHONY: install run test test-fast lint format typecheck openapi bench bench-quick check clean
+.PHONY: install test-deps run test test-fast lint format typecheck openapi bench bench-quick robustness check clean
 
 install: $(BIN)/resnet-service
 
@@ -16,10 +16,14 @@ $(BIN)/resnet-service: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	@touch $@
 
+# Debian packages the tests drive for real (Chromium, nginx, haproxy); installed when missing.
+test-deps:
+	scripts/install_test_deps.sh
+
 run: install
 	$(BIN)/resnet-service serve --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
-test: install
+test: install test-deps
 	$(BIN)/pytest
 
 test-fast: install
@@ -40,10 +44,16 @@ openapi: install
 	$(BIN)/resnet-service openapi > openapi/openapi.json
 
 bench: install
-	$(BIN)/resnet-service bench
+	$(BIN)/resnet-service bench --out bench
+	$(BIN)/python scripts/update_readme.py bench
 
 bench-quick: install
-	$(BIN)/resnet-service bench --quick
+	$(BIN)/resnet-service bench --quick --out bench/results
+
+# Overload, soak, kill -9, SIGTERM and fuzzing at full size (~30 min); writes bench/robustness.json.
+robustness: install
+	$(BIN)/python -m resnet_service.benchmark.robustness --out bench
+	$(BIN)/python scripts/update_readme.py robustness
 
 check: lint typecheck test
 

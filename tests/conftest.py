@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from resnet_service.config import Settings, load_settings
-from resnet_service.model.loader import LoadedModel, load_model
+from resnet_service.model.loader import load_model
+from resnet_service.runtimes.base import ServedModel
 from tests.helpers import write_weights
 
 
@@ -40,20 +41,20 @@ def make_settings(weights_file: Path, cache: Path, **overrides: object) -> Setti
         "weights_path": weights_file,
         "model_cache_dir": cache,
         "allow_downloads": False,
-        "torch_threads": 1,
+        "inference_threads": 1,
     }
     base.update(overrides)
     return load_settings(**base)
 
 
 @pytest.fixture(scope="session")
-def int8_model(weights_file: Path, model_cache: Path) -> LoadedModel:
+def int8_model(weights_file: Path, model_cache: Path) -> ServedModel:
     """The int8 model built from the test weights through the production loader."""
     return load_model(make_settings(weights_file, model_cache))
 
 
 @pytest.fixture(scope="session")
-def fp32_loaded(weights_file: Path, model_cache: Path) -> LoadedModel:
+def fp32_loaded(weights_file: Path, model_cache: Path) -> ServedModel:
     return load_model(make_settings(weights_file, model_cache, precision="fp32"))
 
 

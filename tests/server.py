@@ -7,14 +7,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from resnet_service.benchmark.servers import free_port, stop_process_group
+from resnet_service.benchmark.servers import free_port, process_children, stop_process_group
 
 
 @dataclass
@@ -23,38 +23,47 @@ class Server:
 
     process: subprocess.Popen[bytes]
     url: str
+    port: int
     log: Path
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
     def terminate(self) -> None:
+        """SIGTERM to the supervisor only, as Kubernetes sends it to a container's PID 1."""
         self.process.send_signal(signal.SIGTERM)
 
+    def worker_pids(self) -> list[int]:
+        """The supervisor's live children: its worker processes (the preflight has ended)."""
+        return sorted(process_children(self.process.pid))
 
-def wait_until(predicate: object, timeout: float, what: str, server: Server | None = None) -> None:
+
+def wait_until(
+    predicate: Callable[[], object], timeout: float, what: str, server: Server | None = None
+) -> None:
+    """Poll ``predicate`` until it is true, or fail naming ``what`` (and the server's log)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if callable(predicate) and predicate():
+        if predicate():
             return
         if server is not None and server.process.poll() is not None:
             raise AssertionError(f"server exited ({server.process.returncode}):\n{server.output()}")
         time.sleep(0.05)
     raise AssertionError(
-        f"timed out waiting for {what}" + (f":\n{server.output()}" if server else "")
+        f"timed out waiting for {what}" + (f":\n{server.output()[-5000:]}" if server else "")
     )
 
 
-def _answers(url: str) -> bool:
+def answers(url: str) -> bool:
     try:
-        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
 
 
 def is_ready(url: str) -> bool:
     try:
-        return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -77,11 +86,10 @@ def serve(
             env=full_env,
             start_new_session=True,
         )
-    server = Server(process, f"http://127.0.0.1:{port}", log)
+    server = Server(process, f"http://127.0.0.1:{port}", port, log)
     try:
-        wait_until(lambda: _answers(server.url), 120, "/healthz", server)
         if wait_ready:
-            wait_until(lambda: is_ready(server.url), 180, "/readyz", server)
+            wait_until(lambda: is_ready(server.url), 240, "/readyz", server)
         yield server
     finally:
         stop_process_group(process)

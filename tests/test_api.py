@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,17 +28,17 @@ async def running(
     settings: Settings, wait_ready: bool = True
 ) -> AsyncIterator[tuple[Client, FastAPI]]:
     """The app with its lifespan running, and a client bound to it in-process."""
-    app = create_app(settings, exit_on_startup_failure=False, handle_signals=False)
+    app = create_app(settings, exit_on_startup_failure=False)
     state: ServiceState = app.state.service
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             if wait_ready:
                 for _ in range(600):
-                    if state.ready or state.startup_error:
+                    if state.readiness_problem() is None or state.startup_error:
                         break
                     await asyncio.sleep(0.05)
-                assert state.ready, state.startup_error
+                assert state.readiness_problem() is None, state.startup_error
             yield client, app
 
 
@@ -83,7 +84,10 @@ async def test_classify_returns_top5_with_provenance_and_timings(client: Client)
     assert body["model"]["random_weights"] is False
     assert set(body["timings"]) == {"decode_ms", "queue_ms", "inference_ms", "total_ms"}
     assert body["timings"]["total_ms"] >= body["timings"]["decode_ms"] > 0
-    assert len(response.headers["x-request-id"]) == 32
+    request_id = response.headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{20}", request_id)
+    again = await client.post("/classify", files=image_file(jpeg_of("chelsea")))
+    assert again.headers["x-request-id"] != request_id
 
 
 async def test_request_id_is_echoed(client: Client) -> None:
@@ -134,8 +138,11 @@ async def test_model_route(client: Client) -> None:
     assert len(body["labels"]) == 1000
     assert body["precision"] == "int8"
     assert body["quantization"]["fidelity"]["images"] == 16
-    assert body["runtime"]["torch_threads"] == 1
-    assert body["runtime"]["max_top_k"] == 1000
+    assert body["runtime"] == "torch"
+    assert body["runtime_version"].startswith("2.")
+    assert body["settings"]["inference_threads"] == 1
+    assert body["settings"]["max_top_k"] == 1000
+    assert body["settings"]["queue_budget_ms"] == 250
     assert "weights_path" not in body
 
 
@@ -180,6 +187,7 @@ async def test_metrics_parse_and_count(client: Client) -> None:
     assert rejections["unsupported_image_format"] == 1
     info = families["resnet_service_model_info"].samples[0]
     assert info.labels["precision"] == "int8"
+    assert info.labels["runtime"] == "torch"
     assert info.value == 1
 
 
@@ -351,7 +359,7 @@ async def test_not_ready_during_start_up(
         )
         state: ServiceState = app.state.service
         for _ in range(600):
-            if state.ready:
+            if state.readiness_problem() is None:
                 break
             await asyncio.sleep(0.05)
         assert (await client.get("/readyz")).status_code == 200
@@ -433,3 +441,55 @@ async def test_upload_memory_is_bounded_and_given_back(
         assert "Uploads in progress" in assert_problem(rejected, 503, "overloaded")["detail"]
         assert state.upload_budget.used == 0
         assert (await client.post("/classify", files=image_file(data))).status_code == 200
+
+
+async def test_a_boundary_longer_than_rfc_2046_allows_is_400(client: Client) -> None:
+    boundary = "b" * 300
+    body = f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nx\r\n--{boundary}--\r\n"
+    response = await client.post(
+        "/classify",
+        content=body.encode(),
+        headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert "70" in assert_problem(response, 400, "malformed_request")["detail"]
+
+
+async def test_made_up_methods_share_one_metric_label(client: Client) -> None:
+    for index in range(20):
+        response = await client.request(f"BREW{index}", "/classify")
+        assert response.status_code == 405
+    text = (await client.get("/metrics")).text
+    family = next(
+        f for f in text_string_to_metric_families(text) if f.name == "resnet_service_requests"
+    )
+    methods = {s.labels["method"] for s in family.samples}
+    assert "other" in methods
+    assert not any(m.startswith("BREW") for m in methods)
+
+
+async def test_admission_refuses_before_reading_the_upload(
+    settings_for: Callable[..., Settings],
+) -> None:
+    async with running(settings_for()) as (client, app):
+        state: ServiceState = app.state.service
+        assert state.classifier is not None
+        workload = state.classifier.workload
+        workload.processing += 1000  # as if a thousand images were ahead
+        try:
+
+            async def never_sent() -> AsyncIterator[bytes]:
+                raise AssertionError("the body was read")
+                yield b""  # pragma: no cover
+
+            response = await client.post(
+                "/classify",
+                content=never_sent(),
+                headers={"content-type": "multipart/form-data; boundary=b"},
+            )
+        finally:
+            workload.processing -= 1000
+        body = assert_problem(response, 503, "overloaded")
+        assert "budget" in body["detail"]
+        assert int(response.headers["retry-after"]) >= 1
+        assert workload.uploading == 0
+        assert (await client.post("/classify", files=image_file(jpeg_of("coffee")))).status_code == 200

@@ -11,14 +11,15 @@ import torch
 
 from resnet_service.classifier import Classification, Classifier
 from resnet_service.config import Settings
-from resnet_service.errors import InvalidParameter, NotReady, UnsupportedImage
+from resnet_service.errors import InvalidParameter, NotReady, Overloaded, UnsupportedImage
 from resnet_service.images import decode_and_preprocess
-from resnet_service.model.loader import LoadedModel
+from resnet_service.runtimes.base import ServedModel
+from tests.server import wait_until
 from tests.helpers import LIMITS, SPEC, jpeg_of
 
 
 @pytest.fixture
-async def classifier(int8_model: LoadedModel, settings: Settings) -> AsyncIterator[Classifier]:
+async def classifier(int8_model: ServedModel, settings: Settings) -> AsyncIterator[Classifier]:
     clf = Classifier(int8_model, settings)
     clf.start()
     yield clf
@@ -26,15 +27,15 @@ async def classifier(int8_model: LoadedModel, settings: Settings) -> AsyncIterat
 
 
 async def test_classify_matches_the_model_directly(
-    classifier: Classifier, int8_model: LoadedModel
+    classifier: Classifier, int8_model: ServedModel
 ) -> None:
     data = jpeg_of("chelsea")
     result = await classifier.classify(data, 5)
-    x = torch.from_numpy(decode_and_preprocess(data, LIMITS, SPEC))[None]
-    with torch.inference_mode():
-        expected = int8_model.module(x).softmax(1).topk(5)
-    assert result.prediction.indices == expected.indices[0].tolist()
-    assert np.allclose(result.prediction.scores, expected.values[0].tolist(), atol=1e-5)
+    x = decode_and_preprocess(data, LIMITS, SPEC)[None]
+    expected = torch.from_numpy(int8_model.runtime.infer(x)).softmax(1)[0].numpy()
+    # int8 logits are quantized, so exact ties happen: they are ordered by class index.
+    assert result.prediction.indices == np.argsort(-expected, kind="stable")[:5].tolist()
+    assert np.allclose(result.prediction.scores, np.sort(expected)[::-1][:5], atol=1e-5)
     timings = result.timings
     assert 0 < timings.decode_s <= timings.total_s
     assert timings.inference_s > 0
@@ -70,14 +71,14 @@ async def test_many_images_share_batches(classifier: Classifier) -> None:
     assert max(sizes) > 1
 
 
-async def test_not_ready_before_start(int8_model: LoadedModel, settings: Settings) -> None:
+async def test_not_ready_before_start(int8_model: ServedModel, settings: Settings) -> None:
     clf = Classifier(int8_model, settings)
     with pytest.raises(NotReady):
         await clf.classify(jpeg_of("coffee"))
 
 
 async def test_cancelled_callers_give_back_their_decode_slots(
-    int8_model: LoadedModel, settings: Settings
+    int8_model: ServedModel, settings: Settings
 ) -> None:
     clf = Classifier(
         int8_model, settings.model_copy(update={"queue_capacity": 2, "decode_threads": 1})
@@ -90,7 +91,9 @@ async def test_cancelled_callers_give_back_their_decode_slots(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.sleep(0.5)  # the running decode finishes
+        await asyncio.to_thread(
+            wait_until, lambda: clf._decoding == 0, 10, "the running decode to end"
+        )
         results = await clf.classify_many([jpeg_of("coffee")] * 3)
         assert all(isinstance(r, Classification) for r in results)
     finally:
@@ -98,12 +101,49 @@ async def test_cancelled_callers_give_back_their_decode_slots(
 
 
 async def test_a_long_list_waits_its_turn_instead_of_being_refused(
-    int8_model: LoadedModel, settings: Settings
+    int8_model: ServedModel, settings: Settings
 ) -> None:
     clf = Classifier(int8_model, settings.model_copy(update={"queue_capacity": 4}))
     clf.start()
     try:
         results = await clf.classify_many([jpeg_of("coffee", (320, 240))] * 12, 1)
         assert all(isinstance(r, Classification) for r in results)
+    finally:
+        clf.stop(timeout=5)
+
+
+async def test_preprocessed_arrays_skip_decoding(
+    classifier: Classifier, int8_model: ServedModel
+) -> None:
+    data = jpeg_of("rocket")
+    array = decode_and_preprocess(data, LIMITS, SPEC)
+    from_bytes = await classifier.classify(data, 3)
+    from_array = await classifier.classify_array(array, 3)
+    assert from_array.prediction.indices == from_bytes.prediction.indices
+    np.testing.assert_allclose(from_array.probabilities, from_bytes.probabilities, atol=1e-6)
+    assert from_array.timings.decode_s == 0
+    with pytest.raises(InvalidParameter, match="shape"):
+        await classifier.classify_array(np.zeros((3, 8, 8), dtype=np.float32))
+
+
+async def test_admission_measures_work_and_refuses_past_the_budget(
+    int8_model: ServedModel, settings: Settings
+) -> None:
+    clf = Classifier(int8_model, settings.model_copy(update={"queue_budget_ms": 1}))
+    clf.start()
+    try:
+        with clf.admit() as ticket:  # an idle worker admits anything
+            ticket.uploaded()
+            results = await clf.classify_many([jpeg_of("coffee", (320, 240))] * 8, 1)
+        assert all(isinstance(r, Classification) for r in results)
+        assert clf.workload.processing == 0 and clf.workload.uploading == 0
+        assert clf.workload.completed == 8
+        assert 0 < clf.workload.cost_s < 1  # measured, no longer the prior
+        first = clf.admit()  # uploading: counts as work ahead of the next request
+        with pytest.raises(Overloaded) as refused:
+            clf.admit()
+        assert refused.value.retry_after_s >= 1
+        first.uploaded()
+        clf.admit().uploaded()  # nothing ahead any more
     finally:
         clf.stop(timeout=5)

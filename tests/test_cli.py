@@ -87,7 +87,8 @@ def test_info_shows_provenance_and_threads(
     info = json.loads(capsys.readouterr().out)
     assert info["weights_source"] == "explicit_path"
     assert len(info["weights_sha256"]) == 64
-    assert info["torch_threads"] == 1
+    assert info["inference_threads"] == 1
+    assert info["runtime"] == "torch"
     assert info["quantization"]["fidelity"]["images"] == 16
 
 

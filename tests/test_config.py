@@ -38,7 +38,9 @@ def test_overrides_win_over_environment(monkeypatch: pytest.MonkeyPatch) -> None
         ("QUEUE_CAPACITY", "-1", "queue_capacity"),
         ("MAX_PIXELS", "999999999999", "max_pixels"),
         ("WEIGHTS_PATH", "/no/such/file.pth", "weights_path"),
-        ("TORCH_THREADS", "many", "torch_threads"),
+        ("INFERENCE_THREADS", "many", "inference_threads"),
+        ("RUNTIME", "tensorflow", "runtime"),
+        ("QUEUE_BUDGET_MS", "0", "queue_budget_ms"),
     ],
 )
 def test_invalid_values_name_the_setting(
@@ -49,6 +51,22 @@ def test_invalid_values_name_the_setting(
         load_settings()
     assert named in str(info.value)
     assert f"RESNET_SERVICE_{env}" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "hint"),
+    [("TORCH_THREADS", "INFERENCE_THREADS"), ("WORKRS", "WORKERS"), ("NO_SUCH_THING", None)],
+)
+def test_unknown_variables_are_refused_with_a_hint(
+    monkeypatch: pytest.MonkeyPatch, env: str, hint: str | None
+) -> None:
+    # A renamed or misspelt variable would otherwise be ignored without a word.
+    monkeypatch.setenv(f"RESNET_SERVICE_{env}", "2")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert f"RESNET_SERVICE_{env}: not a setting" in str(info.value)
+    if hint:
+        assert f"did you mean RESNET_SERVICE_{hint}?" in str(info.value)
 
 
 def test_unknown_setting_refused() -> None:

@@ -28,12 +28,19 @@ from resnet_service.model.weights import (
     resolve_fp32_weights,
     sha256_file,
 )
+from resnet_service.runtimes.base import ServedModel
+from resnet_service.runtimes.torch_runtime import TorchRuntime
 from tests.conftest import make_settings
 from tests.helpers import seeded_state_dict, write_weights
 
 
-def is_int8(module: torch.nn.Module) -> bool:
-    return any("quantized" in type(m).__module__ for m in module.modules())
+def module_of(model: ServedModel) -> torch.nn.Module:
+    assert isinstance(model.runtime, TorchRuntime)
+    return model.runtime.module
+
+
+def is_int8(model: ServedModel) -> bool:
+    return any("quantized" in type(m).__module__ for m in module_of(model).modules())
 
 
 # --- resolution order ----------------------------------------------------------------------
@@ -130,11 +137,9 @@ def test_garbage_weights_file(tmp_path: Path) -> None:
 
 # --- int8 model, cache and fidelity ---------------------------------------------------------
 def test_int8_model_and_its_provenance(int8_model: object, weights_file: Path) -> None:
-    from resnet_service.model.loader import LoadedModel
-
-    assert isinstance(int8_model, LoadedModel)
+    assert isinstance(int8_model, ServedModel)
     info = int8_model.info
-    assert is_int8(int8_model.module)
+    assert is_int8(int8_model)
     assert info.precision == "int8"
     assert info.weights_source is WeightsSource.EXPLICIT_PATH
     assert info.weights_sha256 == sha256_file(weights_file)
@@ -170,7 +175,7 @@ def test_second_start_uses_the_cache(
     assert second.info.quantization == first.info.quantization
     x = torch.randn(2, 3, 224, 224)
     with torch.inference_mode():
-        assert torch.equal(first.module(x), second.module(x))
+        assert torch.equal(module_of(first)(x), module_of(second)(x))
 
 
 def test_corrupt_cache_is_rebuilt(
@@ -224,20 +229,16 @@ def test_calibration_dir_changes_the_cache_key(weights_file: Path, tmp_path: Pat
 
 
 def test_fp32_precision(fp32_loaded: object) -> None:
-    from resnet_service.model.loader import LoadedModel
-
-    assert isinstance(fp32_loaded, LoadedModel)
-    assert not is_int8(fp32_loaded.module)
+    assert isinstance(fp32_loaded, ServedModel)
+    assert not is_int8(fp32_loaded)
     assert fp32_loaded.info.quantization is None
 
 
 def test_official_int8_weights_are_preferred(int8_model: object, tmp_path: Path) -> None:
-    from resnet_service.model.loader import LoadedModel
-
-    assert isinstance(int8_model, LoadedModel)
+    assert isinstance(int8_model, ServedModel)
     official = hub_checkpoint_path(INT8_WEIGHTS.url)
     official.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(int8_model.module.state_dict(), official)
+    torch.save(module_of(int8_model).state_dict(), official)
     loaded = load_model(load_settings(model_cache_dir=tmp_path, allow_downloads=False))
     assert loaded.info.quantization is not None
     assert loaded.info.quantization.method == "official"
@@ -245,7 +246,7 @@ def test_official_int8_weights_are_preferred(int8_model: object, tmp_path: Path)
     assert loaded.info.int8_cache is None
     x = torch.randn(1, 3, 224, 224)
     with torch.inference_mode():
-        assert torch.equal(loaded.module(x), int8_model.module(x))
+        assert torch.equal(module_of(loaded)(x), module_of(int8_model)(x))
 
 
 def test_start_without_weights_fails_clearly(tmp_path: Path) -> None:
@@ -286,8 +287,8 @@ def test_bundle_served_in_both_precisions(tmp_path: Path) -> None:
     assert fp32.labels == int8.labels == ["label-0", "label-1", "label-2"]
     assert fp32.info.weights_source is WeightsSource.BUNDLE
     assert fp32.info.provenance == {"note": "test"}
-    assert is_int8(int8.module)
-    assert not is_int8(fp32.module)
+    assert is_int8(int8)
+    assert not is_int8(fp32)
     assert int8.info.num_classes == 3
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import time
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -11,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import jpeg_of
-from tests.server import is_ready, serve, wait_until
+from tests.server import serve, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -40,25 +42,46 @@ async def post_many(
         )
 
 
-def test_readiness_before_and_after_warm_up(weights_file: Path, tmp_path: Path) -> None:
-    # A fresh model cache: the server must calibrate, so there is a start-up window to see.
-    with serve(tmp_path, *model_args(weights_file, tmp_path / "cache"), wait_ready=False) as server:
-        early = httpx.get(f"{server.url}/readyz")
-        assert early.status_code == 503
-        assert early.json()["code"] == "not_ready"
-        assert int(early.headers["retry-after"]) >= 1
-        assert httpx.get(f"{server.url}/healthz").status_code == 200
-        wait_until(lambda: is_ready(server.url), 180, "readiness", server)
-        ready = httpx.get(f"{server.url}/readyz").json()
-        assert ready["status"] == "ready"
-        assert "engine warmed up" in server.output()
+def probe_readyz(url: str) -> str:
+    """One readiness probe: "refused" (nothing listens yet), or the status code."""
+    try:
+        return str(httpx.get(f"{url}/readyz", timeout=5).status_code)
+    except httpx.ConnectError:
+        return "refused"
+
+
+def test_workers_listen_only_once_warm_and_readiness_never_flips(
+    weights_file: Path, tmp_path: Path
+) -> None:
+    # A fresh model cache: the preflight calibrates, so there is a start-up window to watch.
+    args = model_args(weights_file, tmp_path / "cache", "--workers", "2")
+    with serve(tmp_path, *args, wait_ready=False) as server:
+        seen: list[str] = []
+        wait_until(
+            lambda: seen.append(probe_readyz(server.url)) or seen[-1] == "200",
+            240,
+            "readiness",
+            server,
+        )
+        # Before: nothing listens, or a warm worker says the replica is still starting; never
+        # a worker that takes a connection and then cannot serve it.
+        assert set(seen[:-1]) <= {"refused", "503"}, seen
+        after = [probe_readyz(server.url) for _ in range(40)]
+        assert after == ["200"] * 40  # one answer whichever worker takes the probe
+        log = server.output()
+        for pid in server.worker_pids():
+            warm = log.index(f"engine warmed up", log.index(f"[{pid}]"))
+            assert warm < log.index(f"[{pid}]: worker", warm)  # warm, then listening
 
 
 def test_64_concurrent_clients_are_batched(
     weights_file: Path, model_cache: Path, tmp_path: Path
 ) -> None:
     data = jpeg_of("chelsea")
-    with serve(tmp_path, *model_args(weights_file, model_cache)) as server:
+    # A burst of 64 on one single-threaded worker is ~1 s of work: past the default queue
+    # budget most would be refused (test_robustness covers that); here we look at batching.
+    budget = {"RESNET_SERVICE_QUEUE_BUDGET_MS": "30000"}
+    with serve(tmp_path, *model_args(weights_file, model_cache), env=budget) as server:
         reference = httpx.post(f"{server.url}/classify", files={"image": ("p.jpg", data)}).json()
         responses = asyncio.run(post_many(server.url, data, 64))
         assert [r.status_code for r in responses] == [200] * 64
@@ -112,40 +135,6 @@ def test_overload_gives_503_and_retry_after_never_500(
         assert rejected["overloaded"] == statuses.count(503)
 
 
-def test_sigterm_under_load_loses_no_accepted_request(
-    weights_file: Path, model_cache: Path, tmp_path: Path
-) -> None:
-    args = model_args(weights_file, model_cache, "--threads", "1", "--drain-delay", "0.5")
-    count = 24
-    with serve(tmp_path, *args) as server:
-
-        async def scenario() -> tuple[list[httpx.Response], int]:
-            task = asyncio.ensure_future(
-                post_many(server.url, jpeg_of("rocket", (4032, 3024)), count)
-            )
-            async with httpx.AsyncClient(base_url=server.url) as probe:
-                deadline = time.monotonic() + 60
-                while time.monotonic() < deadline:
-                    text = (await probe.get("/metrics")).text
-                    in_flight = metric_samples(text, "resnet_service_in_flight_requests")[0][2]
-                    if in_flight >= count + 1:  # every upload accepted (+ this scrape)
-                        break
-                    await asyncio.sleep(0.005)
-                else:
-                    raise AssertionError("requests never all in flight")
-                server.terminate()
-                await asyncio.sleep(0.1)
-                draining = await probe.get("/readyz")
-            return await task, draining.status_code
-
-        responses, readiness_after_sigterm = asyncio.run(scenario())
-        assert readiness_after_sigterm == 503
-        assert [r.status_code for r in responses] == [200] * count
-        server.process.wait(60)
-        assert server.process.returncode in (0, -15)
-        assert "draining" in server.output()
-
-
 def test_start_without_weights_exits_with_the_remedy(tmp_path: Path) -> None:
     env = {"TORCH_HOME": str(tmp_path / "empty-torch-home")}
     with (
@@ -157,23 +146,45 @@ def test_start_without_weights_exits_with_the_remedy(tmp_path: Path) -> None:
     assert "server exited (3)" in str(info.value)
 
 
-def test_two_workers_share_one_metrics_view(
+def test_two_workers_share_the_load_and_one_metrics_view(
     weights_file: Path, model_cache: Path, tmp_path: Path
 ) -> None:
     args = model_args(weights_file, model_cache, "--workers", "2")
-    with serve(tmp_path, *args) as server:
-        wait_until(
-            lambda: all(is_ready(server.url) for _ in range(6)), 120, "both workers ready", server
-        )
+    budget = {"RESNET_SERVICE_QUEUE_BUDGET_MS": "30000"}  # a burst test, as above
+    with serve(tmp_path, *args, env=budget) as server:
         model = httpx.get(f"{server.url}/model").json()
-        assert model["runtime"]["workers"] == 2
-        assert model["runtime"]["torch_threads"] >= 1
-        responses = asyncio.run(post_many(server.url, jpeg_of("coffee"), 20))
-        assert [r.status_code for r in responses] == [200] * 20
+        assert model["settings"]["workers"] == 2
+        assert model["settings"]["inference_threads"] >= 1
+        responses = asyncio.run(post_many(server.url, jpeg_of("coffee"), 32))
+        assert [r.status_code for r in responses] == [200] * 32
         metrics = httpx.get(f"{server.url}/metrics").text
         served = sum(
             value
             for name, labels, value in metric_samples(metrics, "resnet_service_requests")
             if name.endswith("_total") and labels["route"] == "/classify"
         )
-        assert served == 20
+        assert served == 32
+        per_worker = {
+            labels["worker"]: value
+            for name, labels, value in metric_samples(metrics, "resnet_service_worker_requests")
+            if name.endswith("_total")
+        }
+        # 32 connections spread by the kernel over both workers' sockets (SO_REUSEPORT).
+        assert set(per_worker) == {"0", "1"}, per_worker
+        assert min(per_worker.values()) >= 4, per_worker
+
+
+def test_a_taken_port_is_refused_at_start(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "resnet_service", "serve", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert proc.returncode == 3
+    assert f"cannot bind 127.0.0.1:{port}" in proc.stderr

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from resnet_service import __version__
-from resnet_service.config import Settings, SettingsError, load_settings
+from resnet_service.config import RUNTIMES, Settings, SettingsError, load_settings
 from resnet_service.errors import ServiceError
 
 log = logging.getLogger("resnet_service")
@@ -43,7 +43,10 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
         const=True,
         help="DEVELOPMENT ONLY: seeded random weights when none are found",
     )
-    group.add_argument("--threads", dest="torch_threads", type=int, help="torch threads (0=auto)")
+    group.add_argument("--runtime", choices=list(RUNTIMES), help="inference runtime")
+    group.add_argument(
+        "--threads", dest="inference_threads", type=int, help="inference threads (0=auto)"
+    )
     group.add_argument("--max-batch-size", type=int)
     group.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
@@ -60,21 +63,29 @@ def _emit(obj: Any) -> None:
 
 # --- commands -----------------------------------------------------------------------------
 def cmd_info(args: argparse.Namespace, settings: Settings) -> int:
-    from resnet_service.cpus import threads_per_worker
-    from resnet_service.model.loader import load_model
+    from resnet_service.model.serving import open_served_model
 
-    model = load_model(settings)
+    model = open_served_model(settings)
     info = model.info.model_dump(mode="json")
-    info["torch_threads"] = threads_per_worker(settings.torch_threads, settings.workers or 1)
-    info["decode_threads"] = settings.decode_threads or info["torch_threads"]
+    info["inference_threads"] = model.runtime.threads
+    info["decode_threads"] = settings.decode_threads or model.runtime.threads
     info["max_batch_size"] = settings.max_batch_size
     print(json.dumps(info, indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_preflight(args: argparse.Namespace, settings: Settings) -> int:
+    """Build (or verify) what serving workers will load; used by ``serve`` before its workers."""
+    from resnet_service.model.serving import prepare
+
+    _emit(prepare(settings).model_dump(mode="json"))
     return 0
 
 
 def cmd_quantize(args: argparse.Namespace, settings: Settings) -> int:
     from resnet_service.model.bundle import BundleManifest, copy_bundle, write_bundle
     from resnet_service.model.loader import load_model
+    from resnet_service.runtimes.torch_runtime import TorchRuntime
 
     model = load_model(settings.model_copy(update={"precision": "int8"}))
     info = model.info
@@ -91,7 +102,8 @@ def cmd_quantize(args: argparse.Namespace, settings: Settings) -> int:
                 quantization=info.quantization,
                 provenance=info.provenance,
             )
-            write_bundle(args.out, manifest, model.module.state_dict(), model.labels)
+            assert isinstance(model.runtime, TorchRuntime)
+            write_bundle(args.out, manifest, model.runtime.module.state_dict(), model.labels)
         log.info("int8 bundle written to %s", args.out)
     quant = info.quantization
     if settings.bundle_path is not None and quant is not None and quant.fidelity is not None:
@@ -156,9 +168,9 @@ def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
     from resnet_service.classifier import Classification, Classifier
-    from resnet_service.model.loader import load_model
+    from resnet_service.model.serving import open_served_model
 
-    model = load_model(settings)
+    model = open_served_model(settings)
     classifier = Classifier(model, settings)
     classifier.start()
     payloads: list[bytes | ServiceError] = []
@@ -195,6 +207,7 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
                 ],
                 "model": model.info.name,
                 "precision": model.info.precision,
+                "runtime": model.info.runtime,
                 "random_weights": model.info.random_weights,
             }
         )
@@ -286,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", help="measure ceiling, service and naive baseline; write JSON, table, chart"
     )
-    bench.add_argument("--out", type=Path, default=Path("bench/results"))
+    bench.add_argument("--out", type=Path, default=Path("bench"))
     bench.add_argument("--quick", action="store_true", help="seconds, not minutes (CI)")
     bench.add_argument("--skip-naive", action="store_true", help="no Flask baseline")
     _add_model_flags(bench)
@@ -298,6 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(serve)
     _add_model_flags(serve)
     serve.set_defaults(handler=cmd_serve)
+
+    pre = sub.add_parser(
+        "preflight", help="build or verify the serving artifact (run by serve before workers)"
+    )
+    _add_model_flags(pre)
+    pre.set_defaults(handler=cmd_preflight)
 
     openapi = sub.add_parser("openapi", help="print the OpenAPI spec (JSON)")
     openapi.set_defaults(handler=cmd_openapi)

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 from PIL import Image
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "RESNET_SERVICE_"
 Precision = Literal["int8", "fp32"]
+RuntimeName = Literal["torch", "openvino", "onnxruntime"]
+RUNTIMES: tuple[RuntimeName, ...] = ("torch", "openvino", "onnxruntime")
 
 
 def _default_cache_dir() -> Path:
@@ -41,6 +52,11 @@ class Settings(BaseSettings):
         "sha256 and the quantization settings.",
     )
     precision: Precision = Field("int8", description="Inference precision: int8 or fp32.")
+    runtime: RuntimeName = Field(
+        "torch",
+        description="Inference runtime: torch (eager), openvino (NNCF int8 / fp32 IR) or "
+        "onnxruntime (QDQ int8 / fp32). Artifacts are built ahead of the workers and cached.",
+    )
     calibration_dir: Path | None = Field(
         None,
         description="Images to calibrate int8 quantization on; default: the built-in set "
@@ -56,12 +72,12 @@ class Settings(BaseSettings):
     )
 
     # --- engine ----------------------------------------------------------------------------
-    torch_threads: int = Field(
+    inference_threads: int = Field(
         0,
         ge=0,
         le=256,
-        description="Torch intra-op threads per worker; 0 = usable CPUs (affinity and cgroup "
-        "quota) divided by the number of workers.",
+        description="Inference threads per worker (torch intra-op, OpenVINO, ONNX Runtime); "
+        "0 = usable CPUs (affinity and cgroup quota) divided by the number of workers.",
     )
     decode_threads: int = Field(
         0, ge=0, le=256, description="Image decode threads per worker; 0 = same as torch threads."
@@ -75,10 +91,29 @@ class Settings(BaseSettings):
         "already queued; a lone request never waits.",
     )
     queue_capacity: int = Field(
-        256, ge=1, le=100_000, description="Requests waiting for the model; beyond it: 503."
+        256,
+        ge=1,
+        le=100_000,
+        description="Images waiting for the model, at most (a memory bound; admission by "
+        "predicted wait, queue_budget_ms, normally refuses work long before).",
+    )
+    queue_budget_ms: float = Field(
+        250.0,
+        ge=1,
+        le=600_000,
+        description="Admission: a request is refused (503 + Retry-After, before its upload is "
+        "read) when the work already admitted would make it wait longer than this.",
     )
     request_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="Deadline per request; queued work past it is dropped."
+    )
+    refusal_delay_ms: float = Field(
+        20.0,
+        ge=0,
+        le=1000,
+        description="A refused request (503 overloaded) is answered after this pause, so that "
+        "clients that retry at once cannot turn refusals into a busy loop that eats the "
+        "capacity admission protects (0 = answer at once).",
     )
 
     # --- input limits ----------------------------------------------------------------------
@@ -127,6 +162,36 @@ class Settings(BaseSettings):
     auth_token: SecretStr | None = Field(
         None, description="When set, inference routes require `Authorization: Bearer <token>`."
     )
+    http_parser: Literal["httptools", "h11"] = Field(
+        "httptools", description="HTTP/1.1 parser: httptools (C, faster) or h11 (pure Python)."
+    )
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop", description="Event loop of the worker processes: uvloop (faster) or asyncio."
+    )
+    keep_alive_timeout_s: float = Field(
+        75.0,
+        gt=0,
+        le=3600,
+        description="Idle keep-alive connections are closed after this; keep it above the idle "
+        "timeout of any proxy in front (nginx 60 s, AWS ALB 60 s by default).",
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="A request's head must arrive within this (else 408)."
+    )
+    body_timeout_s: float = Field(
+        15.0,
+        gt=0,
+        le=600,
+        description="An upload that sends nothing for this long is refused with 408 and its "
+        "connection closed (slow or stalled clients).",
+    )
+    max_connections: int = Field(
+        1024,
+        ge=1,
+        le=1_000_000,
+        description="Open connections per worker; beyond it a new connection gets one answer "
+        "with `Connection: close`.",
+    )
     shutdown_grace_s: float = Field(
         30.0, ge=0, le=3600, description="On SIGTERM, time given to finish accepted requests."
     )
@@ -135,7 +200,7 @@ class Settings(BaseSettings):
         ge=0,
         le=600,
         description="On SIGTERM, how long to keep accepting requests with /readyz at 503 "
-        "(lets a load balancer take the pod out first), before the graceful stop.",
+        "(lets a load balancer take the replica out first), before the graceful stop.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
@@ -165,15 +230,38 @@ class SettingsError(Exception):
     """Start-up refused: the message names every invalid setting and its environment variable."""
 
 
+#: Settings that were renamed: an old variable still set would otherwise be silently ignored.
+_RENAMED = {"torch_threads": "inference_threads"}
+
+
+def unknown_environment(environ: Mapping[str, str]) -> list[str]:
+    """``RESNET_SERVICE_*`` variables that name no setting (typos, renamed settings)."""
+    problems = []
+    for name in sorted(environ):
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        field = name[len(ENV_PREFIX) :].lower()
+        if field in Settings.model_fields:
+            continue
+        hint = _RENAMED.get(field) or next(
+            iter(difflib.get_close_matches(field, list(Settings.model_fields), n=1)), None
+        )
+        suggestion = f"; did you mean {ENV_PREFIX}{hint.upper()}?" if hint else ""
+        problems.append(f"  {name}: not a setting{suggestion}")
+    return problems
+
+
 def load_settings(**overrides: object) -> Settings:
     """Build settings from the environment plus explicit overrides (CLI flags)."""
     clean = {key: value for key, value in overrides.items() if value is not None}
+    lines = unknown_environment(os.environ)
     try:
-        return Settings(**clean)  # type: ignore[arg-type]
+        settings = Settings(**clean)  # type: ignore[arg-type]
     except ValidationError as exc:
-        lines = []
         for err in exc.errors():
             field = ".".join(str(part) for part in err["loc"]) or "settings"
             env = f" (env {ENV_PREFIX}{field.upper()})" if err["loc"] else ""
             lines.append(f"  {field}{env}: {err['msg']}")
+    if lines:
         raise SettingsError("invalid settings:\n" + "\n".join(lines)) from None
+    return settings

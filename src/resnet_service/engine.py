@@ -1,12 +1,14 @@
 """The inference engine: a bounded queue feeding one model thread that micro-batches.
 
 Contract:
-- torch runs only on the engine's own thread, with intra-op threads fixed at start;
+- the runtime runs only on the engine's own thread (its thread count fixed at start);
 - a lone request runs at once; requests that arrive while a batch runs form the next batch
   (at most ``max_batch_size``; once two or more are waiting, up to ``max_batch_wait_s`` more);
 - a full queue raises ``Overloaded`` at once, with a Retry-After estimate;
 - work whose deadline passed while queued is dropped with ``DeadlineExceeded``;
 - a failure in a batch reaches every waiter of that batch; outputs are counted against inputs.
+
+numpy only: the engine never imports torch (the torch runtime does, behind the seam).
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import torch
-from torch import nn
+import numpy as np
+import numpy.typing as npt
 
 from resnet_service.errors import (
     DeadlineExceeded,
@@ -32,20 +34,20 @@ from resnet_service.errors import (
     Overloaded,
     ServiceError,
 )
+from resnet_service.runtimes.base import FloatBatch, Runtime
 
 log = logging.getLogger(__name__)
 
 #: Extra seconds an async caller waits past its deadline before giving up on the engine.
 _BACKSTOP_S = 5.0
+Probabilities = npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True, slots=True)
-class Prediction:
-    """Top-k of one input, best first, with where its time went."""
+class Scores:
+    """Class probabilities of one input, with where its time went."""
 
-    indices: list[int]
-    scores: list[float]
-    labels: list[str]
+    probabilities: Probabilities
     queue_s: float
     inference_s: float
     batch_size: int
@@ -61,43 +63,48 @@ class EngineObserver(Protocol):
 
 @dataclass(slots=True)
 class _Work:
-    tensor: torch.Tensor
-    top_k: int
+    array: FloatBatch
     deadline: float
     enqueued: float = field(default_factory=time.monotonic)
-    future: Future[Prediction] = field(default_factory=Future)
+    future: Future[Scores] = field(default_factory=Future)
+
+
+def softmax(logits: FloatBatch) -> FloatBatch:
+    """Row-wise softmax in float32, stable for large logits."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    np.exp(shifted, out=shifted)
+    shifted /= shifted.sum(axis=1, keepdims=True)
+    return shifted
 
 
 class InferenceEngine:
-    """Micro-batching executor of one model on one dedicated thread."""
+    """Micro-batching executor of one runtime on one dedicated thread."""
 
     def __init__(
         self,
-        model: nn.Module,
-        labels: Sequence[str],
+        runtime: Runtime,
+        num_classes: int,
         *,
         max_batch_size: int = 16,
         max_batch_wait_s: float = 0.002,
         queue_capacity: int = 256,
-        torch_threads: int = 1,
         input_shape: tuple[int, int, int] = (3, 224, 224),
         observer: EngineObserver | None = None,
     ) -> None:
-        self._model = model
-        self._labels = list(labels)
+        self._runtime = runtime
+        self._num_classes = num_classes
         self.max_batch_size = max_batch_size
         self._max_wait = max_batch_wait_s
         self._queue: queue.Queue[_Work] = queue.Queue(maxsize=queue_capacity)
-        self.torch_threads = torch_threads
-        self._input_shape = input_shape
+        self.input_shape = input_shape
         self._observer = observer
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._stopping = threading.Event()
         self._startup_error: BaseException | None = None
         self._in_batch = 0
-        # Smoothed seconds of model time per image, for Retry-After.
-        self._per_item_s = 0.005
+        #: Smoothed seconds of model time per image (for Retry-After and admission).
+        self.per_item_s = 0.005
         self.items_run = 0
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -140,20 +147,16 @@ class InferenceEngine:
     def retry_after_s(self) -> int:
         """Seconds until the queue has likely drained, from depth and recent service time."""
         backlog = self._queue.qsize() + self._in_batch + 1
-        return max(1, min(60, math.ceil(backlog * self._per_item_s)))
+        return max(1, min(60, math.ceil(backlog * self.per_item_s)))
 
     # --- submission ----------------------------------------------------------------------
-    def submit(
-        self, tensor: torch.Tensor, top_k: int, timeout_s: float = 30.0
-    ) -> Future[Prediction]:
-        """Queue one CHW tensor; the future resolves to its Prediction or a ServiceError."""
+    def submit(self, array: FloatBatch, timeout_s: float = 30.0) -> Future[Scores]:
+        """Queue one CHW array; the future resolves to its Scores or a ServiceError."""
         if not self.ready:
             raise NotReady("the model is not ready (starting up or shutting down)")
-        if tuple(tensor.shape) != self._input_shape:
-            raise InferenceFailed(
-                f"expected a tensor of shape {self._input_shape}, got {tuple(tensor.shape)}"
-            )
-        work = _Work(tensor=tensor, top_k=top_k, deadline=time.monotonic() + timeout_s)
+        if array.shape != self.input_shape:
+            raise InferenceFailed(f"expected an array of shape {self.input_shape}, got {array.shape}")
+        work = _Work(array=array, deadline=time.monotonic() + timeout_s)
         try:
             self._queue.put_nowait(work)
         except queue.Full:
@@ -163,9 +166,9 @@ class InferenceEngine:
             ) from None
         return work.future
 
-    async def infer(self, tensor: torch.Tensor, top_k: int, timeout_s: float = 30.0) -> Prediction:
+    async def infer(self, array: FloatBatch, timeout_s: float = 30.0) -> Scores:
         """``submit`` for asyncio callers; cancelling the await drops the queued work."""
-        future = self.submit(tensor, top_k, timeout_s)
+        future = self.submit(array, timeout_s)
         try:
             # The engine enforces the deadline; this backstop only fires if its thread is gone.
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s + _BACKSTOP_S)
@@ -175,8 +178,7 @@ class InferenceEngine:
     # --- the model thread ----------------------------------------------------------------
     def _main(self, warmup: bool) -> None:
         try:
-            # Thread counts are per OS thread for OpenMP: set them here, where torch runs.
-            torch.set_num_threads(self.torch_threads)
+            self._runtime.bind_thread()
             if warmup:
                 self._warm_up()
         except BaseException as exc:  # reported to start()
@@ -212,17 +214,23 @@ class InferenceEngine:
 
     def _warm_up(self) -> None:
         started = time.perf_counter()
-        with torch.inference_mode():
-            for size in self.warmup_batch_sizes():
-                out = self._model(torch.zeros(size, *self._input_shape))
-                if out.shape != (size, len(self._labels)):
-                    raise InferenceFailed(
-                        f"model output {tuple(out.shape)} does not match {len(self._labels)} labels"
-                    )
+        for size in self.warmup_batch_sizes():
+            out = self._runtime.infer(np.zeros((size, *self.input_shape), dtype=np.float32))
+            if out.shape != (size, self._num_classes):
+                raise InferenceFailed(
+                    f"model output {out.shape} does not match {self._num_classes} labels"
+                )
+        # Timed once warm: a first call pays for kernel set-up (measured 10x a warm one), and
+        # this is the prior admission starts from.
+        t0 = time.perf_counter()
+        self._runtime.infer(np.zeros((1, *self.input_shape), dtype=np.float32))
+        self.per_item_s = time.perf_counter() - t0
         log.info(
-            "engine warmed up (batch sizes %s, %d torch threads) in %.2fs",
+            "engine warmed up (%s %s, batch sizes %s, %d threads) in %.2fs",
+            self._runtime.name,
+            self._runtime.precision,
             self.warmup_batch_sizes(),
-            self.torch_threads,
+            self._runtime.threads,
             time.perf_counter() - started,
         )
 
@@ -245,8 +253,8 @@ class InferenceEngine:
                 break
         return batch
 
-    def _execute(self, batch: list[_Work]) -> None:
-        now = time.monotonic()
+    def _live(self, batch: list[_Work], now: float) -> list[_Work]:
+        """The work still wanted: cancelled callers dropped, expired deadlines failed."""
         live: list[_Work] = []
         for work in batch:
             if not work.future.set_running_or_notify_cancel():
@@ -257,12 +265,17 @@ class InferenceEngine:
                 )
                 continue
             live.append(work)
+        return live
+
+    def _execute(self, batch: list[_Work]) -> None:
+        now = time.monotonic()
+        live = self._live(batch, now)
         if not live:
             return
         self._in_batch = len(live)
         started = time.perf_counter()
         try:
-            scores, indices = self._forward(live)
+            probabilities = self._forward(live)
         except Exception as exc:
             error = (
                 exc
@@ -278,17 +291,13 @@ class InferenceEngine:
         finally:
             self._in_batch = 0
         elapsed = time.perf_counter() - started
-        self._per_item_s = 0.8 * self._per_item_s + 0.2 * (elapsed / len(live))
+        self.per_item_s = 0.8 * self.per_item_s + 0.2 * (elapsed / len(live))
         self.items_run += len(live)
         waits = [now - work.enqueued for work in live]
         for row, work in enumerate(live):
-            k = work.top_k
-            idx = indices[row][:k]
             work.future.set_result(
-                Prediction(
-                    indices=idx,
-                    scores=scores[row][:k],
-                    labels=[self._labels[i] for i in idx],
+                Scores(
+                    probabilities=probabilities[row],
                     queue_s=waits[row],
                     inference_s=elapsed,
                     batch_size=len(live),
@@ -297,17 +306,13 @@ class InferenceEngine:
         if self._observer:
             self._observer.batch_done(len(live), elapsed, waits, self._queue.qsize())
 
-    def _forward(self, live: list[_Work]) -> tuple[list[list[float]], list[list[int]]]:
-        inputs = torch.stack([work.tensor for work in live])
-        with torch.inference_mode():
-            logits = self._model(inputs)
-        if logits.ndim != 2 or logits.shape[0] != len(live):
+    def _forward(self, live: list[_Work]) -> FloatBatch:
+        logits = self._runtime.infer(np.stack([work.array for work in live]))
+        if logits.ndim != 2 or logits.shape != (len(live), self._num_classes):
             raise InferenceFailed(
-                f"the model returned {tuple(logits.shape)} outputs for {len(live)} inputs"
+                f"the model returned {logits.shape} outputs for {len(live)} inputs"
             )
-        k = min(max(work.top_k for work in live), logits.shape[1])
-        scores, indices = logits.float().softmax(dim=1).topk(k, dim=1)
-        return scores.tolist(), indices.tolist()
+        return softmax(logits.astype(np.float32, copy=True))
 
     def _fail_queued(self, error: ServiceError) -> None:
         while True:

@@ -47,6 +47,13 @@ class UndecodableImage(InputError):
     title = "Image could not be decoded"
 
 
+class RequestTimeout(InputError):
+    """The client was too slow sending its request."""
+
+    code = "request_timeout"
+    title = "Request timeout"
+
+
 class InvalidParameter(InputError):
     code = "invalid_parameter"
     title = "Invalid parameter"
@@ -92,6 +99,13 @@ class ModelError(ServiceError):
 class WeightsUnavailable(ModelError):
     code = "weights_unavailable"
     title = "Model weights unavailable"
+
+
+class CacheUnwritable(ModelError):
+    """The model cache holds no built model for these settings and cannot be written."""
+
+    code = "model_cache_unwritable"
+    title = "Model cache not writable"
 
 
 class BundleInvalid(ModelError):

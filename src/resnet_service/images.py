@@ -6,8 +6,10 @@ torchvision functions the reference calls on a PIL image, so the exact path diff
 by float rounding. Large JPEGs may take a DCT-scaled fast path (``draft``); its error against the
 reference is measured in the tests (``FAST_PATH_TOLERANCE``).
 
-Nothing here runs torch kernels: decoding happens on a pool of plain threads, and torch compute
-belongs to the engine thread alone. Pillow releases the GIL while it decodes and resizes.
+Nothing here imports torch: a serving worker on a torch-free runtime stays small. The resize and
+crop below are the very Pillow calls torchvision makes for a PIL image (``F_pil.resize``,
+``center_crop``'s rounding), so the result is bit-identical to the reference (tested). Pillow
+releases the GIL while it decodes and resizes, so the decode pool runs beside the model.
 """
 
 from __future__ import annotations
@@ -18,14 +20,12 @@ import io
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as tvf
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from resnet_service.errors import (
     EmptyUpload,
@@ -73,10 +73,17 @@ class PreprocessSpec(BaseModel):
 
     resize_size: int = Field(256, ge=8, le=4096)
     crop_size: int = Field(224, ge=8, le=4096)
-    interpolation: str = "bilinear"
-    antialias: bool = True
+    interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos"] = "bilinear"
+    #: Pillow always antialiases when it downsizes (as torchvision does for PIL images).
+    antialias: Literal[True] = True
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> PreprocessSpec:
+        if self.crop_size > self.resize_size:
+            raise ValueError("crop_size must not exceed resize_size")
+        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,15 +221,35 @@ def decode_rgb(
     return to_rgb(img)
 
 
+_PIL_FILTERS: Final = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) with the shorter side at ``short_side``: torchvision's arithmetic
+    (``_compute_resized_output_size``: the long side truncated, not rounded)."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(short_side * long / short)
+    return (short_side, new_long) if width <= height else (new_long, short_side)
+
+
+def center_crop_box(width: int, height: int, crop: int) -> tuple[int, int, int, int]:
+    """The centred ``crop``x``crop`` box, rounded as torchvision's ``center_crop`` does."""
+    top = int(round((height - crop) / 2.0))
+    left = int(round((width - crop) / 2.0))
+    return left, top, left + crop, top + crop
+
+
 def preprocess(rgb: Image.Image, spec: PreprocessSpec) -> Tensor3:
     """RGB image -> normalised CHW float32, the same ops as ``IMAGENET1K_V1.transforms()``."""
-    resized = tvf.resize(
-        rgb,
-        [spec.resize_size],
-        interpolation=InterpolationMode(spec.interpolation),
-        antialias=spec.antialias,
-    )
-    return normalise(tvf.center_crop(resized, [spec.crop_size]), spec)
+    size = resized_size(rgb.width, rgb.height, spec.resize_size)
+    resized = rgb.resize(size, _PIL_FILTERS[spec.interpolation])
+    cropped = resized.crop(center_crop_box(size[0], size[1], spec.crop_size))
+    return normalise(cropped, spec)
 
 
 @functools.cache

@@ -1,21 +1,34 @@
-"""``resnet-service serve``: uvicorn with one or more worker processes, each with its own engine."""
+"""``resnet-service serve``: a supervisor with one or more worker processes, each with its own
+engine and its own listening socket (see ``server/``)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import logging.config
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-from typing import Any
+from pathlib import Path
+from typing import Any, Final
 
+import uvicorn
 from pydantic import SecretStr
 
 from resnet_service.config import ENV_PREFIX, Settings
 from resnet_service.cpus import resolve_workers
+from resnet_service.server.http import IDLE_LINGER_S, ConnectionPolicy, protocol_class
+from resnet_service.server.sockets import PortInUse, check_port_free, reserve_port
+from resnet_service.server.supervisor import Supervisor
+from resnet_service.server.worker import EXIT_STARTUP_FAILED
+
+log = logging.getLogger("resnet_service.serve")
+
+#: Seconds beyond drain delay + grace + linger before the supervisor kills stragglers.
+_STOP_MARGIN_S: Final = 5.0
 
 ACCESS_AND_APP_LOGGERS = ("resnet_service", "uvicorn", "uvicorn.error")
 
@@ -66,11 +79,32 @@ def settings_as_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def _preflight(env: dict[str, str]) -> None:
-    """Several workers: build (or verify) the model once, so a missing-weights error is said
-    once and workers find the int8 model cached instead of each calibrating."""
+def uvicorn_config(app: Any, settings: Settings, policy: ConnectionPolicy) -> uvicorn.Config:
+    """uvicorn's settings for one worker: our protocol, keep-alive above proxies' idle timeouts,
+    our JSON access log instead of uvicorn's, no server header."""
+    return uvicorn.Config(
+        app,
+        http=protocol_class(policy, settings.http_parser),
+        loop=settings.event_loop,
+        lifespan="on",
+        log_config=log_config(settings.log_level),
+        access_log=False,
+        server_header=False,
+        timeout_keep_alive=math.ceil(settings.keep_alive_timeout_s),
+        # Whole seconds (uvicorn's type); rounded up so a short grace is never "no limit".
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
+    )
+
+
+class StartupError(Exception):
+    """``serve`` cannot start; the message says what to fix."""
+
+
+def preflight(settings: Settings, env: dict[str, str]) -> None:
+    """Build (or verify) what the workers will load, once, in a child process: a missing-weights
+    error is said once, and workers find the artifact cached instead of each building it."""
     proc = subprocess.run(
-        [sys.executable, "-m", "resnet_service", "info"],
+        [sys.executable, "-m", "resnet_service", "preflight"],
         env=env,
         capture_output=True,
         text=True,
@@ -78,62 +112,61 @@ def _preflight(env: dict[str, str]) -> None:
     )
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
-        raise SystemExit(proc.returncode)
+        raise StartupError(f"preflight failed (exit {proc.returncode})")
+
+
+def _run_dir() -> Path:
+    """Per-run scratch space (metrics of every worker, the replica state); removed on exit."""
+    try:
+        return Path(tempfile.mkdtemp(prefix="resnet-service-"))
+    except OSError as exc:
+        raise StartupError(
+            f"cannot create a run directory in {tempfile.gettempdir()} ({exc.strerror}); "
+            "point TMPDIR at a writable place (on Kubernetes: an emptyDir at /tmp)"
+        ) from None
 
 
 def run_server(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code."""
-    import uvicorn
-
     settings = settings.model_copy(update={"workers": resolve_workers(settings.workers)})
-    common: dict[str, Any] = {
-        "host": settings.host,
-        "port": settings.port,
-        "log_config": log_config(settings.log_level),
-        "access_log": False,
-        # Whole seconds (uvicorn's type); rounded up so a short grace is never "no limit".
-        "timeout_graceful_shutdown": math.ceil(settings.shutdown_grace_s),
-        "lifespan": "on",
-    }
-    if settings.workers == 1:
-        from resnet_service.api.app import create_app
-
-        uvicorn.Server(uvicorn.Config(create_app(settings), **common)).run()
-        return 0
-    env = {**os.environ, **settings_as_env(settings)}
-    metrics_dir = tempfile.mkdtemp(prefix="resnet-service-metrics-")
-    env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    _preflight(env)
-    os.environ.update(env)
-    from uvicorn.supervisors import Multiprocess
-
-    config = uvicorn.Config(
-        "resnet_service.api.app:create_app_from_env",
-        factory=True,
-        workers=settings.workers,
-        **common,
-    )
+    logging.config.dictConfig(log_config(settings.log_level))
     try:
-        Multiprocess(config, sockets=[listening_socket(settings.host, settings.port)]).run()
+        check_port_free(settings.host, settings.port)
+        rundir = _run_dir()
+    except (PortInUse, StartupError) as exc:
+        log.critical("%s", exc)
+        return EXIT_STARTUP_FAILED
+    try:
+        return _serve(settings, rundir)
+    except StartupError as exc:
+        log.critical("%s", exc)
+        return EXIT_STARTUP_FAILED
     finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-    return 0
+        shutil.rmtree(rundir, ignore_errors=True)
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """The shared socket of the worker processes, declared as TCP.
-
-    asyncio turns on TCP_NODELAY only for sockets whose ``proto`` is IPPROTO_TCP; uvicorn's own
-    multi-worker socket is made with proto 0, so its connections keep Nagle's algorithm, and
-    each response (headers and body written separately) waits ~40 ms for a delayed ACK:
-    measured here, 56 ms per request at concurrency 1 instead of 10 ms.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.set_inheritable(True)
-    return sock
+def _serve(settings: Settings, rundir: Path) -> int:
+    reservation = reserve_port(settings.host, settings.port)
+    try:
+        port = reservation.getsockname()[1]
+        settings = settings.model_copy(update={"port": port})
+        metrics_dir = rundir / "metrics"
+        metrics_dir.mkdir()
+        env = {
+            **os.environ,
+            **settings_as_env(settings),
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        }
+        preflight(settings, env)
+        log.info(
+            "serving on http://%s:%d with %d worker(s)", settings.host, port, settings.workers
+        )
+        stop_timeout = (
+            settings.drain_delay_s + settings.shutdown_grace_s + IDLE_LINGER_S + _STOP_MARGIN_S
+        )
+        return Supervisor(settings.workers, env, rundir, stop_timeout).run()
+    finally:
+        reservation.close()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

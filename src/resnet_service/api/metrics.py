@@ -46,7 +46,7 @@ def multiprocess_dir() -> str | None:
 class Metrics:
     """Every metric of one app; also the engine's and the decoder's observer."""
 
-    def __init__(self) -> None:
+    def __init__(self, worker: int = 0) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -55,6 +55,14 @@ class Metrics:
             ["route", "method", "status"],
             registry=r,
         )
+        # Per worker *index* (bounded by the worker count; a replacement keeps its index): shows
+        # how the kernel spread connections over the workers' sockets.
+        self.worker_requests = Counter(
+            f"{PREFIX}_worker_requests",
+            "HTTP requests answered, by worker process index.",
+            ["worker"],
+            registry=r,
+        ).labels(str(worker))
         self.request_latency = Histogram(
             f"{PREFIX}_request_duration_seconds",
             "HTTP request latency, body read to response.",
@@ -113,7 +121,7 @@ class Metrics:
         self.model_info = Gauge(
             f"{PREFIX}_model_info",
             "The served model (value is always 1).",
-            ["name", "precision", "weights_sha256", "random_weights"],
+            ["name", "precision", "runtime", "weights_sha256", "random_weights"],
             multiprocess_mode="max",
             registry=r,
         )

@@ -7,16 +7,21 @@ written to disk, and a body over the cap is refused before the rest of it is rea
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Final
 
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from resnet_service.api.problems import MalformedRequest, MissingField, TooManyFiles
-from resnet_service.errors import Overloaded, UploadTooLarge
+from resnet_service.errors import Overloaded, RequestTimeout, UploadTooLarge
+
+#: RFC 2046: a boundary is 1 to 70 characters.
+MAX_BOUNDARY: Final = 70
 
 
 class UploadBudget:
@@ -151,21 +156,19 @@ class _FormCollector:
 
 @asynccontextmanager
 async def uploaded_files(
-    request: Request, limits: FormLimits, budget: UploadBudget
+    request: Request, limits: FormLimits, budget: UploadBudget, idle_timeout_s: float
 ) -> AsyncIterator[list[UploadedFile]]:
     """The request's files, read into memory under the process-wide upload budget, which they
-    hold until the block ends."""
+    hold until the block ends. A client that sends nothing for ``idle_timeout_s`` is refused
+    (408) instead of holding the connection and its memory."""
     held = [0]
     try:
-        yield await _read_form(request, limits, budget, held)
+        yield await _read_form(request, limits, budget, held, idle_timeout_s)
     finally:
         budget.give_back(held[0])
 
 
-async def _read_form(
-    request: Request, limits: FormLimits, budget: UploadBudget, held: list[int]
-) -> list[UploadedFile]:
-    """Read a multipart body into memory, refusing it as soon as a limit is crossed."""
+def _boundary(request: Request) -> bytes:
     content_type, params = parse_options_header(request.headers.get("content-type"))
     if content_type != b"multipart/form-data":
         raise MalformedRequest(
@@ -175,47 +178,106 @@ async def _read_form(
     boundary = params.get(b"boundary")
     if not boundary:
         raise MalformedRequest("The multipart Content-Type header has no boundary.")
+    if len(boundary) > MAX_BOUNDARY:
+        raise MalformedRequest(
+            f"The multipart boundary is {len(boundary)} characters; at most {MAX_BOUNDARY} "
+            "are allowed (RFC 2046)."
+        )
+    return boundary
+
+
+def _check_declared_length(request: Request, limits: FormLimits) -> None:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
         raise UploadTooLarge(
             f"The request body is {declared} bytes; this route accepts at most "
             f"{limits.max_body_bytes} bytes."
         )
-    collector = _FormCollector(limits)
-    callbacks = {
-        name: getattr(collector, name)
-        for name in (
-            "on_part_begin",
-            "on_part_data",
-            "on_part_end",
-            "on_header_field",
-            "on_header_value",
-            "on_header_end",
-            "on_headers_finished",
-        )
-    }
-    parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
-    received = 0
+
+
+async def _chunks(request: Request, idle_timeout_s: float) -> AsyncIterator[bytes]:
+    """The body's chunks; ``RequestTimeout`` when the client stalls."""
+    stream = request.stream()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(stream), idle_timeout_s)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise RequestTimeout(
+                f"The upload stalled: nothing arrived for {idle_timeout_s:g} s. Send the body "
+                "without pauses."
+            ) from None
+        yield chunk
+
+
+class FormReader:
+    """A multipart body fed chunk by chunk: python-multipart parses, our callbacks enforce the
+    limits as bytes arrive. Sync and transport-free (the fuzzer drives it directly)."""
+
+    def __init__(self, boundary: bytes, limits: FormLimits) -> None:
+        self.limits = limits
+        self.received = 0
+        self._collector = _FormCollector(limits)
+        callbacks = {name: getattr(self._collector, name) for name in _CALLBACKS}
+        try:
+            self._parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        except FormParserError as exc:
+            raise MalformedRequest(f"The multipart boundary is unusable: {exc}") from None
+
+    def feed(self, chunk: bytes) -> None:
+        self.received += len(chunk)
+        if self.received > self.limits.max_body_bytes:
+            raise UploadTooLarge(
+                f"The request body exceeds {self.limits.max_body_bytes} bytes; this route "
+                "accepts no more."
+            )
+        try:
+            self._parser.write(chunk)
+        except FormParserError as exc:
+            raise MalformedRequest(f"The multipart body is malformed: {exc}") from None
+
+    def finish(self) -> list[UploadedFile]:
+        """The files, once the whole body arrived; ``MalformedRequest`` if it is incomplete."""
+        if self.received == 0:
+            raise MalformedRequest("The request body is empty; attach the image as multipart.")
+        try:
+            self._parser.finalize()
+        except FormParserError as exc:
+            raise MalformedRequest(f"The multipart body is malformed: {exc}") from None
+        if self._parser.state not in (MultipartState.END, MultipartState.BOUNDARY_PADDING):
+            raise MalformedRequest(
+                "The multipart body ended before its closing boundary (truncated upload?)."
+            )
+        return self._collector.files
+
+
+_CALLBACKS: Final = (
+    "on_part_begin",
+    "on_part_data",
+    "on_part_end",
+    "on_header_field",
+    "on_header_value",
+    "on_header_end",
+    "on_headers_finished",
+)
+
+
+async def _read_form(
+    request: Request,
+    limits: FormLimits,
+    budget: UploadBudget,
+    held: list[int],
+    idle_timeout_s: float,
+) -> list[UploadedFile]:
+    """Read a multipart body into memory, refusing it as soon as a limit is crossed."""
+    _check_declared_length(request, limits)
+    reader = FormReader(_boundary(request), limits)
     try:
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > limits.max_body_bytes:
-                raise UploadTooLarge(
-                    f"The request body exceeds {limits.max_body_bytes} bytes; this route "
-                    "accepts no more."
-                )
+        async for chunk in _chunks(request, idle_timeout_s):
             budget.take(len(chunk))
             held[0] += len(chunk)
-            parser.write(chunk)
-        parser.finalize()
-    except MultipartParseError as exc:
-        raise MalformedRequest(f"The multipart body is malformed: {exc}") from None
+            reader.feed(chunk)
     except ClientDisconnect:
         raise MalformedRequest("The client disconnected before the upload finished.") from None
-    if received == 0:
-        raise MalformedRequest("The request body is empty; attach the image as multipart.")
-    if parser.state not in (MultipartState.END, MultipartState.BOUNDARY_PADDING):
-        raise MalformedRequest(
-            "The multipart body ended before its closing boundary (truncated upload?)."
-        )
-    return collector.files
+    return reader.finish()

@@ -26,6 +26,7 @@ _STATUS: Final[dict[type[errors.ServiceError], int]] = {
     errors.UnsupportedImage: 415,
     errors.UndecodableImage: 415,
     errors.InvalidParameter: 422,
+    errors.RequestTimeout: 408,
     errors.InputError: 400,
     errors.Overloaded: 503,
     errors.NotReady: 503,
@@ -120,6 +121,9 @@ def service_error_response(request: Request, exc: errors.ServiceError) -> JSONRe
         headers["Retry-After"] = str(exc.retry_after_s)
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = 'Bearer realm="resnet-service"'
+    if isinstance(exc, errors.RequestTimeout | errors.UploadTooLarge):
+        # The rest of the body is not wanted: close instead of reading it to the end.
+        headers["Connection"] = "close"
     status = status_of(exc)
     if status >= 500 and not isinstance(exc, errors.RetryLater):
         log.error("%s: %s", exc.code, exc.detail)
@@ -181,20 +185,3 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(errors.ServiceError, on_service_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
-
-
-def document(app: FastAPI) -> None:
-    """Add the ``Problem`` schema to the OpenAPI components (routes reference it by $ref)."""
-    build = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            spec = build()
-            schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-            schemas["Problem"] = Problem.model_json_schema(
-                ref_template="#/components/schemas/{model}"
-            )
-            app.openapi_schema = spec
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from resnet_service.model.bundle import QuantizationInfo
+from resnet_service.model.manifest import Fidelity, QuantizationInfo
 
 
 class Prediction(BaseModel):
@@ -22,6 +22,9 @@ class ModelRef(BaseModel):
 
     name: str
     precision: Literal["int8", "fp32"]
+    runtime: Literal["torch", "openvino", "onnxruntime"] = Field(
+        description="The inference runtime that ran the model."
+    )
     weights_sha256: str = Field(description="First 12 hex digits of the weights' sha256.")
     random_weights: bool = Field(
         description="True only in development mode: the predictions are meaningless."
@@ -97,15 +100,22 @@ class ModelResponse(BaseModel):
     architecture: str
     num_classes: int
     precision: Literal["int8", "fp32"]
+    runtime: Literal["torch", "openvino", "onnxruntime"]
+    runtime_version: str
     weights_source: str
     weights_sha256: str
     weights_matches_published_hash: bool | None
     random_weights: bool
     quantization: QuantizationInfo | None
+    fidelity: Fidelity | None = Field(
+        None, description="Agreement with the fp32 torch model (runtimes other than torch)."
+    )
     provenance: dict[str, Any]
     load_seconds: float
     labels: list[str]
-    runtime: dict[str, int | float | str | bool]
+    settings: dict[str, int | float | str | bool] = Field(
+        description="The settings that shape behaviour: threads, batching, limits."
+    )
 
 
 class Health(BaseModel):

@@ -9,7 +9,6 @@ from multiprocessing.synchronize import Event
 from typing import Any
 
 import numpy as np
-import torch
 
 from resnet_service.benchmark.loadgen import LoadResult
 from resnet_service.config import Settings
@@ -27,22 +26,20 @@ def _decode_infer_worker(
     results: Any,
 ) -> None:
     """One ceiling process: decode + preprocess + forward, batch 1, back to back."""
-    from resnet_service.model.loader import load_model
+    from resnet_service.model.serving import open_served_model
 
-    torch.set_num_threads(threads)
-    model = load_model(settings)
-    spec = model.spec
-    with torch.inference_mode():
-        for _ in range(3):
-            model.module(torch.from_numpy(decode_and_preprocess(image, _LIMITS, spec))[None])
-        ready.put(1)
-        start.wait()
-        count, began = 0, time.perf_counter()
-        stop_at = began + duration
-        while time.perf_counter() < stop_at:
-            x = torch.from_numpy(decode_and_preprocess(image, _LIMITS, spec))[None]
-            model.module(x)
-            count += 1
+    model = open_served_model(settings.model_copy(update={"inference_threads": threads}))
+    runtime, spec = model.runtime, model.spec
+    runtime.bind_thread()
+    for _ in range(3):
+        runtime.infer(decode_and_preprocess(image, _LIMITS, spec)[None])
+    ready.put(1)
+    start.wait()
+    count, began = 0, time.perf_counter()
+    stop_at = began + duration
+    while time.perf_counter() < stop_at:
+        runtime.infer(decode_and_preprocess(image, _LIMITS, spec)[None])
+        count += 1
     results.put((count, time.perf_counter() - began))
 
 
@@ -94,18 +91,16 @@ def engine_in_process(
         for _ in range(3):
             await classifier.classify(image)
         result = LoadResult("in-process", concurrency, None, 0.0)
-        began = time.perf_counter()
-        stop_at = began + duration
+        stop_at = result.started + duration
 
         async def caller() -> None:
             while time.perf_counter() < stop_at:
                 t0 = time.perf_counter()
                 await classifier.classify(image)
-                result.latencies.append(time.perf_counter() - t0)
-                result.statuses[200] = result.statuses.get(200, 0) + 1
+                result.answered(time.perf_counter() - t0, 200)
 
         await asyncio.gather(*(caller() for _ in range(concurrency)))
-        result.elapsed_s = time.perf_counter() - began
+        result.elapsed_s = time.perf_counter() - result.started
         return result
 
     try:
@@ -120,24 +115,25 @@ def forward_speed(
     settings: Settings, threads: int, batches: tuple[int, ...] = (1, 8), seconds: float = 2.0
 ) -> dict[str, dict[str, float]]:
     """Model-only forward, ms per image, int8 vs fp32, on ``threads`` threads."""
-    from resnet_service.model.loader import load_model
+    from resnet_service.model.serving import open_served_model
 
-    torch.set_num_threads(threads)
     out: dict[str, dict[str, float]] = {}
     for precision in ("int8", "fp32"):
-        model = load_model(settings.model_copy(update={"precision": precision})).module
+        runtime = open_served_model(
+            settings.model_copy(update={"precision": precision, "inference_threads": threads})
+        ).runtime
+        runtime.bind_thread()
         out[precision] = {}
         for batch in batches:
-            x = torch.randn(batch, 3, 224, 224)
-            with torch.inference_mode():
-                for _ in range(2):
-                    model(x)
-                times: list[float] = []
-                stop_at = time.perf_counter() + seconds
-                while time.perf_counter() < stop_at or len(times) < 3:
-                    t0 = time.perf_counter()
-                    model(x)
-                    times.append(time.perf_counter() - t0)
+            x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
+            for _ in range(2):
+                runtime.infer(x)
+            times: list[float] = []
+            stop_at = time.perf_counter() + seconds
+            while time.perf_counter() < stop_at or len(times) < 3:
+                t0 = time.perf_counter()
+                runtime.infer(x)
+                times.append(time.perf_counter() - t0)
             out[precision][f"batch_{batch}"] = round(float(np.median(times)) / batch * 1000, 3)
     return out
 

@@ -5,30 +5,49 @@ machine it shares the cores with the server under test, and an httpx client woul
 visible share of them. Closed loop: C connections, each sends its next request when the last
 one is answered. Open loop: arrivals at a fixed rate, latency measured from the scheduled
 arrival (no coordinated omission).
+
+Every request ends in exactly one outcome: an HTTP status, ``refused`` (the connection was
+never accepted: the request never reached the server), ``lost`` (sent, but the connection
+broke before a whole response came back: what a server must never do), or ``saturated`` (the
+open-loop client itself had no connection to spare).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import time
 import uuid
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 import numpy as np
 
 MAX_OPEN_LOOP_CONNECTIONS = 512
+_CLIENT_ERRORS: Final = (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError, IndexError)
+REFUSED: Final = "refused"
+LOST: Final = "lost"
+SATURATED: Final = "saturated"
+
+
+def multipart_body(field_name: str, filename: str, data: bytes, content_type: str) -> tuple[bytes, str]:
+    """A multipart/form-data body with one file part, and its boundary."""
+    boundary = uuid.uuid4().hex
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{field_name}"; '
+        f'filename="{filename}"\r\nContent-Type: {content_type}\r\n\r\n'
+    ).encode()
+    return head + data + f"\r\n--{boundary}--\r\n".encode(), boundary
 
 
 def multipart_request(
     host: str, port: int, path: str, field_name: str, filename: str, data: bytes, content_type: str
 ) -> bytes:
     """One complete POST with a single file part, as bytes."""
-    boundary = uuid.uuid4().hex
-    head = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{field_name}"; '
-        f'filename="{filename}"\r\nContent-Type: {content_type}\r\n\r\n'
-    ).encode()
-    body = head + data + f"\r\n--{boundary}--\r\n".encode()
+    body, boundary = multipart_body(field_name, filename, data, content_type)
     headers = (
         f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
         f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
@@ -39,7 +58,7 @@ def multipart_request(
 
 @dataclass
 class LoadResult:
-    """Latencies (seconds) of answered requests and what went wrong."""
+    """Every request's outcome, latency (seconds) and completion time."""
 
     mode: str
     concurrency: int | None
@@ -47,49 +66,91 @@ class LoadResult:
     elapsed_s: float
     latencies: list[float] = field(default_factory=list)
     statuses: dict[int, int] = field(default_factory=dict)
-    errors: int = 0
+    failures: Counter[str] = field(default_factory=Counter)
+    #: The problem ``code`` of every non-200 answer (overloaded, not_ready...).
+    codes: Counter[str] = field(default_factory=Counter)
+    #: (seconds since the start when it completed, latency, status) of every answered request.
+    samples: list[tuple[float, float, int]] = field(default_factory=list)
     #: CPU seconds the load generator itself used: it shares the machine with the server.
     client_cpu_s: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
 
     @property
     def ok(self) -> int:
         return self.statuses.get(200, 0)
 
-    def summary(self) -> dict[str, float | int | None]:
-        lat = np.array(self.latencies) * 1000 if self.latencies else np.array([np.nan])
+    @property
+    def errors(self) -> int:
+        return sum(self.failures.values())
+
+    def answered(self, latency: float, status: int) -> None:
+        self.latencies.append(latency)
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        self.samples.append((time.perf_counter() - self.started, latency, status))
+
+    def latency_ms(self, status: int | None = None) -> np.ndarray:
+        values = [lat for _, lat, s in self.samples if status is None or s == status]
+        return np.array(values) * 1000 if values else np.array([np.nan])
+
+    def summary(self) -> dict[str, float | int | str | None | dict[str, int]]:
+        lat = self.latency_ms(200)
         non_200 = sum(v for k, v in self.statuses.items() if k != 200)
         return {
-            "mode": self.mode,  # type: ignore[dict-item]
+            "mode": self.mode,
             "concurrency": self.concurrency,
             "rate": self.rate,
             "requests": len(self.latencies),
             "ok": self.ok,
             "non_200": non_200,
+            "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
             "errors": self.errors,
+            "failures": dict(self.failures),
+            "codes": dict(self.codes),
             "elapsed_s": round(self.elapsed_s, 3),
             "rps": round(self.ok / self.elapsed_s, 2) if self.elapsed_s else 0.0,
-            "p50_ms": round(float(np.percentile(lat, 50)), 2),
-            "p90_ms": round(float(np.percentile(lat, 90)), 2),
-            "p99_ms": round(float(np.percentile(lat, 99)), 2),
+            "p50_ms": _pct(lat, 50),
+            "p90_ms": _pct(lat, 90),
+            "p99_ms": _pct(lat, 99),
             "mean_ms": round(float(lat.mean()), 2),
             "client_cpu_s": round(self.client_cpu_s, 3),
         }
 
 
+def _pct(values: np.ndarray, q: float) -> float:
+    return round(float(np.percentile(values, q)), 2)
+
+
+class RequestLost(ConnectionError):
+    """The request was sent but no whole response came back."""
+
+
 class _Connection:
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, timeout_s: float) -> None:
+        self.host, self.port, self.timeout_s = host, port, timeout_s
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def send(self, payload: bytes) -> int:
+    async def send(self, payload: bytes) -> tuple[int, bytes]:
+        """One request; its status and body. ``ConnectionRefusedError`` if never accepted,
+        ``RequestLost`` if the connection broke after the request went out."""
         if self.writer is None or self.reader is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            # A SYN dropped by a stopping server is retried by the kernel for minutes.
+            self.reader, self.writer = await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port), self.timeout_s
+            )
+        try:
+            return await asyncio.wait_for(self._exchange(payload), self.timeout_s)
+        except (*_CLIENT_ERRORS, TimeoutError) as exc:
+            self.close()
+            raise RequestLost(f"{type(exc).__name__}: {exc}") from None
+
+    async def _exchange(self, payload: bytes) -> tuple[int, bytes]:
+        assert self.reader is not None and self.writer is not None
         self.writer.write(payload)
         await self.writer.drain()
         status_line = await self.reader.readline()
         if not status_line:
-            raise ConnectionError("connection closed")
+            raise ConnectionError("connection closed before a response")
         status = int(status_line.split()[1])
         length, chunked, close = 0, False, False
         while True:
@@ -104,17 +165,18 @@ class _Connection:
                 chunked = True
             elif name == "connection" and value == "close":
                 close = True
+        body = b""
         if chunked:
             while True:
                 size = int((await self.reader.readline()).strip() or b"0", 16)
-                await self.reader.readexactly(size + 2)
+                body += (await self.reader.readexactly(size + 2))[:-2]
                 if size == 0:
                     break
         else:
-            await self.reader.readexactly(length)
+            body = await self.reader.readexactly(length)
         if close:
             self.close()
-        return status
+        return status, body
 
     def close(self) -> None:
         if self.writer is not None:
@@ -122,88 +184,106 @@ class _Connection:
         self.reader = self.writer = None
 
 
+async def _one(conn: _Connection, payload: bytes, result: LoadResult, since: float) -> bool:
+    """Send one request and record its outcome; False when the connection is gone."""
+    try:
+        status, body = await conn.send(payload)
+    except RequestLost:
+        result.failures[LOST] += 1
+        return False
+    except (*_CLIENT_ERRORS, TimeoutError):
+        result.failures[REFUSED] += 1
+        conn.close()
+        return False
+    result.answered(time.perf_counter() - since, status)
+    if status != 200:
+        result.codes[_problem_code(body)] += 1
+    return True
+
+
+def _problem_code(body: bytes) -> str:
+    try:
+        code = json.loads(body).get("code")
+    except (ValueError, AttributeError):
+        return "unparsable"
+    return str(code)
+
+
 async def closed_loop(
     host: str,
     port: int,
-    payload: bytes,
+    payload: bytes | Sequence[bytes],
     concurrency: int,
     duration_s: float,
     max_requests: int = 1_000_000,
     warmup: int = 2,
+    timeout_s: float = 60.0,
 ) -> LoadResult:
-    """``concurrency`` clients back to back for ``duration_s`` (or ``max_requests``)."""
-    result = LoadResult("closed", concurrency, None, 0.0)
+    """``concurrency`` clients back to back for ``duration_s`` (or ``max_requests``); several
+    payloads are sent in turn (a mix of good and bad inputs, say)."""
+    mix = itertools.cycle([payload] if isinstance(payload, bytes) else payload)
     for _ in range(warmup):
-        conn = _Connection(host, port)
-        await conn.send(payload)
+        conn = _Connection(host, port, timeout_s)
+        await conn.send(next(mix))
         conn.close()
+    result = LoadResult("closed", concurrency, None, 0.0)
     budget = [max_requests]
     cpu_started = time.process_time()
-    started = time.perf_counter()
-    stop_at = started + duration_s
+    stop_at = result.started + duration_s
 
     async def client() -> None:
-        conn = _Connection(host, port)
+        conn = _Connection(host, port, timeout_s)
         while time.perf_counter() < stop_at and budget[0] > 0:
             budget[0] -= 1
-            t0 = time.perf_counter()
-            try:
-                status = await conn.send(payload)
-            except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError, IndexError):
-                result.errors += 1
-                conn.close()
+            if not await _one(conn, next(mix), result, time.perf_counter()):
                 await asyncio.sleep(0.01)
-                continue
-            result.latencies.append(time.perf_counter() - t0)
-            result.statuses[status] = result.statuses.get(status, 0) + 1
         conn.close()
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
-    result.elapsed_s = time.perf_counter() - started
+    result.elapsed_s = time.perf_counter() - result.started
     result.client_cpu_s = time.process_time() - cpu_started
     return result
 
 
 async def open_loop(
-    host: str, port: int, payload: bytes, rate: float, duration_s: float
+    host: str,
+    port: int,
+    payload: bytes,
+    rate: float,
+    duration_s: float,
+    max_connections: int = MAX_OPEN_LOOP_CONNECTIONS,
+    timeout_s: float = 60.0,
 ) -> LoadResult:
     """Arrivals every 1/rate seconds whatever the server does; latency from the arrival time."""
     result = LoadResult("open", None, rate, 0.0)
     idle: list[_Connection] = []
     open_count = [0]
     cpu_started = time.process_time()
-    started = time.perf_counter()
     total = int(rate * duration_s)
     tasks: list[asyncio.Task[None]] = []
 
     async def one(arrival: float) -> None:
         if idle:
             conn = idle.pop()
-        elif open_count[0] < MAX_OPEN_LOOP_CONNECTIONS:
+        elif open_count[0] < max_connections:
             open_count[0] += 1
-            conn = _Connection(host, port)
+            conn = _Connection(host, port, timeout_s)
         else:
-            result.errors += 1  # the client itself is saturated: count as a failure
+            result.failures[SATURATED] += 1  # the client itself is out of connections
             return
-        try:
-            status = await conn.send(payload)
-        except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError, IndexError):
-            result.errors += 1
-            conn.close()
+        if await _one(conn, payload, result, arrival):
+            idle.append(conn)
+        else:
             open_count[0] -= 1
-            return
-        result.latencies.append(time.perf_counter() - arrival)
-        result.statuses[status] = result.statuses.get(status, 0) + 1
-        idle.append(conn)
 
     for i in range(total):
-        arrival = started + i / rate
+        arrival = result.started + i / rate
         delay = arrival - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(arrival)))
     await asyncio.gather(*tasks)
-    result.elapsed_s = time.perf_counter() - started
+    result.elapsed_s = time.perf_counter() - result.started
     result.client_cpu_s = time.process_time() - cpu_started
     for conn in idle:
         conn.close()

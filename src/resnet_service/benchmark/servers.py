@@ -30,7 +30,8 @@ class Running:
     log: Path
 
 
-def _children(pid: int) -> list[int]:
+def process_children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (Linux /proc)."""
     out: list[int] = []
     try:
         for task in Path(f"/proc/{pid}/task").iterdir():
@@ -46,7 +47,7 @@ def _tree(pid: int) -> list[int]:
     while todo:
         current = todo.pop()
         pids.append(current)
-        todo.extend(_children(current))
+        todo.extend(process_children(current))
     return pids
 
 

@@ -12,69 +12,21 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Final, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from resnet_service.config import Precision
 from resnet_service.errors import BundleInvalid
-from resnet_service.images import PreprocessSpec
 from resnet_service.model.architecture import (
-    ARCHITECTURES,
     build_fp32,
     build_int8_skeleton,
     quiet_quantization_warnings,
 )
+from resnet_service.model.manifest import LABELS, MANIFEST, WEIGHTS, BundleManifest
+from resnet_service.model.manifest import Fidelity as Fidelity  # re-exported
+from resnet_service.model.manifest import QuantizationInfo as QuantizationInfo  # re-exported
+from resnet_service.model.manifest import read_labels as read_labels  # re-exported
+from resnet_service.model.manifest import read_manifest as read_manifest  # re-exported
 from resnet_service.model.weights import StateDict, load_state_dict_file, sha256_file
-
-MANIFEST: Final = "bundle.json"
-WEIGHTS: Final = "weights.pt"
-LABELS: Final = "labels.json"
-FORMAT_VERSION: Final = 1
-
-
-class Fidelity(BaseModel):
-    """How closely the int8 model follows its fp32 source on held-out images."""
-
-    images: int = Field(ge=0)
-    top1_agreement: float = Field(ge=0, le=1)
-    max_abs_prob_diff: float = Field(ge=0, le=1)
-    mean_abs_logit_rel_error: float = Field(ge=0)
-    image_source: str
-    fp32_accuracy: float | None = Field(None, description="When the images have labels.")
-    int8_accuracy: float | None = None
-
-
-class QuantizationInfo(BaseModel):
-    """How an int8 model was made."""
-
-    method: Literal["static_ptq", "official"]
-    engine: str
-    qconfig: str
-    calibration_source: str | None = None
-    calibration_images: int = 0
-    calibration_fingerprint: str | None = None
-    source_weights_sha256: str | None = None
-    seconds: float | None = None
-    fidelity: Fidelity | None = None
-
-
-class BundleManifest(BaseModel):
-    """The contents of ``bundle.json``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    format_version: Literal[1] = FORMAT_VERSION
-    name: str = Field(min_length=1, max_length=200)
-    architecture: str
-    num_classes: int = Field(ge=2, le=100_000)
-    precision: Precision
-    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    preprocessing: PreprocessSpec = PreprocessSpec()
-    random_weights: bool = False
-    quantization: QuantizationInfo | None = None
-    provenance: dict[str, Any] = Field(default_factory=dict)
 
 
 def write_bundle(
@@ -118,33 +70,6 @@ def copy_bundle(source: Path, directory: Path) -> None:
     if directory.exists():
         shutil.rmtree(directory)
     shutil.copytree(source, directory)
-
-
-def read_manifest(directory: Path) -> BundleManifest:
-    """Parse and validate ``bundle.json``."""
-    path = directory / MANIFEST
-    try:
-        manifest = BundleManifest.model_validate_json(path.read_text())
-    except FileNotFoundError:
-        raise BundleInvalid(f"{directory} is not a model bundle: {MANIFEST} is missing") from None
-    except (OSError, ValidationError, ValueError) as exc:
-        raise BundleInvalid(f"{path} is invalid: {exc}") from None
-    if manifest.architecture not in ARCHITECTURES:
-        raise BundleInvalid(f"{path}: unsupported architecture {manifest.architecture!r}")
-    return manifest
-
-
-def read_labels(directory: Path, manifest: BundleManifest) -> list[str]:
-    """The class names, one per output."""
-    try:
-        labels = json.loads((directory / LABELS).read_text())
-    except (OSError, ValueError) as exc:
-        raise BundleInvalid(f"{directory / LABELS} is unreadable: {exc}") from None
-    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
-        raise BundleInvalid(f"{directory / LABELS} must be a JSON list of strings")
-    if len(labels) != manifest.num_classes:
-        raise BundleInvalid(f"{len(labels)} labels for {manifest.num_classes} classes")
-    return labels
 
 
 def read_weights(directory: Path, manifest: BundleManifest) -> StateDict:

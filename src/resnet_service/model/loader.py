@@ -5,18 +5,17 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from pydantic import BaseModel
 from torch import nn
 from torchvision.models import ResNet18_Weights
 
-from resnet_service.config import Precision, Settings
+from resnet_service.config import Settings
+from resnet_service.cpus import threads_per_worker
 from resnet_service.errors import BundleInvalid
-from resnet_service.images import PreprocessSpec
+from resnet_service.runtimes.base import ServedModel
+from resnet_service.runtimes.torch_runtime import TorchRuntime
 from resnet_service.model.architecture import QUANTIZED_ENGINE, build_fp32
 from resnet_service.model.bundle import (
     BundleManifest,
@@ -26,6 +25,7 @@ from resnet_service.model.bundle import (
     read_manifest,
     read_weights,
 )
+from resnet_service.model.manifest import ModelInfo, WeightsSource, ensure_writable
 from resnet_service.model.quantize import (
     MAX_CALIBRATION_IMAGES,
     ImageFiles,
@@ -41,7 +41,6 @@ from resnet_service.model.weights import (
     FP32_WEIGHTS,
     INT8_WEIGHTS,
     ResolvedWeights,
-    WeightsSource,
     find_in_hub_or_download,
     hub_checkpoint_path,
     resolve_fp32_weights,
@@ -53,34 +52,6 @@ log = logging.getLogger(__name__)
 SPLITS_FILE = "splits.json"
 
 IMAGENET_NAME = "resnet18-imagenet1k"
-
-
-class ModelInfo(BaseModel):
-    """What is being served and how it was made; shown by ``/model`` and ``info``."""
-
-    name: str
-    architecture: str
-    num_classes: int
-    precision: Precision
-    weights_source: WeightsSource
-    weights_path: str | None
-    weights_sha256: str
-    weights_matches_published_hash: bool | None
-    random_weights: bool
-    quantization: QuantizationInfo | None
-    int8_cache: str | None
-    provenance: dict[str, Any]
-    load_seconds: float
-
-
-@dataclass(frozen=True, slots=True)
-class LoadedModel:
-    """A network in eval mode with its labels, preprocessing and provenance."""
-
-    module: nn.Module
-    labels: list[str]
-    spec: PreprocessSpec
-    info: ModelInfo
 
 
 def imagenet_labels() -> list[str]:
@@ -131,6 +102,7 @@ def _int8_from_fp32(
     if cached is not None:
         log.info("int8 model loaded from cache %s", cache_dir)
         return cached[0], cached[1], cache_dir
+    ensure_writable(settings.model_cache_dir, "int8 model")
     calibration_set = calibration_files.load(spec)
     log.info(
         "quantizing to int8 (%d calibration images from %s)",
@@ -238,7 +210,7 @@ def _load_bundle(
     settings: Settings, directory: Path
 ) -> tuple[nn.Module, BundleManifest, list[str], Path | None]:
     manifest = read_manifest(directory)
-    labels = read_labels(directory, manifest)
+    labels = read_labels(directory, manifest.num_classes)
     state_dict = read_weights(directory, manifest)
     if manifest.precision == "int8" or settings.precision == "fp32":
         if manifest.precision == "int8" and settings.precision == "fp32":
@@ -254,7 +226,7 @@ def _load_bundle(
     return module, int8_manifest, labels, cache_dir
 
 
-def load_model(settings: Settings) -> LoadedModel:
+def load_model(settings: Settings) -> ServedModel:
     """Resolve, build (or load from cache) and return the model the settings ask for."""
     started = time.perf_counter()
     path: str | None
@@ -268,11 +240,18 @@ def load_model(settings: Settings) -> LoadedModel:
         labels = imagenet_labels()
         source, path = weights.source, str(weights.path) if weights.path else None
         published, sha = weights.matches_published_hash, weights.sha256
+    runtime = TorchRuntime(
+        module,
+        manifest.precision,
+        threads_per_worker(settings.inference_threads, settings.workers or 1),
+    )
     info = ModelInfo(
         name=manifest.name,
         architecture=manifest.architecture,
         num_classes=manifest.num_classes,
         precision=manifest.precision,
+        runtime=runtime.name,
+        runtime_version=runtime.version(),
         weights_source=source,
         weights_path=path,
         weights_sha256=sha,
@@ -292,4 +271,4 @@ def load_model(settings: Settings) -> LoadedModel:
         info.load_seconds,
         " [RANDOM WEIGHTS]" if info.random_weights else "",
     )
-    return LoadedModel(module=module.eval(), labels=labels, spec=manifest.preprocessing, info=info)
+    return ServedModel(runtime=runtime, labels=labels, spec=manifest.preprocessing, info=info)

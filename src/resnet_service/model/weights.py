@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final
 
@@ -18,6 +17,15 @@ from torchvision.models import ResNet18_Weights
 from torchvision.models.quantization import ResNet18_QuantizedWeights
 
 from resnet_service.errors import WeightsUnavailable
+from resnet_service.model.hub import (
+    RANDOM_SEED,
+    hub_checkpoint_path,
+    how_to_provide_weights,
+    published_hash_prefix,
+    random_weights_sha256,
+)
+from resnet_service.model.hub import sha256_file as sha256_file  # re-exported
+from resnet_service.model.manifest import WeightsSource as WeightsSource  # re-exported
 
 log = logging.getLogger(__name__)
 
@@ -26,17 +34,6 @@ StateDict = dict[str, Any]
 
 FP32_WEIGHTS: Final = ResNet18_Weights.IMAGENET1K_V1
 INT8_WEIGHTS: Final = ResNet18_QuantizedWeights.IMAGENET1K_FBGEMM_V1
-RANDOM_SEED: Final = 0
-
-
-class WeightsSource(StrEnum):
-    """How the served weights were found; reported by /model and in logs."""
-
-    EXPLICIT_PATH = "explicit_path"
-    HUB_CACHE = "hub_cache"
-    DOWNLOAD = "download"
-    BUNDLE = "bundle"
-    RANDOM = "random"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,15 +46,6 @@ class ResolvedWeights:
     path: Path | None
     #: True when the file's sha256 starts with the hash prefix torchvision publishes for it.
     matches_published_hash: bool | None = None
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, streamed."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def sha256_state_dict(state_dict: StateDict) -> str:
@@ -101,18 +89,6 @@ def _is_state_value(value: object) -> bool:
     return isinstance(value, tuple) and all(
         isinstance(item, torch.Tensor) or item is None for item in value
     )
-
-
-def hub_checkpoint_path(url: str) -> Path:
-    """Where torch hub (and torchvision) keeps a downloaded checkpoint (honours $TORCH_HOME)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
-
-
-def published_hash_prefix(url: str) -> str | None:
-    """torchvision names files ``<name>-<sha256 prefix>.pth``."""
-    stem = Path(url).stem
-    prefix = stem.rsplit("-", 1)[-1] if "-" in stem else stem.rsplit("_", 1)[-1]
-    return prefix if all(c in "0123456789abcdef" for c in prefix) and len(prefix) >= 8 else None
 
 
 def _from_file(path: Path, source: WeightsSource, url: str | None) -> ResolvedWeights:
@@ -165,23 +141,8 @@ def random_weights(num_classes: int = 1000) -> ResolvedWeights:
     return ResolvedWeights(
         state_dict=state_dict,
         source=WeightsSource.RANDOM,
-        sha256=sha256_state_dict(state_dict),
+        sha256=random_weights_sha256("resnet18", num_classes),
         path=None,
-    )
-
-
-def how_to_provide_weights() -> str:
-    """The exact remedy, for the start-up error."""
-    name = Path(FP32_WEIGHTS.url).name
-    return (
-        "No ResNet18 weights are available. Provide them in one of these ways:\n"
-        f"  1. set RESNET_SERVICE_WEIGHTS_PATH=/path/to/{name} (or --weights PATH);\n"
-        f"  2. place {name} at {hub_checkpoint_path(FP32_WEIGHTS.url)} "
-        "(the torch hub cache; $TORCH_HOME moves it);\n"
-        f"  3. allow a download (RESNET_SERVICE_ALLOW_DOWNLOADS=true) from {FP32_WEIGHTS.url} "
-        "on a machine that can reach it;\n"
-        "  development only: RESNET_SERVICE_ALLOW_RANDOM_WEIGHTS=true serves seeded random "
-        "weights (meaningless predictions, flagged in every response)."
     )
 
 

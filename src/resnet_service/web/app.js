@@ -21,6 +21,7 @@
     banner: $("dev-banner"),
     modelName: $("model-name"),
     modelPrecision: $("model-precision"),
+    modelRuntime: $("model-runtime"),
     modelWeights: $("model-weights"),
     modelSha: $("model-sha"),
   };
@@ -339,6 +340,7 @@
     if (!model) return;
     ui.modelName.textContent = model.name;
     ui.modelPrecision.textContent = model.precision;
+    if (model.runtime) ui.modelRuntime.textContent = model.runtime;
     ui.banner.hidden = !model.random_weights;
   }
 
@@ -366,13 +368,13 @@
       return;
     }
     const info = await response.json();
-    const runtime = info.runtime || {};
-    limits.maxBatchFiles = Number(runtime.max_batch_files) || limits.maxBatchFiles;
-    limits.maxUploadBytes = Number(runtime.max_upload_bytes) || limits.maxUploadBytes;
-    limits.maxBatchBytes = Number(runtime.max_batch_bytes) || limits.maxBatchBytes;
-    limits.maxTopK = Number(runtime.max_top_k) || limits.maxTopK;
-    fillTopK(Number(runtime.default_top_k) || 5, limits.maxTopK);
-    if (runtime.auth_required) ui.tokenField.hidden = false;
+    const settings = info.settings || {};
+    limits.maxBatchFiles = Number(settings.max_batch_files) || limits.maxBatchFiles;
+    limits.maxUploadBytes = Number(settings.max_upload_bytes) || limits.maxUploadBytes;
+    limits.maxBatchBytes = Number(settings.max_batch_bytes) || limits.maxBatchBytes;
+    limits.maxTopK = Number(settings.max_top_k) || limits.maxTopK;
+    fillTopK(Number(settings.default_top_k) || 5, limits.maxTopK);
+    if (settings.auth_required) ui.tokenField.hidden = false;
     showModelRef(info);
     ui.modelWeights.textContent = info.weights_source;
     ui.modelSha.textContent = (info.weights_sha256 || "").slice(0, 12);

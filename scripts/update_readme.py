@@ -1,0 +1,45 @@
+"""Paste the latest benchmark or robustness report into README.md between its markers.
+
+    .venv/bin/python scripts/update_readme.py bench        # after `make bench`
+    .venv/bin/python scripts/update_readme.py robustness   # after `make robustness`
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench() -> str:
+    from resnet_service.benchmark.report import render_table
+
+    result = json.loads((ROOT / "bench/bench.json").read_text())
+    return f"![benchmark chart](bench/bench.png)\n\n{render_table(result)}"
+
+
+def _robustness() -> str:
+    from resnet_service.benchmark.robustness import render_table
+
+    return render_table(json.loads((ROOT / "bench/robustness.json").read_text()))
+
+
+SECTIONS = {"bench": _bench, "robustness": _robustness}
+
+
+def main() -> None:
+    name = sys.argv[1] if len(sys.argv) > 1 else ""
+    if name not in SECTIONS:
+        raise SystemExit(f"usage: update_readme.py {{{'|'.join(SECTIONS)}}}")
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    readme = (ROOT / "README.md").read_text()
+    head, rest = readme.split(start, 1)
+    _, tail = rest.split(end, 1)
+    (ROOT / "README.md").write_text(f"{head}{start}\n{SECTIONS[name]()}\n{end}{tail}")
+    print(f"README.md: {name} section updated")
+
+
+if __name__ == "__main__":
+    main()

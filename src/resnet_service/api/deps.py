@@ -1,0 +1,67 @@
+"""Dependencies of the routes, as ``Annotated`` aliases: tests swap any of them with
+``app.dependency_overrides``. All ``async``: a plain function dependency would cost a
+thread-pool hop per request."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from resnet_service.admission import Ticket
+from resnet_service.api.problems import Unauthorized
+from resnet_service.api.state import ServiceState
+from resnet_service.classifier import Classifier
+from resnet_service.config import Settings
+
+
+async def get_service(request: Request) -> ServiceState:
+    """The app's state (one per app, never module-global)."""
+    state: ServiceState = request.app.state.service
+    return state
+
+
+ServiceDep = Annotated[ServiceState, Depends(get_service)]
+
+
+async def get_settings(service: ServiceDep) -> Settings:
+    return service.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+async def get_classifier(service: ServiceDep) -> Classifier:
+    """The loaded classifier, or ``NotReady`` (503) while the model loads."""
+    return service.require_classifier()
+
+
+ClassifierDep = Annotated[Classifier, Depends(get_classifier)]
+
+
+async def require_token(request: Request, settings: SettingsDep) -> None:
+    """Bearer-token check for inference routes, when a token is configured."""
+    token = settings.auth_token
+    if token is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(
+        given.strip().encode(), token.get_secret_value().encode()
+    ):
+        raise Unauthorized("Send 'Authorization: Bearer <token>' with the service's token.")
+
+
+async def admission_ticket(request: Request, classifier: ClassifierDep) -> AsyncIterator[Ticket]:
+    """The request's admission ticket: taken by ``AdmissionMiddleware`` before routing (it
+    refuses cheaply under overload); taken here only if the model finished loading in between."""
+    ticket: Ticket | None = getattr(request.state, "ticket", None)
+    if ticket is not None:
+        yield ticket
+        return
+    with classifier.admit() as own:
+        yield own
+
+
+TicketDep = Annotated[Ticket, Depends(admission_ticket)]

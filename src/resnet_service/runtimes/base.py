@@ -1,0 +1,48 @@
+"""The seam the engine runs behind, and the model it serves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from resnet_service.config import Precision, RuntimeName
+from resnet_service.images import PreprocessSpec
+from resnet_service.model.manifest import ModelInfo
+
+FloatBatch = npt.NDArray[np.float32]
+
+
+class Runtime(Protocol):
+    """A loaded network: ``infer`` maps an (N, 3, H, W) float32 batch to (N, classes) logits.
+
+    ``infer`` is called from one thread only (the engine's), after ``bind_thread`` ran there.
+    """
+
+    @property
+    def name(self) -> RuntimeName: ...
+
+    @property
+    def precision(self) -> Precision: ...
+
+    @property
+    def threads(self) -> int: ...
+
+    def bind_thread(self) -> None:
+        """Per-thread set-up on the engine thread (torch's intra-op thread count is per thread)."""
+
+    def infer(self, batch: FloatBatch) -> FloatBatch: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    """A runtime with the labels, preprocessing and provenance of the model it runs."""
+
+    runtime: Runtime
+    labels: list[str]
+    spec: PreprocessSpec
+    info: ModelInfo

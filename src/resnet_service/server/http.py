@@ -1,0 +1,294 @@
+"""uvicorn, hardened for a serving fleet: time limits on slow clients and a shutdown that
+answers every request that reached the process.
+
+What stock uvicorn (0.54) does not do, and this module adds:
+- a connection that never completes its request head is not held forever: the head must
+  arrive within ``header_timeout_s`` (else ``408`` and close; a silent one is just closed);
+- past ``max_connections`` a new connection is served once, with ``Connection: close``;
+- on SIGTERM the signal handler only sets flags (a handler that took a lock, e.g. a
+  prometheus-client value lock, could deadlock against the code it interrupted); the server
+  keeps serving through the drain delay with ``Connection: close`` on every response, then
+  stops taking new handshakes, accepts and serves what is queued in the kernel, gives idle
+  keep-alive connections a moment for a request already on the wire, and closes them; in-flight
+  requests finish within the grace period. Stock uvicorn closes its listening socket (resetting
+  the queued connections) and idle connections at once (racing requests in flight on them).
+
+These hook uvicorn's ``H11Protocol`` and ``Server`` internals, which is why uvicorn is pinned
+to a minor version in ``pyproject.toml``; the tests that exercise each behaviour run against a
+real process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, ClassVar, Final, Literal
+
+import h11
+import uvicorn
+from uvicorn.protocols.http.flow_control import CLOSE_HEADER
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from resnet_service.server.sockets import accept_queue_length, stop_new_connections
+
+log = logging.getLogger("resnet_service.server")
+
+#: After the listener closes, idle keep-alive connections stay open this long, so that a
+#: request a client already sent on one is read and answered (with ``Connection: close``).
+IDLE_LINGER_S: Final = 1.0
+#: Longest wait for the kernel's accept queue to empty after new handshakes are refused.
+_ACCEPT_DRAIN_S: Final = 2.0
+_POLL_S: Final = 0.01
+
+
+@dataclass
+class ConnectionPolicy:
+    """Limits shared by every connection of one server."""
+
+    header_timeout_s: float
+    max_connections: int
+    #: Set when the server starts draining: every response from then on closes its connection.
+    closing: bool = False
+
+
+def _raw_problem(status: int, reason: str, code: str, title: str, detail: str) -> bytes:
+    """A whole problem+json response, for answers given below the app (then the connection
+    closes): the API keeps one error body even for what never reached it."""
+    body = json.dumps(
+        {"type": "about:blank", "title": title, "status": status, "detail": detail, "code": code}
+    ).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/problem+json\r\n"
+        f"connection: close\r\ncontent-length: {len(body)}\r\n\r\n"
+    ).encode()
+    return head + body
+
+
+_REQUEST_TIMEOUT: Final = _raw_problem(
+    408,
+    "Request Timeout",
+    "request_timeout",
+    "Request timeout",
+    "The request head did not arrive in time; send it promptly.",
+)
+_BAD_REQUEST: Final = _raw_problem(
+    400,
+    "Bad Request",
+    "malformed_request",
+    "Malformed request",
+    "This is not a valid HTTP/1.1 request (request line, method or headers).",
+)
+
+
+class ServiceProtocol(asyncio.Protocol):
+    """The hardening shared by both parsers: a request-head timeout and close-after-response
+    marks. Mixed into uvicorn's ``H11Protocol`` and ``HttpToolsProtocol`` below, whose
+    attributes (``cycle``, ``transport``, ``loop``, ``connections``) it uses."""
+
+    policy: ClassVar[ConnectionPolicy]
+    cycle: Any
+    transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop
+    connections: set[Any]
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_started = False
+        #: Answer the next request with ``Connection: close`` (over the cap, or shutting down).
+        self.close_after_response = len(self.connections) > self.policy.max_connections
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        cycle = self.cycle
+        super().data_received(data)  # type: ignore[misc]
+        if self.cycle is not cycle:  # a request head was parsed
+            self._head_started = False
+            self._cancel_head_timer()
+            if self.close_after_response or self.policy.closing:
+                self.mark_closing()
+        elif self.awaiting_head() and not self.transport.is_closing():
+            self._head_started = True
+            if self._head_timer is None:
+                self._arm_head_timer()  # the first bytes of a request: its head is on the clock
+
+    def awaiting_head(self) -> bool:
+        """Between requests: nothing in progress on this connection."""
+        return self.cycle is None or bool(self.cycle.response_complete)
+
+    def mark_closing(self) -> None:
+        """The current (or next) response carries ``Connection: close`` and ends the connection."""
+        self.close_after_response = True
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started:
+            cycle.keep_alive = False
+            self._announce_close(cycle)
+
+    def _announce_close(self, cycle: Any) -> None:
+        """Make sure the response says ``Connection: close`` (parser-specific)."""
+
+    def send_400_response(self, msg: str) -> None:
+        """The parser gave up on the request: answer in the API's error format and close."""
+        self._cancel_head_timer()
+        self.transport.write(_BAD_REQUEST)
+        self.transport.close()
+
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(self.policy.header_timeout_s, self._head_timeout)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing() or not self.awaiting_head():
+            return
+        if self._head_started:  # part of a request arrived: say why it is refused
+            self.transport.write(_REQUEST_TIMEOUT)
+        self.transport.close()
+
+
+class H11ServiceProtocol(ServiceProtocol, H11Protocol):
+    """The hardened protocol on h11 (pure Python)."""
+
+    def _announce_close(self, cycle: Any) -> None:
+        # uvicorn's h11 cycle copies a request's ``connection: close`` onto its response (and
+        # h11 then closes after it): the one hook it offers for telling the client.
+        if CLOSE_HEADER not in cycle.scope["headers"]:
+            cycle.scope["headers"].append(CLOSE_HEADER)
+
+    def _head_timeout(self) -> None:
+        with contextlib.suppress(h11.LocalProtocolError):
+            if self.awaiting_head() and not self.transport.is_closing():
+                self.conn.send(h11.ConnectionClosed())
+        super()._head_timeout()
+
+
+class HttpToolsServiceProtocol(ServiceProtocol, HttpToolsProtocol):
+    """The hardened protocol on httptools (llhttp, in C); its cycle adds ``Connection: close``
+    itself whenever keep-alive is off."""
+
+
+HttpParser = Literal["httptools", "h11"]
+
+
+def protocol_class(policy: ConnectionPolicy, parser: HttpParser = "httptools") -> type[ServiceProtocol]:
+    """A protocol class bound to one server's policy (uvicorn instantiates it per connection
+    with a fixed signature, so the policy travels as a class attribute)."""
+    base = HttpToolsServiceProtocol if parser == "httptools" else H11ServiceProtocol
+    return type(f"Bound{base.__name__}", (base,), {"policy": policy})
+
+
+class GracefulServer(uvicorn.Server):
+    """A uvicorn server whose SIGTERM starts a drain and whose shutdown loses no request."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        policy: ConnectionPolicy,
+        *,
+        drain_delay_s: float,
+        on_signal: Callable[[], None] = lambda: None,
+        on_draining: Callable[[], None] = lambda: None,
+        on_started: Callable[[], None] = lambda: None,
+    ) -> None:
+        super().__init__(config)
+        self.policy = policy
+        self.drain_delay_s = drain_delay_s
+        self.drain_started: float | None = None
+        self._on_signal = on_signal
+        self._on_draining = on_draining
+        self._on_started = on_started
+        self._draining_announced = False
+
+    # --- signals (signal context: plain assignments only) ------------------------------
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.drain_started is not None:
+            if sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl-C: stop waiting
+            return
+        self.drain_started = time.monotonic()
+        self.policy.closing = True
+        self._on_signal()
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_started is not None:
+            if not self._draining_announced:
+                self._draining_announced = True
+                log.info("SIGTERM: readiness is now 503; draining for %.1fs", self.drain_delay_s)
+                self._on_draining()
+            if time.monotonic() - self.drain_started >= self.drain_delay_s:
+                return True
+        return await super().on_tick(counter)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and not self.should_exit:
+            self._on_started()
+
+    # --- shutdown ------------------------------------------------------------------------
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        log.info("stopping: no new connections; serving the ones queued and in flight")
+        self.policy.closing = True
+        await self._close_listeners()
+        self._mark_connections_closing()
+        await self._linger()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()  # idle ones close now, busy ones after their response
+        try:
+            await asyncio.wait_for(
+                self._wait_tasks_to_complete(), timeout=self.config.timeout_graceful_shutdown
+            )
+        except TimeoutError:
+            log.error(
+                "shutdown grace exceeded: cancelling %d request(s)", len(self.server_state.tasks)
+            )
+            for task in self.server_state.tasks:
+                task.cancel(msg="shutdown grace exceeded")
+        if not self.force_exit:
+            await self.lifespan.shutdown()
+
+    async def _close_listeners(self) -> None:
+        listeners = [sock for server in self.servers for sock in (server.sockets or ())]
+        raw = [socket.socket(fileno=s.fileno()) for s in listeners]  # same fd, for setsockopt
+        try:
+            for sock in raw:
+                stop_new_connections(sock)
+            deadline = time.monotonic() + _ACCEPT_DRAIN_S
+            while any(accept_queue_length(s) for s in raw) and time.monotonic() < deadline:
+                await asyncio.sleep(_POLL_S)  # the event loop accepts them meanwhile
+        finally:
+            for sock in raw:
+                sock.detach()  # the asyncio server owns the descriptor
+        for server in self.servers:
+            server.close()
+
+    def _mark_connections_closing(self) -> None:
+        for connection in self.server_state.connections:
+            if isinstance(connection, ServiceProtocol):
+                connection.mark_closing()
+
+    async def _linger(self) -> None:
+        """Idle connections get ``IDLE_LINGER_S`` for a request already sent to arrive."""
+        deadline = time.monotonic() + IDLE_LINGER_S
+        while self.server_state.connections and time.monotonic() < deadline:
+            if self.force_exit:
+                return
+            await asyncio.sleep(_POLL_S)
+

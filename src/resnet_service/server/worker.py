@@ -1,0 +1,123 @@
+"""One worker process of ``serve``: load and warm the model, *then* listen, then serve.
+
+Started by the supervisor (``supervisor.py``) with the settings in ``RESNET_SERVICE_*``
+variables and its own plumbing in ``RESNET_WORKER_*`` ones: where to report readiness, the
+replica's shared state, the prometheus multiprocess directory. Its listening socket is its
+own (SO_REUSEPORT), bound only once the model is warm, so no connection ever reaches a worker
+that cannot serve it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import logging.config
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from resnet_service.config import Settings, SettingsError, load_settings
+
+log = logging.getLogger("resnet_service.worker")
+
+NOTIFY_FD_ENV: Final = "RESNET_WORKER_NOTIFY_FD"
+REPLICA_STATE_ENV: Final = "RESNET_WORKER_REPLICA_STATE"
+INDEX_ENV: Final = "RESNET_WORKER_INDEX"
+EXIT_STARTUP_FAILED: Final = 3
+READY_MESSAGE: Final = b"ready\n"
+_PR_SET_PDEATHSIG: Final = 1
+LISTEN_BACKLOG: Final = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerPlumbing:
+    """What the supervisor hands a worker besides the settings."""
+
+    notify_fd: int | None
+    replica_state: Path | None
+    index: int
+
+    @classmethod
+    def from_env(cls) -> WorkerPlumbing:
+        fd = os.environ.get(NOTIFY_FD_ENV)
+        state = os.environ.get(REPLICA_STATE_ENV)
+        return cls(
+            notify_fd=int(fd) if fd else None,
+            replica_state=Path(state) if state else None,
+            index=int(os.environ.get(INDEX_ENV, "0")),
+        )
+
+    def notify_ready(self) -> None:
+        if self.notify_fd is not None:
+            os.write(self.notify_fd, READY_MESSAGE)
+
+
+def _die_with_supervisor() -> None:
+    """Get SIGTERM (a graceful stop) if the supervisor dies, instead of serving as an orphan."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the supervisor's SIGTERM still reaches us
+        return
+
+
+def serve_worker(settings: Settings, plumbing: WorkerPlumbing) -> int:
+    """Load, warm, listen, serve until SIGTERM; returns the exit code."""
+    from resnet_service.api.app import create_app, load_classifier
+    from resnet_service.api.metrics import Metrics
+    from resnet_service.api.state import ReplicaView, ServiceState
+    from resnet_service.errors import ServiceError
+    from resnet_service.serve import uvicorn_config
+    from resnet_service.server.http import ConnectionPolicy, GracefulServer
+    from resnet_service.server.sockets import reuseport_listener
+
+    metrics = Metrics(worker=plumbing.index)
+    try:
+        classifier = load_classifier(settings, metrics)
+    except ServiceError as exc:
+        log.critical("start-up failed: %s", exc.detail)
+        return EXIT_STARTUP_FAILED
+    except Exception:
+        log.critical("start-up failed", exc_info=True)
+        return EXIT_STARTUP_FAILED
+    replica = ReplicaView(plumbing.replica_state) if plumbing.replica_state else None
+    app = create_app(settings, classifier=classifier, metrics=metrics, replica=replica)
+    state: ServiceState = app.state.service
+    policy = ConnectionPolicy(settings.header_timeout_s, settings.max_connections)
+    sock = reuseport_listener(settings.host, settings.port, LISTEN_BACKLOG)
+
+    def on_signal() -> None:  # signal context: assignments only
+        state.draining = True
+
+    server = GracefulServer(
+        uvicorn_config(app, settings, policy),
+        policy,
+        drain_delay_s=settings.drain_delay_s,
+        on_signal=on_signal,
+        on_draining=lambda: metrics.ready.set(0),
+        on_started=plumbing.notify_ready,
+    )
+    log.info("worker %d listening on %s:%d", plumbing.index, settings.host, settings.port)
+    server.run(sockets=[sock])
+    return 0
+
+
+def main() -> int:
+    """``python -m resnet_service.server.worker`` (started by the supervisor)."""
+    _die_with_supervisor()
+    from resnet_service.serve import log_config
+
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"resnet-service worker: {exc}", file=sys.stderr)
+        return EXIT_STARTUP_FAILED
+    logging.config.dictConfig(log_config(settings.log_level))
+    return serve_worker(settings, WorkerPlumbing.from_env())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,362 @@
+"""Faults and hostile traffic against real server processes: the robustness suite.
+
+Each probe is bounded (seconds of load, loopback only) and asserts behaviour, not speed:
+refusals come from the headers alone and quickly, nothing but 200 and 503 under overload, no
+request that reached the server goes unanswered, a dead worker's gauges leave at once and its
+replacement never says not_ready, slow clients are freed. ``make robustness`` runs the same
+probes at full size and reports the figures against the goals (``scripts/robustness.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from resnet_service.benchmark import loadgen
+from resnet_service.benchmark.servers import free_port, stop_process_group
+from resnet_service.runtimes.base import ServedModel
+from tests.helpers import jpeg_of
+from tests.server import Server, is_ready, serve, wait_until
+
+pytestmark = pytest.mark.slow
+
+HOST = "127.0.0.1"
+
+
+def model_args(weights_file: Path, cache: Path, *extra: str) -> list[str]:
+    return ["--weights", str(weights_file), "--cache-dir", str(cache), "--offline", *extra]
+
+
+def classify_payload(port: int, size: tuple[int, int] = (500, 375)) -> bytes:
+    return loadgen.multipart_request(
+        HOST, port, "/classify", "image", "p.jpg", jpeg_of("chelsea", size), "image/jpeg"
+    )
+
+
+def metric(server: Server, family: str, **labels: str) -> float:
+    """Sum of a family's samples (``_total`` for counters) matching ``labels``."""
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    total = 0.0
+    for fam in text_string_to_metric_families(text):
+        if fam.name != family:
+            continue
+        for sample in fam.samples:
+            if sample.name.endswith(("_created", "_bucket", "_sum", "_count")):
+                continue
+            if all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def header_only_probe(port: int, timeout: float = 1.0) -> bytes:
+    """Send a POST's head announcing a 1 MB body and no body: the answer, if the server gives
+    one from the headers alone within ``timeout``, else b""."""
+    with socket.create_connection((HOST, port), timeout=timeout) as sock:
+        sock.sendall(
+            b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
+        )
+        try:
+            return sock.recv(4096)
+        except TimeoutError:
+            return b""
+
+
+@pytest.fixture
+def two_workers(weights_file: Path, model_cache: Path, tmp_path: Path) -> Iterator[Server]:
+    with serve(tmp_path, *model_args(weights_file, model_cache, "--workers", "2")) as server:
+        yield server
+
+
+# --- overload ----------------------------------------------------------------------------
+def test_overload_is_refused_from_the_headers_and_recovers(two_workers: Server) -> None:
+    server = two_workers
+    payload = classify_payload(server.port)
+    alone = asyncio.run(loadgen.closed_loop(HOST, server.port, payload, 1, 1.0))
+    capacity = asyncio.run(loadgen.closed_loop(HOST, server.port, payload, 16, 2.0))
+    rps = capacity.summary()["rps"]
+    assert isinstance(rps, float) and rps > 0
+
+    async def flood() -> tuple[loadgen.LoadResult, list[bytes]]:
+        load = asyncio.create_task(loadgen.open_loop(HOST, server.port, payload, 10 * rps, 3.0))
+        probes: list[bytes] = []
+        await asyncio.sleep(1.0)
+        for _ in range(10):
+            probes.append(await asyncio.to_thread(header_only_probe, server.port))
+            await asyncio.sleep(0.1)
+        return await load, probes
+
+    result, probes = asyncio.run(flood())
+    assert result.failures[loadgen.LOST] == 0, result.summary()
+    assert set(result.codes) == {"overloaded"}, result.codes
+    assert result.ok > 0
+    # Refused from the headers alone: these clients never sent their bodies.
+    assert any(p.startswith(b"HTTP/1.1 503") for p in probes), probes
+    assert all(p == b"" or p.startswith(b"HTTP/1.1 503") for p in probes), probes
+    refusal_p99 = float(np.percentile(result.latency_ms(503), 99))
+    accepted_p99 = float(np.percentile(result.latency_ms(200), 99))
+    assert refusal_p99 < 1000, f"refusals took {refusal_p99:.0f} ms at p99"
+    # Admission keeps the accepted wait near the queue budget (250 ms), not the deadline (30 s).
+    assert accepted_p99 < 3000, f"accepted requests took {accepted_p99:.0f} ms at p99"
+
+    # Recovery: the queue drains, a lone request is fast again.
+    normal = float(np.percentile(alone.latency_ms(200), 50))
+    wait_until(lambda: metric(server, "resnet_service_queue_depth") == 0, 5, "an empty queue")
+
+    def fast_again() -> bool:
+        started = time.perf_counter()
+        ok = httpx.post(f"{server.url}/classify", files={"image": jpeg_of("chelsea")}).is_success
+        return ok and (time.perf_counter() - started) * 1000 < 3 * normal + 50
+
+    wait_until(fast_again, 5, "normal latency after the flood")
+
+
+# --- a worker killed ----------------------------------------------------------------------
+def test_a_killed_worker_is_replaced_and_its_gauges_leave(two_workers: Server) -> None:
+    server = two_workers
+    payload = classify_payload(server.port)
+    victim = server.worker_pids()[0]
+
+    async def scenario() -> loadgen.LoadResult:
+        load = asyncio.create_task(loadgen.closed_loop(HOST, server.port, payload, 8, 8.0))
+        await asyncio.sleep(2.0)
+        os.kill(victim, signal.SIGKILL)
+        return await load
+
+    result = asyncio.run(scenario())
+    wait_until(lambda: len(server.worker_pids()) == 2, 60, "a replacement worker", server)
+    assert victim not in server.worker_pids()
+    wait_until(lambda: "ready (pid" in server.output().split("died")[-1], 60, "it ready", server)
+    # Only the dead worker's in-flight requests may fail (8 clients: at most 8). While one
+    # worker carries all 8 clients, admission may shed some (503 overloaded); the replacement
+    # never answers not_ready: it listens only once warm.
+    assert result.failures[loadgen.LOST] <= 8, result.summary()
+    assert set(result.codes) <= {"overloaded"}, result.codes
+    assert metric(server, "resnet_service_rejections", reason="not_ready") == 0
+    assert metric(server, "resnet_service_rejections", reason="overloaded") == result.statuses.get(
+        503, 0
+    )
+    assert "died" in server.output()
+    # Gauges: only live processes count; the scrape itself is the one request in flight.
+    assert metric(server, "resnet_service_in_flight_requests") == 1
+    assert metric(server, "resnet_service_queue_depth") == 0
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+
+
+# --- SIGTERM ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("target", "drain_delay"),
+    [("supervisor", "1.0"), ("process group", "0")],
+    ids=["kubernetes-style", "whole-group"],
+)
+def test_sigterm_under_load_answers_every_request(
+    weights_file: Path, model_cache: Path, tmp_path: Path, target: str, drain_delay: str
+) -> None:
+    args = model_args(weights_file, model_cache, "--workers", "2", "--drain-delay", drain_delay)
+    with serve(tmp_path, *args) as server:
+        payload = classify_payload(server.port)
+
+        async def scenario() -> tuple[loadgen.LoadResult, float]:
+            load = asyncio.create_task(
+                loadgen.closed_loop(HOST, server.port, payload, 32, 30.0, timeout_s=20)
+            )
+            await asyncio.sleep(1.5)
+            signalled = time.monotonic()
+            if target == "supervisor":
+                server.terminate()
+            else:
+                os.killpg(server.process.pid, signal.SIGTERM)
+            async with httpx.AsyncClient(base_url=server.url) as probe:
+                while time.monotonic() - signalled < 5:
+                    try:
+                        if (await probe.get("/readyz")).status_code == 503:
+                            break
+                    except httpx.HTTPError:
+                        break  # already stopped listening (no drain delay)
+                    await asyncio.sleep(0.01)
+            unready_after = time.monotonic() - signalled
+            return await load, unready_after
+
+        result, unready_after = asyncio.run(scenario())
+        assert unready_after < 1.0
+        code = server.process.wait(60)
+        assert code == 0, server.output()[-3000:]
+        # Every request that reached the server was answered: none lost; draining serves on,
+        # so no not_ready (admission may still shed load it cannot serve in time).
+        assert result.failures[loadgen.LOST] == 0, result.summary()
+        assert set(result.codes) <= {"overloaded"}, result.codes
+        assert result.ok > 32
+        log = server.output()
+        assert "draining" in log and "stopped" in log
+
+
+# --- hostile clients ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def strict_server(
+    tmp_path_factory: pytest.TempPathFactory, weights_file: Path, model_cache: Path
+) -> Iterator[Server]:
+    env = {"RESNET_SERVICE_HEADER_TIMEOUT_S": "1", "RESNET_SERVICE_BODY_TIMEOUT_S": "1"}
+    with serve(
+        tmp_path_factory.mktemp("strict"), *model_args(weights_file, model_cache), env=env
+    ) as server:
+        yield server
+
+
+def read_all(sock: socket.socket, limit_s: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes; and how long that took."""
+    started = time.monotonic()
+    sock.settimeout(limit_s)
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(chunks), time.monotonic() - started
+        chunks.append(chunk)
+
+
+@pytest.mark.parametrize(
+    ("sent", "answer"),
+    [
+        (b"", b""),  # connects and says nothing: closed
+        (b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Le", b"HTTP/1.1 408"),  # head stalls
+        (
+            b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n" + b"x" * 1024,
+            b"HTTP/1.1 408",  # body stalls after 1 KB of a declared 10 MB
+        ),
+    ],
+    ids=["silent", "slow-head", "slow-body"],
+)
+def test_slow_clients_are_freed(strict_server: Server, sent: bytes, answer: bytes) -> None:
+    with socket.create_connection((HOST, strict_server.port)) as sock:
+        sock.sendall(sent)
+        response, took = read_all(sock, 10)
+    assert response.startswith(answer), response[:200]
+    if answer:
+        assert b"request_timeout" in response
+        assert b"connection: close" in response.lower()
+    assert took < 5  # 1 s timeouts; the connection is closed, not held
+
+
+def test_made_up_methods_do_not_grow_the_metrics(strict_server: Server) -> None:
+    def metric_lines() -> int:
+        return len(httpx.get(f"{strict_server.url}/metrics").text.splitlines())
+
+    metric_lines()
+    before = metric_lines()
+    with httpx.Client(base_url=strict_server.url) as client:
+        for index in range(300):
+            response = client.request(f"X{index:04d}", "/classify")
+            # llhttp refuses unknown methods itself (400); h11 lets the app say 405.
+            assert response.status_code in (400, 405)
+            assert response.headers["content-type"] == "application/problem+json"
+    assert metric_lines() - before <= 10  # one "other" method series, not one per method
+
+
+def test_a_long_multipart_boundary_is_a_400(strict_server: Server) -> None:
+    boundary = "b" * 300
+    response = httpx.post(
+        f"{strict_server.url}/classify",
+        content=f"--{boundary}\r\n\r\n--{boundary}--\r\n".encode(),
+        headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert response.status_code == 400
+    assert response.json()["code"] == "malformed_request"
+
+
+# --- read-only file systems ---------------------------------------------------------------
+def _read_only(paths: list[Path], cmd: list[str]) -> list[str]:
+    """``cmd`` in a private mount namespace where ``paths`` are read-only bind mounts: a real
+    EROFS, as under Kubernetes' readOnlyRootFilesystem (file modes would not stop root)."""
+    mounts = " && ".join(f"mount --bind -o ro {shlex.quote(str(p))} {shlex.quote(str(p))}" for p in paths)
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", f'{mounts} && exec "$0" "$@"', *cmd]
+
+
+@pytest.fixture(scope="module")
+def can_mount() -> None:
+    probe = subprocess.run(
+        _read_only([Path("/")], ["true"]), capture_output=True, text=True, check=False
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"needs a private mount namespace (root): {probe.stderr.strip()}")
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path, can_mount: None) -> tuple[Path, dict[str, str]]:
+    """TMPDIR is the only writable place; HOME and the project are read-only."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "PYTHONDONTWRITEBYTECODE": "1"}
+    return tmp, env
+
+
+def _frozen(*extra: Path) -> list[Path]:
+    project = Path(__file__).resolve().parents[1]
+    return [project, Path.home(), *extra]
+
+
+def test_an_empty_read_only_cache_stops_start_up_clearly(
+    sandbox: tuple[Path, dict[str, str]], weights_file: Path, tmp_path: Path
+) -> None:
+    tmp, env = sandbox
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cmd = [sys.executable, "-m", "resnet_service", "serve", "--port", "0", "--workers", "1"]
+    proc = subprocess.run(
+        _read_only(_frozen(cache, weights_file), [*cmd, *model_args(weights_file, cache)]),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "RESNET_SERVICE_MODEL_CACHE_DIR" in proc.stderr
+    assert "Read-only file system" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list(tmp.iterdir()) == []  # no run directory left behind
+
+
+def test_a_read_only_cache_holding_the_model_just_works(
+    sandbox: tuple[Path, dict[str, str]],
+    weights_file: Path,
+    model_cache: Path,
+    int8_model: ServedModel,  # built into model_cache
+    tmp_path: Path,
+) -> None:
+    tmp, env = sandbox
+    port = free_port()
+    cmd = [sys.executable, "-m", "resnet_service", "serve", "--port", str(port), "--workers", "1"]
+    log = tmp_path / "server.log"
+    frozen = _frozen(model_cache, weights_file)
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            _read_only(frozen, [*cmd, *model_args(weights_file, model_cache)]),
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = Server(process, f"http://{HOST}:{port}", port, log)
+    try:
+        wait_until(lambda: is_ready(server.url), 240, "readiness", server)
+        response = httpx.post(f"{server.url}/classify", files={"image": jpeg_of("coffee")})
+        assert response.status_code == 200
+    finally:
+        stop_process_group(process)
+    assert process.returncode == 0, log.read_text()[-3000:]
+    assert "Read-only" not in log.read_text()
+    assert list(tmp.iterdir()) == []
