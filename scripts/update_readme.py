@@ -1,7 +1,7 @@
 """Paste the latest benchmark or robustness report into README.md between its markers.
 
-    .venv/bin/python scripts/update_readme.py bench        # after `make bench`
-    .venv/bin/python scripts/update_readme.py robustness   # after `make robustness`
+.venv/bin/python scripts/update_readme.py bench        # after `make bench`
+.venv/bin/python scripts/update_readme.py robustness   # after `make robustness`
 """
 
 from __future__ import annotations

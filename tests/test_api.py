@@ -445,7 +445,7 @@ async def test_upload_memory_is_bounded_and_given_back(
 
 async def test_a_boundary_longer_than_rfc_2046_allows_is_400(client: Client) -> None:
     boundary = "b" * 300
-    body = f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nx\r\n--{boundary}--\r\n"
+    body = f'--{boundary}\r\nContent-Disposition: form-data; name="image"\r\n\r\nx\r\n--{boundary}--\r\n'
     response = await client.post(
         "/classify",
         content=body.encode(),
@@ -492,4 +492,6 @@ async def test_admission_refuses_before_reading_the_upload(
         assert "budget" in body["detail"]
         assert int(response.headers["retry-after"]) >= 1
         assert workload.uploading == 0
-        assert (await client.post("/classify", files=image_file(jpeg_of("coffee")))).status_code == 200
+        assert (
+            await client.post("/classify", files=image_file(jpeg_of("coffee")))
+        ).status_code == 200

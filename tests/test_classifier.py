@@ -14,8 +14,8 @@ from resnet_service.config import Settings
 from resnet_service.errors import InvalidParameter, NotReady, Overloaded, UnsupportedImage
 from resnet_service.images import decode_and_preprocess
 from resnet_service.runtimes.base import ServedModel
-from tests.server import wait_until
 from tests.helpers import LIMITS, SPEC, jpeg_of
+from tests.server import wait_until
 
 
 @pytest.fixture
@@ -136,7 +136,8 @@ async def test_admission_measures_work_and_refuses_past_the_budget(
             ticket.uploaded()
             results = await clf.classify_many([jpeg_of("coffee", (320, 240))] * 8, 1)
         assert all(isinstance(r, Classification) for r in results)
-        assert clf.workload.processing == 0 and clf.workload.uploading == 0
+        assert clf.workload.processing == 0
+        assert clf.workload.uploading == 0
         assert clf.workload.completed == 8
         assert 0 < clf.workload.cost_s < 1  # measured, no longer the prior
         first = clf.admit()  # uploading: counts as work ahead of the next request

@@ -207,7 +207,9 @@ def test_wrong_input_shape_is_refused(engine: InferenceEngine) -> None:
         engine.submit(np.zeros((3, 10, 10), dtype=np.float32))
 
 
-def test_stop_finishes_queued_work_then_refuses(engine: InferenceEngine, gated: GatedRuntime) -> None:
+def test_stop_finishes_queued_work_then_refuses(
+    engine: InferenceEngine, gated: GatedRuntime
+) -> None:
     first = hold_engine(engine, gated)
     queued = [engine.submit(image(i)) for i in range(3)]
     stopper = threading.Thread(target=engine.stop, kwargs={"timeout": 10})

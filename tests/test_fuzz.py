@@ -85,9 +85,7 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 
 @pytest.fixture(scope="module")
-def client(
-    app_settings: Settings, loop: asyncio.AbstractEventLoop
-) -> Iterator[httpx.AsyncClient]:
+def client(app_settings: Settings, loop: asyncio.AbstractEventLoop) -> Iterator[httpx.AsyncClient]:
     """One app (lifespan on, model warm) for every generated case."""
     app = create_app(app_settings, exit_on_startup_failure=False)
     lifespan = app.router.lifespan_context(app)

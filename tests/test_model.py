@@ -17,13 +17,13 @@ from resnet_service.config import load_settings
 from resnet_service.errors import BundleInvalid, WeightsUnavailable
 from resnet_service.model import bundle as bundle_mod
 from resnet_service.model.bundle import BundleManifest, read_manifest, write_bundle
+from resnet_service.model.hub import hub_checkpoint_path
 from resnet_service.model.loader import imagenet_labels, load_model
 from resnet_service.model.weights import (
     FP32_WEIGHTS,
     INT8_WEIGHTS,
     WeightsSource,
     find_in_hub_or_download,
-    hub_checkpoint_path,
     random_weights,
     resolve_fp32_weights,
     sha256_file,

@@ -88,7 +88,8 @@ def test_overload_is_refused_from_the_headers_and_recovers(two_workers: Server) 
     alone = asyncio.run(loadgen.closed_loop(HOST, server.port, payload, 1, 1.0))
     capacity = asyncio.run(loadgen.closed_loop(HOST, server.port, payload, 16, 2.0))
     rps = capacity.summary()["rps"]
-    assert isinstance(rps, float) and rps > 0
+    assert isinstance(rps, float)
+    assert rps > 0
 
     async def flood() -> tuple[loadgen.LoadResult, list[bytes]]:
         load = asyncio.create_task(loadgen.open_loop(HOST, server.port, payload, 10 * rps, 3.0))
@@ -200,7 +201,8 @@ def test_sigterm_under_load_answers_every_request(
         assert set(result.codes) <= {"overloaded"}, result.codes
         assert result.ok > 32
         log = server.output()
-        assert "draining" in log and "stopped" in log
+        assert "draining" in log
+        assert "stopped" in log
 
 
 # --- hostile clients ----------------------------------------------------------------------
@@ -219,7 +221,7 @@ def read_all(sock: socket.socket, limit_s: float) -> tuple[bytes, float]:
     """Everything the server sends until it closes; and how long that took."""
     started = time.monotonic()
     sock.settimeout(limit_s)
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         chunk = sock.recv(65536)
         if not chunk:
@@ -281,8 +283,20 @@ def test_a_long_multipart_boundary_is_a_400(strict_server: Server) -> None:
 def _read_only(paths: list[Path], cmd: list[str]) -> list[str]:
     """``cmd`` in a private mount namespace where ``paths`` are read-only bind mounts: a real
     EROFS, as under Kubernetes' readOnlyRootFilesystem (file modes would not stop root)."""
-    mounts = " && ".join(f"mount --bind -o ro {shlex.quote(str(p))} {shlex.quote(str(p))}" for p in paths)
-    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", f'{mounts} && exec "$0" "$@"', *cmd]
+    mounts = " && ".join(
+        f"mount --bind -o ro {shlex.quote(str(p))} {shlex.quote(str(p))}" for p in paths
+    )
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "sh",
+        "-c",
+        f'{mounts} && exec "$0" "$@"',
+        *cmd,
+    ]
 
 
 @pytest.fixture(scope="module")

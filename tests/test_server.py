@@ -57,21 +57,22 @@ def test_workers_listen_only_once_warm_and_readiness_never_flips(
     args = model_args(weights_file, tmp_path / "cache", "--workers", "2")
     with serve(tmp_path, *args, wait_ready=False) as server:
         seen: list[str] = []
-        wait_until(
-            lambda: seen.append(probe_readyz(server.url)) or seen[-1] == "200",
-            240,
-            "readiness",
-            server,
-        )
+
+        def ready() -> bool:
+            seen.append(probe_readyz(server.url))
+            return seen[-1] == "200"
+
+        wait_until(ready, 240, "readiness", server)
         # Before: nothing listens, or a warm worker says the replica is still starting; never
         # a worker that takes a connection and then cannot serve it.
         assert set(seen[:-1]) <= {"refused", "503"}, seen
         after = [probe_readyz(server.url) for _ in range(40)]
         assert after == ["200"] * 40  # one answer whichever worker takes the probe
-        log = server.output()
         for pid in server.worker_pids():
-            warm = log.index(f"engine warmed up", log.index(f"[{pid}]"))
-            assert warm < log.index(f"[{pid}]: worker", warm)  # warm, then listening
+            lines = [line for line in server.output().splitlines() if f"[{pid}]" in line]
+            warm = next(i for i, line in enumerate(lines) if "engine warmed up" in line)
+            listening = next(i for i, line in enumerate(lines) if "listening on" in line)
+            assert warm < listening  # warm first, then listening
 
 
 def test_64_concurrent_clients_are_batched(

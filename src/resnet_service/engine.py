@@ -71,7 +71,7 @@ class _Work:
 
 def softmax(logits: FloatBatch) -> FloatBatch:
     """Row-wise softmax in float32, stable for large logits."""
-    shifted = logits - logits.max(axis=1, keepdims=True)
+    shifted: FloatBatch = logits - logits.max(axis=1, keepdims=True)
     np.exp(shifted, out=shifted)
     shifted /= shifted.sum(axis=1, keepdims=True)
     return shifted
@@ -155,7 +155,9 @@ class InferenceEngine:
         if not self.ready:
             raise NotReady("the model is not ready (starting up or shutting down)")
         if array.shape != self.input_shape:
-            raise InferenceFailed(f"expected an array of shape {self.input_shape}, got {array.shape}")
+            raise InferenceFailed(
+                f"expected an array of shape {self.input_shape}, got {array.shape}"
+            )
         work = _Work(array=array, deadline=time.monotonic() + timeout_s)
         try:
             self._queue.put_nowait(work)

@@ -239,8 +239,8 @@ def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
 
 def center_crop_box(width: int, height: int, crop: int) -> tuple[int, int, int, int]:
     """The centred ``crop``x``crop`` box, rounded as torchvision's ``center_crop`` does."""
-    top = int(round((height - crop) / 2.0))
-    left = int(round((width - crop) / 2.0))
+    top = round((height - crop) / 2.0)
+    left = round((width - crop) / 2.0)
     return left, top, left + crop, top + crop
 
 

@@ -158,9 +158,7 @@ def _serve(settings: Settings, rundir: Path) -> int:
             "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
         }
         preflight(settings, env)
-        log.info(
-            "serving on http://%s:%d with %d worker(s)", settings.host, port, settings.workers
-        )
+        log.info("serving on http://%s:%d with %d worker(s)", settings.host, port, settings.workers)
         stop_timeout = (
             settings.drain_delay_s + settings.shutdown_grace_s + IDLE_LINGER_S + _STOP_MARGIN_S
         )

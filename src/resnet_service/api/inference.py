@@ -12,7 +12,6 @@ from resnet_service.api.deps import ClassifierDep, ServiceDep, TicketDep, requir
 from resnet_service.api.multipart import uploaded_files
 from resnet_service.api.openapi import multipart_body, problems
 from resnet_service.api.problems import MissingField, item_error
-from resnet_service.api.state import ServiceState
 from resnet_service.api.schemas import (
     BatchItemResult,
     BatchResponse,
@@ -20,6 +19,7 @@ from resnet_service.api.schemas import (
     Prediction,
     Timings,
 )
+from resnet_service.api.state import ServiceState
 from resnet_service.classifier import Classification
 from resnet_service.errors import ServiceError
 

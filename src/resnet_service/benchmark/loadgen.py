@@ -27,13 +27,21 @@ from typing import Final
 import numpy as np
 
 MAX_OPEN_LOOP_CONNECTIONS = 512
-_CLIENT_ERRORS: Final = (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError, IndexError)
+_CLIENT_ERRORS: Final = (
+    OSError,
+    ConnectionError,
+    asyncio.IncompleteReadError,
+    ValueError,
+    IndexError,
+)
 REFUSED: Final = "refused"
 LOST: Final = "lost"
 SATURATED: Final = "saturated"
 
 
-def multipart_body(field_name: str, filename: str, data: bytes, content_type: str) -> tuple[bytes, str]:
+def multipart_body(
+    field_name: str, filename: str, data: bytes, content_type: str
+) -> tuple[bytes, str]:
     """A multipart/form-data body with one file part, and its boundary."""
     boundary = uuid.uuid4().hex
     head = (
@@ -92,7 +100,7 @@ class LoadResult:
         values = [lat for _, lat, s in self.samples if status is None or s == status]
         return np.array(values) * 1000 if values else np.array([np.nan])
 
-    def summary(self) -> dict[str, float | int | str | None | dict[str, int]]:
+    def summary(self) -> dict[str, float | int | str | dict[str, int] | None]:
         lat = self.latency_ms(200)
         non_200 = sum(v for k, v in self.statuses.items() if k != 200)
         return {
@@ -145,7 +153,8 @@ class _Connection:
             raise RequestLost(f"{type(exc).__name__}: {exc}") from None
 
     async def _exchange(self, payload: bytes) -> tuple[int, bytes]:
-        assert self.reader is not None and self.writer is not None
+        assert self.reader is not None
+        assert self.writer is not None
         self.writer.write(payload)
         await self.writer.drain()
         status_line = await self.reader.readline()

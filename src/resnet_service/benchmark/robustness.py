@@ -185,7 +185,9 @@ def _workers_state(pid: int) -> dict[str, int]:
         try:
             fds += len(os.listdir(f"/proc/{child}/fd"))
             status = Path(f"/proc/{child}/status").read_text()
-            threads += int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("Threads")))
+            threads += int(
+                next(ln.split()[1] for ln in status.splitlines() if ln.startswith("Threads"))
+            )
         except (OSError, StopIteration):
             continue
     return {"threads": threads, "fds": fds}

@@ -70,7 +70,9 @@ def artifact_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-def cache_folder(cache_dir: Path, runtime: str, precision: str, architecture: str, key: str) -> Path:
+def cache_folder(
+    cache_dir: Path, runtime: str, precision: str, architecture: str, key: str
+) -> Path:
     return cache_dir / f"{runtime}-{precision}-{architecture}-{key}"
 
 
@@ -80,7 +82,9 @@ def read_artifact(directory: Path) -> tuple[ArtifactManifest, list[str]]:
     try:
         manifest = ArtifactManifest.model_validate_json(path.read_text())
     except FileNotFoundError:
-        raise BundleInvalid(f"{directory} is not a built model: {ARTIFACT_MANIFEST} is missing") from None
+        raise BundleInvalid(
+            f"{directory} is not a built model: {ARTIFACT_MANIFEST} is missing"
+        ) from None
     except (OSError, ValidationError, ValueError) as exc:
         raise BundleInvalid(f"{path} is invalid: {exc}") from None
     if manifest.model_file not in manifest.files:

@@ -21,7 +21,10 @@ from resnet_service.model.architecture import (
     build_int8_skeleton,
     quiet_quantization_warnings,
 )
-from resnet_service.model.manifest import LABELS, MANIFEST, WEIGHTS, BundleManifest
+from resnet_service.model.manifest import LABELS as LABELS  # re-exported
+from resnet_service.model.manifest import MANIFEST as MANIFEST  # re-exported
+from resnet_service.model.manifest import WEIGHTS as WEIGHTS  # re-exported
+from resnet_service.model.manifest import BundleManifest as BundleManifest  # re-exported
 from resnet_service.model.manifest import Fidelity as Fidelity  # re-exported
 from resnet_service.model.manifest import QuantizationInfo as QuantizationInfo  # re-exported
 from resnet_service.model.manifest import read_labels as read_labels  # re-exported

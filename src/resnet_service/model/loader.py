@@ -14,8 +14,6 @@ from torchvision.models import ResNet18_Weights
 from resnet_service.config import Settings
 from resnet_service.cpus import threads_per_worker
 from resnet_service.errors import BundleInvalid
-from resnet_service.runtimes.base import ServedModel
-from resnet_service.runtimes.torch_runtime import TorchRuntime
 from resnet_service.model.architecture import QUANTIZED_ENGINE, build_fp32
 from resnet_service.model.bundle import (
     BundleManifest,
@@ -25,6 +23,7 @@ from resnet_service.model.bundle import (
     read_manifest,
     read_weights,
 )
+from resnet_service.model.hub import hub_checkpoint_path
 from resnet_service.model.manifest import ModelInfo, WeightsSource, ensure_writable
 from resnet_service.model.quantize import (
     MAX_CALIBRATION_IMAGES,
@@ -42,9 +41,10 @@ from resnet_service.model.weights import (
     INT8_WEIGHTS,
     ResolvedWeights,
     find_in_hub_or_download,
-    hub_checkpoint_path,
     resolve_fp32_weights,
 )
+from resnet_service.runtimes.base import ServedModel
+from resnet_service.runtimes.torch_runtime import TorchRuntime
 
 log = logging.getLogger(__name__)
 

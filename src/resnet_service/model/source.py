@@ -41,7 +41,7 @@ class ModelSource:
     weights_source: WeightsSource
     weights_path: Path | None
     precision: Precision
-    spec: PreprocessSpec = PreprocessSpec()
+    spec: PreprocessSpec = field(default_factory=PreprocessSpec)
     random_weights: bool = False
     matches_published_hash: bool | None = None
     bundle: Path | None = None
@@ -82,7 +82,10 @@ def _random() -> ModelSource:
         weights_path=None,
         precision="fp32",
         random_weights=True,
-        provenance={"source": "seeded random weights (development only)", "weights_source": "random"},
+        provenance={
+            "source": "seeded random weights (development only)",
+            "weights_source": "random",
+        },
     )
 
 

@@ -19,8 +19,8 @@ from torchvision.models.quantization import ResNet18_QuantizedWeights
 from resnet_service.errors import WeightsUnavailable
 from resnet_service.model.hub import (
     RANDOM_SEED,
-    hub_checkpoint_path,
     how_to_provide_weights,
+    hub_checkpoint_path,
     published_hash_prefix,
     random_weights_sha256,
 )

@@ -114,7 +114,7 @@ class ServiceProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         cycle = self.cycle
-        super().data_received(data)  # type: ignore[misc]
+        super().data_received(data)
         if self.cycle is not cycle:  # a request head was parsed
             self._head_started = False
             self._cancel_head_timer()
@@ -188,7 +188,9 @@ class HttpToolsServiceProtocol(ServiceProtocol, HttpToolsProtocol):
 HttpParser = Literal["httptools", "h11"]
 
 
-def protocol_class(policy: ConnectionPolicy, parser: HttpParser = "httptools") -> type[ServiceProtocol]:
+def protocol_class(
+    policy: ConnectionPolicy, parser: HttpParser = "httptools"
+) -> type[ServiceProtocol]:
     """A protocol class bound to one server's policy (uvicorn instantiates it per connection
     with a fixed signature, so the policy travels as a class attribute)."""
     base = HttpToolsServiceProtocol if parser == "httptools" else H11ServiceProtocol
@@ -271,8 +273,10 @@ class GracefulServer(uvicorn.Server):
             for sock in raw:
                 stop_new_connections(sock)
             deadline = time.monotonic() + _ACCEPT_DRAIN_S
-            while any(accept_queue_length(s) for s in raw) and time.monotonic() < deadline:
-                await asyncio.sleep(_POLL_S)  # the event loop accepts them meanwhile
+            # The kernel's accept queue has no event to wait on: poll it while the event loop
+            # accepts what is queued.
+            while any(accept_queue_length(s) for s in raw) and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(_POLL_S)
         finally:
             for sock in raw:
                 sock.detach()  # the asyncio server owns the descriptor
@@ -291,4 +295,3 @@ class GracefulServer(uvicorn.Server):
             if self.force_exit:
                 return
             await asyncio.sleep(_POLL_S)
-

@@ -142,11 +142,13 @@ class Supervisor:
         if READY_MESSAGE in worker.buffer and not worker.ready:
             worker.ready = True
             log.info("worker %d ready (pid %d)", worker.index, worker.process.pid)
-            if not self.replica_ready and all(w.ready for w in self.workers.values()):
-                if len(self.workers) == self.count and not self.stopping:
-                    self.replica_ready = True
-                    self._write_state(READY)
-                    log.info("ready: %d worker(s) serving", self.count)
+            everyone = len(self.workers) == self.count and all(
+                w.ready for w in self.workers.values()
+            )
+            if everyone and not self.replica_ready and not self.stopping:
+                self.replica_ready = True
+                self._write_state(READY)
+                log.info("ready: %d worker(s) serving", self.count)
 
     def _on_exit(self, worker: Worker) -> int | None:
         """A worker ended. Returns an exit code when the whole server must stop."""
@@ -158,7 +160,12 @@ class Supervisor:
         if not self.replica_ready and not worker.ready:
             log.critical("worker %d failed to start (exit %d); stopping", worker.index, code)
             return code if code > 0 else EXIT_STARTUP_FAILED
-        log.error("worker %d (pid %d) died (exit %d); replacing it", worker.index, worker.process.pid, code)
+        log.error(
+            "worker %d (pid %d) died (exit %d); replacing it",
+            worker.index,
+            worker.process.pid,
+            code,
+        )
         delay = self.restarts.delay(time.monotonic())
         self._pending_restarts.append((time.monotonic() + delay, worker.index))
         return None
