@@ -13,7 +13,7 @@ install: $(BIN)/resnet-service
 $(BIN)/resnet-service: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[full,train,dev]"
 	@touch $@
 
 # Debian packages the tests drive for real (Chromium, nginx, haproxy); installed when missing.

@@ -77,7 +77,7 @@ def test_unknown_setting_refused() -> None:
 def test_cross_field_checks(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="default_top_k"):
         load_settings(default_top_k=10, max_top_k=5)
-    with pytest.raises(SettingsError, match="not both"):
+    with pytest.raises(SettingsError, match="give one of"):
         load_settings(weights_path=tmp_path, bundle_path=tmp_path)
 
 

@@ -27,6 +27,12 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--weights", dest="weights_path", type=Path, help="fp32 ResNet18 state_dict")
     group.add_argument("--bundle", dest="bundle_path", type=Path, help="model bundle directory")
+    group.add_argument(
+        "--artifact",
+        dest="artifact_path",
+        type=Path,
+        help="a built OpenVINO/ONNX model folder (quantize --runtime R --out DIR) to serve as is",
+    )
     group.add_argument("--precision", choices=["int8", "fp32"])
     group.add_argument("--cache-dir", dest="model_cache_dir", type=Path)
     group.add_argument("--calibration-dir", dest="calibration_dir", type=Path)
@@ -83,11 +89,49 @@ def cmd_preflight(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace, settings: Settings) -> int:
+    """Build the int8 model for the chosen runtime ahead of serving (cached; --out copies it)."""
+    settings = settings.model_copy(update={"precision": "int8"})
+    if settings.runtime == "torch":
+        return _quantize_torch(args, settings)
+    from resnet_service.model.artifacts import read_artifact
+    from resnet_service.model.bundle import copy_bundle
+    from resnet_service.model.serving import find_or_build
+
+    folder = find_or_build(settings)
+    manifest, _ = read_artifact(folder)
+    if args.out is not None:
+        copy_bundle(folder, args.out)
+        log.info("%s int8 model written to %s", settings.runtime, args.out)
+    fidelity = manifest.fidelity
+    if settings.bundle_path is not None and fidelity is not None:
+        _record_int8_evaluation(
+            settings.bundle_path, settings.runtime, fidelity.model_dump(mode="json")
+        )
+    _emit(
+        {
+            "name": manifest.name,
+            "runtime": manifest.runtime,
+            "runtime_version": manifest.runtime_version,
+            "weights_sha256": manifest.source_weights_sha256,
+            "random_weights": manifest.random_weights,
+            "int8_cache": str(folder),
+            "out": str(args.out) if args.out else None,
+            "build_seconds": manifest.build_seconds,
+            "quantization": manifest.quantization.model_dump(mode="json")
+            if manifest.quantization
+            else None,
+            "fidelity": fidelity.model_dump(mode="json") if fidelity else None,
+        }
+    )
+    return 0
+
+
+def _quantize_torch(args: argparse.Namespace, settings: Settings) -> int:
     from resnet_service.model.bundle import BundleManifest, copy_bundle, write_bundle
     from resnet_service.model.loader import load_model
     from resnet_service.runtimes.torch_runtime import TorchRuntime
 
-    model = load_model(settings.model_copy(update={"precision": "int8"}))
+    model = load_model(settings)
     info = model.info
     if args.out is not None:
         if info.int8_cache:
@@ -107,10 +151,13 @@ def cmd_quantize(args: argparse.Namespace, settings: Settings) -> int:
         log.info("int8 bundle written to %s", args.out)
     quant = info.quantization
     if settings.bundle_path is not None and quant is not None and quant.fidelity is not None:
-        _record_int8_evaluation(settings.bundle_path, quant.fidelity.model_dump(mode="json"))
+        _record_int8_evaluation(
+            settings.bundle_path, "torch", quant.fidelity.model_dump(mode="json")
+        )
     _emit(
         {
             "name": info.name,
+            "runtime": "torch",
             "weights_sha256": info.weights_sha256,
             "random_weights": info.random_weights,
             "int8_cache": info.int8_cache,
@@ -122,13 +169,14 @@ def cmd_quantize(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _record_int8_evaluation(bundle: Path, fidelity: dict[str, Any]) -> None:
-    """Keep the int8 figures next to the fp32 ones in the fine-tuned bundle's report."""
+def _record_int8_evaluation(bundle: Path, runtime: str, fidelity: dict[str, Any]) -> None:
+    """Keep the int8 figures next to the fp32 ones in the fine-tuned bundle's report (torch's
+    under "int8", as before; other runtimes' under "int8_<runtime>")."""
     from resnet_service.training.finetune import REPORT_JSON
 
     path = bundle / REPORT_JSON
     report = json.loads(path.read_text()) if path.is_file() else {}
-    report["int8"] = fidelity
+    report["int8" if runtime == "torch" else f"int8_{runtime}"] = fidelity
     path.write_text(json.dumps(report, indent=2))
 
 
@@ -254,8 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(predict)
     predict.set_defaults(handler=cmd_predict)
 
-    quantize = sub.add_parser("quantize", help="build and cache the int8 model; print fidelity")
-    quantize.add_argument("--out", type=Path, help="also write the int8 model as a bundle here")
+    quantize = sub.add_parser(
+        "quantize",
+        help="build and cache the int8 model for --runtime (ahead of serving); print fidelity",
+    )
+    quantize.add_argument(
+        "--out",
+        type=Path,
+        help="also copy the int8 model here (torch: a bundle; openvino/onnxruntime: a folder "
+        "to serve with --artifact)",
+    )
     _add_model_flags(quantize)
     quantize.set_defaults(handler=cmd_quantize)
 

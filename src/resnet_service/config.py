@@ -46,6 +46,11 @@ class Settings(BaseSettings):
         description="A model bundle directory (e.g. written by `resnet-service finetune`) to "
         "serve instead of the default ImageNet model.",
     )
+    artifact_path: Path | None = Field(
+        None,
+        description="A built OpenVINO or ONNX Runtime model folder (`quantize --runtime R --out "
+        "DIR`) to serve as it is: its runtime and precision apply, no weights are needed.",
+    )
     model_cache_dir: Path = Field(
         default_factory=_default_cache_dir,
         description="Where quantized (int8) models are cached, keyed by the fp32 weights' "
@@ -206,7 +211,7 @@ class Settings(BaseSettings):
         "info", description="Log level."
     )
 
-    @field_validator("weights_path", "bundle_path", "calibration_dir")
+    @field_validator("weights_path", "bundle_path", "calibration_dir", "artifact_path")
     @classmethod
     def _must_exist(cls, value: Path | None) -> Path | None:
         if value is not None and not value.exists():
@@ -221,8 +226,9 @@ class Settings(BaseSettings):
             raise ValueError(
                 "max_buffered_upload_bytes must be at least max_batch_bytes and max_upload_bytes"
             )
-        if self.weights_path is not None and self.bundle_path is not None:
-            raise ValueError("give weights_path or bundle_path, not both")
+        given = [f for f in ("weights_path", "bundle_path", "artifact_path") if getattr(self, f)]
+        if len(given) > 1:
+            raise ValueError(f"give one of weights_path, bundle_path, artifact_path (got {given})")
         return self
 
 

@@ -101,6 +101,20 @@ class WeightsUnavailable(ModelError):
     title = "Model weights unavailable"
 
 
+class RuntimeUnavailable(ModelError):
+    """The requested inference runtime is not installed or cannot run here."""
+
+    code = "runtime_unavailable"
+    title = "Runtime unavailable"
+
+
+class ArtifactBuildFailed(ModelError):
+    """A model for the requested runtime could not be built; the detail says why."""
+
+    code = "artifact_build_failed"
+    title = "Model build failed"
+
+
 class CacheUnwritable(ModelError):
     """The model cache holds no built model for these settings and cannot be written."""
 

@@ -4,6 +4,7 @@ engine and its own listening socket (see ``server/``)."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import logging.config
 import math
@@ -23,7 +24,7 @@ from resnet_service.cpus import resolve_workers
 from resnet_service.server.http import IDLE_LINGER_S, ConnectionPolicy, protocol_class
 from resnet_service.server.sockets import PortInUse, check_port_free, reserve_port
 from resnet_service.server.supervisor import Supervisor
-from resnet_service.server.worker import EXIT_STARTUP_FAILED
+from resnet_service.server.worker import ARTIFACT_ENV, EXIT_STARTUP_FAILED
 
 log = logging.getLogger("resnet_service.serve")
 
@@ -100,19 +101,21 @@ class StartupError(Exception):
     """``serve`` cannot start; the message says what to fix."""
 
 
-def preflight(settings: Settings, env: dict[str, str]) -> None:
-    """Build (or verify) what the workers will load, once, in a child process: a missing-weights
-    error is said once, and workers find the artifact cached instead of each building it."""
+def preflight(env: dict[str, str]) -> str | None:
+    """Build (or verify) what the workers will load, once, in a child process (torch, when it
+    builds, lives and dies there): a start-up error is said once, and workers only load.
+    Returns the built model's folder for torch-free runtimes."""
     proc = subprocess.run(
         [sys.executable, "-m", "resnet_service", "preflight"],
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
         text=True,
         check=False,
     )
     if proc.returncode != 0:
-        sys.stderr.write(proc.stderr)
-        raise StartupError(f"preflight failed (exit {proc.returncode})")
+        raise StartupError(f"preflight failed (exit {proc.returncode}); see the message above")
+    artifact: str | None = json.loads(proc.stdout.strip().splitlines()[-1]).get("artifact")
+    return artifact
 
 
 def _run_dir() -> Path:
@@ -157,7 +160,9 @@ def _serve(settings: Settings, rundir: Path) -> int:
             **settings_as_env(settings),
             "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
         }
-        preflight(settings, env)
+        artifact = preflight(env)
+        if artifact is not None:
+            env[ARTIFACT_ENV] = artifact
         log.info("serving on http://%s:%d with %d worker(s)", settings.host, port, settings.workers)
         stop_timeout = (
             settings.drain_delay_s + settings.shutdown_grace_s + IDLE_LINGER_S + _STOP_MARGIN_S

@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -39,11 +40,14 @@ Send an image as multipart field `image` to `POST /classify`, or many as repeate
 """
 
 
-def load_classifier(settings: Settings, metrics: Metrics) -> Classifier:
-    """Resolve and build (or load) the model, warm the engine up; blocking."""
+def load_classifier(
+    settings: Settings, metrics: Metrics, artifact: Path | None = None
+) -> Classifier:
+    """Resolve and build (or load) the model, warm the engine up; blocking. ``artifact``: a
+    built model the caller already found (a worker, after the preflight)."""
     from resnet_service.model.serving import open_served_model
 
-    classifier = Classifier(open_served_model(settings), settings, observer=metrics)
+    classifier = Classifier(open_served_model(settings, artifact), settings, observer=metrics)
     classifier.start()
     return classifier
 

@@ -26,7 +26,7 @@ def _photo() -> Image.Image:
         pixels = skimage.data.astronaut()  # type: ignore[no-untyped-call]
         return Image.fromarray(pixels).convert("RGB")
     except ImportError:
-        from resnet_service.model.quantize import builtin_calibration_files
+        from resnet_service.model.datasets import builtin_calibration_files
 
         return Image.open(builtin_calibration_files().files[0]).convert("RGB")
 

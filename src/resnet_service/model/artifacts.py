@@ -17,7 +17,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -27,7 +28,13 @@ from resnet_service.config import Precision, RuntimeName
 from resnet_service.errors import BundleInvalid
 from resnet_service.images import PreprocessSpec
 from resnet_service.model.hub import sha256_file
-from resnet_service.model.manifest import LABELS, Fidelity, QuantizationInfo, read_labels
+from resnet_service.model.manifest import (
+    LABELS,
+    Fidelity,
+    QuantizationInfo,
+    WeightsSource,
+    read_labels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +59,8 @@ class ArtifactManifest(BaseModel):
     num_classes: int = Field(ge=2)
     preprocessing: PreprocessSpec
     random_weights: bool
+    weights_source: WeightsSource
+    weights_matches_published_hash: bool | None = None
     source_weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     files: dict[str, str] = Field(description="File name -> sha256.")
     quantization: QuantizationInfo | None = None
@@ -114,26 +123,26 @@ def find_cached(directory: Path, source_sha256: str) -> tuple[ArtifactManifest, 
     return manifest, labels
 
 
-def write_artifact(
-    directory: Path,
-    manifest: ArtifactManifest,
-    labels: list[str],
-    write_files: Callable[[Path], None],
-) -> ArtifactManifest:
-    """Write atomically: ``write_files(tmp)`` puts the model files in a temp folder beside the
-    target, their sha256 go into the manifest, and the folder is renamed into place."""
+@contextmanager
+def staged(directory: Path) -> Iterator[Path]:
+    """A temp folder beside ``directory`` that replaces it when the block succeeds (an atomic
+    rename: readers see the old entry or the new one, never half of one)."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        write_files(tmp)
-        (tmp / LABELS).write_text(json.dumps(labels, ensure_ascii=False, indent=0))
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        final = manifest.model_copy(update={"files": files})
-        (tmp / ARTIFACT_MANIFEST).write_text(final.model_dump_json(indent=2))
+        yield tmp
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def seal(folder: Path, manifest: ArtifactManifest, labels: list[str]) -> ArtifactManifest:
+    """Write the labels and the manifest, with the sha256 of every file in ``folder``."""
+    (folder / LABELS).write_text(json.dumps(labels, ensure_ascii=False, indent=0))
+    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    final = manifest.model_copy(update={"files": files})
+    (folder / ARTIFACT_MANIFEST).write_text(final.model_dump_json(indent=2))
     return final

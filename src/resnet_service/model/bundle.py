@@ -21,6 +21,7 @@ from resnet_service.model.architecture import (
     build_int8_skeleton,
     quiet_quantization_warnings,
 )
+from resnet_service.model.artifacts import ARTIFACT_MANIFEST
 from resnet_service.model.manifest import LABELS as LABELS  # re-exported
 from resnet_service.model.manifest import MANIFEST as MANIFEST  # re-exported
 from resnet_service.model.manifest import WEIGHTS as WEIGHTS  # re-exported
@@ -58,9 +59,9 @@ def write_bundle(
 def refuse_to_overwrite(directory: Path) -> None:
     """A bundle may replace a bundle or fill an empty folder, never clobber anything else
     (``--out data`` must not wipe the training data)."""
+    is_model = (directory / MANIFEST).is_file() or (directory / ARTIFACT_MANIFEST).is_file()
     if directory.exists() and (
-        not directory.is_dir()
-        or (any(directory.iterdir()) and not (directory / MANIFEST).is_file())
+        not directory.is_dir() or (any(directory.iterdir()) and not is_model)
     ):
         raise BundleInvalid(
             f"{directory} exists and is not a model bundle; choose an empty or new folder"
@@ -68,7 +69,8 @@ def refuse_to_overwrite(directory: Path) -> None:
 
 
 def copy_bundle(source: Path, directory: Path) -> None:
-    """Replace ``directory`` with a copy of the bundle at ``source`` (same rules as writing)."""
+    """Replace ``directory`` with a copy of the bundle (or built model) at ``source`` (same
+    rules as writing)."""
     refuse_to_overwrite(directory)
     if directory.exists():
         shutil.rmtree(directory)

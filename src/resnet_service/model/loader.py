@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -23,18 +22,20 @@ from resnet_service.model.bundle import (
     read_manifest,
     read_weights,
 )
-from resnet_service.model.hub import hub_checkpoint_path
-from resnet_service.model.manifest import ModelInfo, WeightsSource, ensure_writable
-from resnet_service.model.quantize import (
-    MAX_CALIBRATION_IMAGES,
+from resnet_service.model.datasets import (
     ImageFiles,
     builtin_calibration_files,
     builtin_holdout_files,
-    cache_key,
+    bundle_splits,
     directory_files,
+)
+from resnet_service.model.hub import hub_checkpoint_path
+from resnet_service.model.manifest import ModelInfo, WeightsSource, ensure_writable
+from resnet_service.model.quantize import (
+    cache_key,
     load_cached,
+    load_image_set,
     quantize_to_bundle,
-    spread,
 )
 from resnet_service.model.weights import (
     FP32_WEIGHTS,
@@ -48,8 +49,6 @@ from resnet_service.runtimes.torch_runtime import TorchRuntime
 
 log = logging.getLogger(__name__)
 
-#: Written by fine-tuning: the training and validation files with their class indices.
-SPLITS_FILE = "splits.json"
 
 IMAGENET_NAME = "resnet18-imagenet1k"
 
@@ -103,7 +102,7 @@ def _int8_from_fp32(
         log.info("int8 model loaded from cache %s", cache_dir)
         return cached[0], cached[1], cache_dir
     ensure_writable(settings.model_cache_dir, "int8 model")
-    calibration_set = calibration_files.load(spec)
+    calibration_set = load_image_set(calibration_files, spec)
     log.info(
         "quantizing to int8 (%d calibration images from %s)",
         len(calibration_set),
@@ -118,7 +117,7 @@ def _int8_from_fp32(
         labels=labels,
         calibration=calibration_set,
         calibration_fingerprint=fingerprint,
-        holdout=(holdout or builtin_holdout_files()).load(spec),
+        holdout=load_image_set(holdout or builtin_holdout_files(), spec),
         out_dir=cache_dir,
     )
     return module, int8_manifest, cache_dir
@@ -175,37 +174,6 @@ def _load_imagenet(
     return module, int8_manifest, weights, cache_dir
 
 
-def _bundle_splits(directory: Path) -> tuple[ImageFiles | None, ImageFiles | None]:
-    """A fine-tuned bundle's own images: calibrate on its training split, measure fidelity
-    (and fp32/int8 accuracy) on its validation split. None where the files are gone."""
-    path = directory / SPLITS_FILE
-    if not path.is_file():
-        return None, None
-    try:
-        splits = json.loads(path.read_text())
-        train = [(Path(p), int(t)) for p, t in splits["train"] if Path(p).is_file()]
-        val = [(Path(p), int(t)) for p, t in splits["val"] if Path(p).is_file()]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.warning("ignoring unreadable %s: %s", path, exc)
-        return None, None
-    train = spread(train, MAX_CALIBRATION_IMAGES)
-    calibration = (
-        ImageFiles(tuple(p for p, _ in train), f"{splits.get('root')} (train split)")
-        if train
-        else None
-    )
-    holdout = (
-        ImageFiles(
-            tuple(p for p, _ in val),
-            f"{splits.get('root')} (validation split)",
-            tuple(t for _, t in val),
-        )
-        if val
-        else None
-    )
-    return calibration, holdout
-
-
 def _load_bundle(
     settings: Settings, directory: Path
 ) -> tuple[nn.Module, BundleManifest, list[str], Path | None]:
@@ -219,7 +187,7 @@ def _load_bundle(
                 "fp32 source bundle"
             )
         return instantiate(manifest, state_dict), manifest, labels, None
-    calibration, holdout = _bundle_splits(directory)
+    calibration, holdout = bundle_splits(directory)
     module, int8_manifest, cache_dir = _int8_from_fp32(
         settings, manifest, state_dict, labels, calibration=calibration, holdout=holdout
     )
@@ -229,6 +197,9 @@ def _load_bundle(
 def load_model(settings: Settings) -> ServedModel:
     """Resolve, build (or load from cache) and return the model the settings ask for."""
     started = time.perf_counter()
+    threads = threads_per_worker(settings.inference_threads, settings.workers or 1)
+    # Building runs a forward pass here: keep torch's pools to the worker's share of CPUs.
+    torch.set_num_threads(threads)
     path: str | None
     published: bool | None
     if settings.bundle_path is not None:
@@ -240,11 +211,7 @@ def load_model(settings: Settings) -> ServedModel:
         labels = imagenet_labels()
         source, path = weights.source, str(weights.path) if weights.path else None
         published, sha = weights.matches_published_hash, weights.sha256
-    runtime = TorchRuntime(
-        module,
-        manifest.precision,
-        threads_per_worker(settings.inference_threads, settings.workers or 1),
-    )
+    runtime = TorchRuntime(module, manifest.precision, threads)
     info = ModelInfo(
         name=manifest.name,
         architecture=manifest.architecture,

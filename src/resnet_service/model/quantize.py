@@ -14,16 +14,14 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Final
 
-import numpy as np
 import torch
 from torch import nn
 
-from resnet_service.errors import BundleInvalid, InputError
-from resnet_service.images import LOCAL_FILE_LIMITS, PreprocessSpec, decode_and_preprocess
+from resnet_service.errors import BundleInvalid
+from resnet_service.images import PreprocessSpec
 from resnet_service.model.architecture import (
     QUANTIZED_ENGINE,
     build_prepared,
@@ -38,14 +36,14 @@ from resnet_service.model.bundle import (
     read_weights,
     write_bundle,
 )
+from resnet_service.model.datasets import ImageFiles
+from resnet_service.model.fidelity import compare
 from resnet_service.model.weights import StateDict
 
 log = logging.getLogger(__name__)
 
 QCONFIG: Final = "onednn"
 CACHE_FORMAT: Final = 1
-IMAGE_SUFFIXES: Final = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
-MAX_CALIBRATION_IMAGES: Final = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,79 +59,11 @@ class ImageSet:
         return int(self.tensor.shape[0])
 
 
-@dataclass(frozen=True, slots=True)
-class ImageFiles:
-    """Image files for calibration or evaluation; decoded only when needed (cache misses)."""
-
-    files: tuple[Path, ...]
-    source: str
-    targets: tuple[int, ...] | None = None
-
-    def fingerprint(self, spec: PreprocessSpec) -> str:
-        """Hash of the preprocessing and every file's bytes: the cache key's calibration part."""
-        digest = hashlib.sha256(spec.model_dump_json().encode())
-        for path in self.files:
-            digest.update(hashlib.sha256(path.read_bytes()).digest())
-        return digest.hexdigest()
-
-    def load(self, spec: PreprocessSpec) -> ImageSet:
-        """Decode through the serving path; unreadable files are skipped with a warning."""
-        arrays: list[np.ndarray] = []
-        kept: list[int] = []
-        for index, path in enumerate(self.files):
-            try:
-                arrays.append(decode_and_preprocess(path.read_bytes(), LOCAL_FILE_LIMITS, spec))
-                kept.append(index)
-            except (InputError, OSError) as exc:
-                log.warning("skipped unreadable image %s: %s", path, getattr(exc, "detail", exc))
-        if not arrays:
-            raise BundleInvalid(f"no readable images in {self.source}")
-        targets = (
-            torch.tensor([self.targets[i] for i in kept]) if self.targets is not None else None
-        )
-        return ImageSet(torch.from_numpy(np.stack(arrays)), self.source, targets)
-
-
-def _builtin(prefix: str, source: str) -> ImageFiles:
-    folder = Path(str(resources.files("resnet_service.model") / "calibration"))
-    return ImageFiles(tuple(sorted(folder.glob(f"{prefix}_*.jpg"))), source)
-
-
-def builtin_calibration_files() -> ImageFiles:
-    """The packaged calibration photos (scikit-image samples, public domain / CC0)."""
-    return _builtin("calib", "builtin:scikit-image-photos")
-
-
-def builtin_holdout_files() -> ImageFiles:
-    """Packaged photos never used for calibration: the fidelity check runs on these."""
-    return _builtin("holdout", "builtin:scikit-image-photos-holdout")
-
-
-def image_files(directory: Path) -> list[Path]:
-    """Allow-listed image files below ``directory``, in a stable order."""
-    return sorted(
-        p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    )
-
-
-def directory_files(directory: Path, limit: int = MAX_CALIBRATION_IMAGES) -> ImageFiles:
-    """Allow-listed images below ``directory``, at most ``limit`` spread over the whole folder
-    (so every class of an ImageFolder is represented)."""
-    files = image_files(directory)
-    if not files:
-        raise BundleInvalid(f"no images ({', '.join(IMAGE_SUFFIXES)}) below {directory}")
-    return ImageFiles(tuple(spread(files, limit)), str(directory))
-
-
-T = TypeVar("T")
-
-
-def spread(items: list[T], limit: int) -> list[T]:
-    """At most ``limit`` items, evenly spaced over the list (every class of a sorted folder)."""
-    if len(items) <= limit:
-        return items
-    step = len(items) / limit
-    return [items[int(i * step)] for i in range(limit)]
+def load_image_set(files: ImageFiles, spec: PreprocessSpec) -> ImageSet:
+    """Decode ``files`` through the serving path into one tensor."""
+    arrays = files.load_arrays(spec)
+    targets = torch.from_numpy(arrays.targets) if arrays.targets is not None else None
+    return ImageSet(torch.from_numpy(arrays.array), arrays.source, targets)
 
 
 def _batches(tensor: torch.Tensor, size: int = 16) -> list[torch.Tensor]:
@@ -154,23 +84,10 @@ def quantize_static(
 def measure_fidelity(fp32: nn.Module, int8: nn.Module, images: ImageSet) -> Fidelity:
     """Top-1 agreement, max |p_int8 - p_fp32| and mean relative logit error on ``images``."""
     with torch.inference_mode():
-        ref = torch.cat([fp32(b) for b in _batches(images.tensor)])
-        got = torch.cat([int8(b) for b in _batches(images.tensor)])
-    agree = (ref.argmax(1) == got.argmax(1)).float().mean().item()
-    prob_diff = (ref.softmax(1) - got.softmax(1)).abs().max().item()
-    rel = ((got - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-12)).mean().item()
-    accuracy: dict[str, float] = {}
-    if images.targets is not None:
-        accuracy["fp32_accuracy"] = (ref.argmax(1) == images.targets).float().mean().item()
-        accuracy["int8_accuracy"] = (got.argmax(1) == images.targets).float().mean().item()
-    return Fidelity(
-        images=len(images),
-        top1_agreement=agree,
-        max_abs_prob_diff=min(1.0, prob_diff),
-        mean_abs_logit_rel_error=rel,
-        image_source=images.source,
-        **accuracy,
-    )
+        ref = torch.cat([fp32(b) for b in _batches(images.tensor)]).float().numpy()
+        got = torch.cat([int8(b) for b in _batches(images.tensor)]).float().numpy()
+    targets = images.targets.numpy() if images.targets is not None else None
+    return compare(ref, got, images.source, targets)
 
 
 def cache_key(source_sha256: str, architecture: str, num_classes: int, calibration: str) -> str:

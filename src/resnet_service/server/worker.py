@@ -26,6 +26,7 @@ log = logging.getLogger("resnet_service.worker")
 NOTIFY_FD_ENV: Final = "RESNET_WORKER_NOTIFY_FD"
 REPLICA_STATE_ENV: Final = "RESNET_WORKER_REPLICA_STATE"
 INDEX_ENV: Final = "RESNET_WORKER_INDEX"
+ARTIFACT_ENV: Final = "RESNET_WORKER_ARTIFACT"
 EXIT_STARTUP_FAILED: Final = 3
 READY_MESSAGE: Final = b"ready\n"
 _PR_SET_PDEATHSIG: Final = 1
@@ -39,15 +40,19 @@ class WorkerPlumbing:
     notify_fd: int | None
     replica_state: Path | None
     index: int
+    #: The built model the preflight found (torch-free runtimes): load it, nothing else.
+    artifact: Path | None = None
 
     @classmethod
     def from_env(cls) -> WorkerPlumbing:
         fd = os.environ.get(NOTIFY_FD_ENV)
         state = os.environ.get(REPLICA_STATE_ENV)
+        artifact = os.environ.get(ARTIFACT_ENV)
         return cls(
             notify_fd=int(fd) if fd else None,
             replica_state=Path(state) if state else None,
             index=int(os.environ.get(INDEX_ENV, "0")),
+            artifact=Path(artifact) if artifact else None,
         )
 
     def notify_ready(self) -> None:
@@ -76,7 +81,7 @@ def serve_worker(settings: Settings, plumbing: WorkerPlumbing) -> int:
 
     metrics = Metrics(worker=plumbing.index)
     try:
-        classifier = load_classifier(settings, metrics)
+        classifier = load_classifier(settings, metrics, plumbing.artifact)
     except ServiceError as exc:
         log.critical("start-up failed: %s", exc.detail)
         return EXIT_STARTUP_FAILED
@@ -100,7 +105,14 @@ def serve_worker(settings: Settings, plumbing: WorkerPlumbing) -> int:
         on_draining=lambda: metrics.ready.set(0),
         on_started=plumbing.notify_ready,
     )
-    log.info("worker %d listening on %s:%d", plumbing.index, settings.host, settings.port)
+    log.info(
+        "worker %d listening on %s:%d (runtime %s; torch %s)",
+        plumbing.index,
+        settings.host,
+        settings.port,
+        classifier.model.info.runtime,
+        "imported" if "torch" in sys.modules else "not imported",
+    )
     server.run(sockets=[sock])
     return 0
 

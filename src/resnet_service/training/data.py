@@ -11,7 +11,7 @@ from PIL import Image
 
 from resnet_service.errors import InputError, ServiceError
 from resnet_service.images import LOCAL_FILE_LIMITS, PreprocessSpec, decode_rgb
-from resnet_service.model.quantize import IMAGE_SUFFIXES, image_files
+from resnet_service.model.datasets import IMAGE_SUFFIXES, image_files
 
 
 class DatasetError(ServiceError):

@@ -26,7 +26,7 @@ from resnet_service.config import Settings
 from resnet_service.images import PreprocessSpec, normalise, preprocess
 from resnet_service.model.architecture import build_fp32
 from resnet_service.model.bundle import BundleManifest, write_bundle
-from resnet_service.model.loader import SPLITS_FILE
+from resnet_service.model.datasets import SPLITS_FILE
 from resnet_service.model.weights import WeightsSource, resolve_fp32_weights
 from resnet_service.training.data import load_image_folder, stratified_split
 

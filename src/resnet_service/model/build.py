@@ -1,0 +1,296 @@
+"""Build OpenVINO and ONNX Runtime models from fp32 torch weights (a cache miss: needs torch).
+
+- OpenVINO: ``ov.convert_model`` traces the torch network into an IR; int8 is NNCF
+  post-training quantization (its performance preset: symmetric activations, per-channel
+  weights, fast bias correction) calibrated on the same images as the torch int8 path.
+- ONNX Runtime: ``torch.onnx.export``; int8 is ONNX Runtime's static quantization in QDQ form,
+  per-channel int8 weights and uint8 activations (U8S8, the fast pair on x86), min-max
+  calibration on the same images.
+Both measure fidelity against the torch fp32 model on held-out images (a fine-tuned bundle's
+validation split, with accuracy) and are written atomically into the cache (``artifacts.py``).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from resnet_service.config import RuntimeName, Settings
+from resnet_service.cpus import threads_per_worker
+from resnet_service.errors import (
+    ArtifactBuildFailed,
+    BundleInvalid,
+    CacheUnwritable,
+    WeightsUnavailable,
+)
+from resnet_service.model.architecture import build_fp32
+from resnet_service.model.artifacts import (
+    MODEL_FILES,
+    ArtifactManifest,
+    seal,
+    staged,
+)
+from resnet_service.model.bundle import read_weights
+from resnet_service.model.datasets import ImageArrays, ImageFiles
+from resnet_service.model.fidelity import compare
+from resnet_service.model.hub import FP32_URL, how_to_provide_weights
+from resnet_service.model.manifest import (
+    QuantizationInfo,
+    ensure_writable,
+    read_labels,
+    read_manifest,
+)
+from resnet_service.model.source import ModelSource, resolve_source
+from resnet_service.model.weights import (
+    WeightsSource,
+    find_in_hub_or_download,
+    load_state_dict_file,
+    random_weights,
+    resolve_fp32_weights,
+)
+from resnet_service.runtimes.base import FloatBatch, Runtime
+
+log = logging.getLogger(__name__)
+CALIBRATION_BATCH = 16
+
+
+def fp32_module(source: ModelSource, settings: Settings) -> nn.Module:
+    """The fp32 torch network of ``source`` (eval mode)."""
+    if source.precision != "fp32":
+        raise ArtifactBuildFailed(
+            f"{source.bundle} holds an int8 torch model; OpenVINO and ONNX Runtime models are "
+            "built from fp32 weights: give its fp32 source bundle (the one `finetune` wrote)"
+        )
+    if source.bundle is not None:
+        state = read_weights(source.bundle, read_manifest(source.bundle))
+    elif source.weights_source is WeightsSource.RANDOM:
+        state = random_weights(source.num_classes).state_dict
+    elif source.weights_path is not None:
+        state = load_state_dict_file(source.weights_path)
+    else:
+        state = resolve_fp32_weights(
+            None, allow_downloads=settings.allow_downloads, allow_random=False
+        ).state_dict
+    module = build_fp32(source.architecture, source.num_classes)
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError) as exc:
+        raise BundleInvalid(f"weights do not fit {source.architecture}: {exc}") from None
+    return module.eval()
+
+
+def labels_of(source: ModelSource) -> list[str]:
+    """Class names: a bundle's own, or the 1000 ImageNet categories torchvision ships."""
+    if source.bundle is not None:
+        return read_labels(source.bundle, source.num_classes)
+    from resnet_service.model.loader import imagenet_labels
+
+    return imagenet_labels()
+
+
+def downloaded_source(settings: Settings) -> ModelSource:
+    """No weights on disk: download them (hash-checked) into the hub cache, else fall back to
+    random weights where the development flag allows, else say how to provide them."""
+    found = find_in_hub_or_download(FP32_URL, settings.allow_downloads)
+    if found is not None and found.path is not None:
+        return resolve_source(settings)  # now in the hub cache
+    if settings.allow_random_weights:
+        log.warning("no weights found: serving SEEDED RANDOM weights (development flag is on)")
+        return resolve_source(settings.model_copy(update={"allow_downloads": False}))
+    raise WeightsUnavailable(how_to_provide_weights())
+
+
+def _batches(images: ImageArrays) -> Iterator[FloatBatch]:
+    for start in range(0, len(images), CALIBRATION_BATCH):
+        yield images.array[start : start + CALIBRATION_BATCH]
+
+
+def _export_openvino(
+    module: nn.Module, folder: Path, spec_side: int, calibration: ImageArrays | None
+) -> None:
+    import nncf
+    import openvino as ov
+
+    example = torch.zeros(1, 3, spec_side, spec_side)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracing chatter from torch and openvino
+        model = ov.convert_model(module, example_input=example)
+    model.reshape({0: ov.PartialShape([-1, 3, spec_side, spec_side])})
+    if calibration is not None:
+        batches = list(_batches(calibration))
+        model = nncf.quantize(
+            model,
+            nncf.Dataset(batches),
+            preset=nncf.QuantizationPreset.PERFORMANCE,
+            subset_size=len(batches),  # NNCF counts dataset items: batches here
+        )
+    ov.save_model(model, str(folder / MODEL_FILES["openvino"]), compress_to_fp16=False)
+
+
+def _export_onnx(
+    module: nn.Module, folder: Path, spec_side: int, calibration: ImageArrays | None
+) -> None:
+    target = folder / MODEL_FILES["onnxruntime"]
+    fp32_path = folder / "fp32.onnx.tmp" if calibration is not None else target
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of torch.export's, which cannot
+        # trace torchvision's ResNet with a dynamic batch here; this one can.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (torch.zeros(1, 3, spec_side, spec_side),),
+            str(fp32_path),
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
+    if calibration is None:
+        return
+    _quantize_onnx(fp32_path, target, calibration)
+    for leftover in folder.glob("*.tmp"):
+        leftover.unlink()
+
+
+def _quantize_onnx(fp32_path: Path, target: Path, calibration: ImageArrays) -> None:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self._batches = iter(_batches(calibration))
+
+        def get_next(self) -> dict[str, FloatBatch] | None:
+            batch = next(self._batches, None)
+            return None if batch is None else {"input": batch}
+
+    prepared = fp32_path.with_name("prepared.onnx.tmp")
+    quant_pre_process(str(fp32_path), str(prepared))
+    quantize_static(
+        str(prepared),
+        str(target),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
+
+
+def quantization_info(
+    runtime: RuntimeName, calibration: ImageArrays, fingerprint: str
+) -> QuantizationInfo:
+    if runtime == "openvino":
+        info = QuantizationInfo(
+            method="nncf_ptq", engine="openvino", qconfig="nncf performance preset, per-channel"
+        )
+    else:
+        info = QuantizationInfo(
+            method="ort_static_qdq", engine="onnxruntime", qconfig="QDQ U8S8 per-channel, min-max"
+        )
+    return info.model_copy(
+        update={
+            "calibration_source": calibration.source,
+            "calibration_images": len(calibration),
+            "calibration_fingerprint": fingerprint,
+        }
+    )
+
+
+def _logits(runtime: Runtime, images: ImageArrays) -> FloatBatch:
+    runtime.bind_thread()
+    return np.concatenate([runtime.infer(batch) for batch in _batches(images)])
+
+
+def build_artifact(
+    settings: Settings,
+    source: ModelSource,
+    labels: list[str],
+    folder: Path,
+    key: str,
+    calibration: tuple[ImageFiles, str] | None,
+    holdout: ImageFiles,
+) -> ArtifactManifest:
+    """Export (and quantize), measure fidelity, write the artifact atomically into ``folder``."""
+    from resnet_service.runtimes.loading import open_runtime, runtime_version
+
+    runtime, precision = settings.runtime, settings.precision
+    ensure_writable(folder.parent, f"{runtime} {precision} model")
+    started = time.perf_counter()
+    module = fp32_module(source, settings)
+    spec = source.spec
+    calibration_set = calibration[0].load_arrays(spec) if calibration else None
+    export = _export_openvino if runtime == "openvino" else _export_onnx
+    log.info("building the %s %s model (%s)", runtime, precision, source.name)
+    try:
+        with staged(folder) as tmp:
+            export(module, tmp, spec.crop_size, calibration_set)
+            held_out = holdout.load_arrays(spec)
+            with torch.inference_mode():
+                reference = np.concatenate(
+                    [module(torch.from_numpy(b)).numpy() for b in _batches(held_out)]
+                )
+            threads = threads_per_worker(settings.inference_threads, settings.workers or 1)
+            built = open_runtime(runtime, precision, tmp / MODEL_FILES[runtime], threads)
+            fidelity = compare(
+                reference, _logits(built, held_out), held_out.source, held_out.targets
+            )
+            built.close()
+            manifest = ArtifactManifest(
+                key=key,
+                runtime=runtime,
+                runtime_version=runtime_version(runtime),
+                precision=precision,
+                name=f"{source.name}-{precision}" if precision == "int8" else source.name,
+                architecture=source.architecture,
+                num_classes=source.num_classes,
+                preprocessing=spec,
+                random_weights=source.random_weights,
+                weights_source=source.weights_source,
+                weights_matches_published_hash=source.matches_published_hash,
+                source_weights_sha256=source.weights_sha256,
+                files={},
+                quantization=(
+                    quantization_info(runtime, calibration_set, calibration[1])
+                    if calibration_set is not None and calibration is not None
+                    else None
+                ),
+                fidelity=fidelity,
+                provenance=source.provenance,
+                build_seconds=round(time.perf_counter() - started, 2),
+            )
+            manifest = seal(tmp, manifest, labels)
+    except (OSError, RuntimeError, ValueError) as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.ENOSPC, errno.EROFS):
+            raise CacheUnwritable(
+                f"cannot write the built model into {folder.parent} ({exc.strerror}); point "
+                "RESNET_SERVICE_MODEL_CACHE_DIR (--cache-dir) at a writable folder"
+            ) from None
+        raise ArtifactBuildFailed(
+            f"building the {runtime} {precision} model failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    log.info(
+        "built %s %s in %.1fs: top-1 agreement with torch fp32 %.3f on %d held-out images",
+        runtime,
+        precision,
+        manifest.build_seconds,
+        fidelity.top1_agreement,
+        fidelity.images,
+    )
+    return manifest

@@ -1,0 +1,39 @@
+"""Open a built model file with the runtime it was built for, without importing torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from resnet_service.config import Precision, RuntimeName
+from resnet_service.errors import RuntimeUnavailable
+from resnet_service.runtimes.base import Runtime
+
+
+def runtime_version(name: RuntimeName) -> str:
+    """The installed version of a runtime (part of every artifact's cache key)."""
+    if name == "openvino":
+        from resnet_service.runtimes.openvino_runtime import openvino_version
+
+        return openvino_version()
+    if name == "onnxruntime":
+        from resnet_service.runtimes.onnxruntime_runtime import onnxruntime_version
+
+        return onnxruntime_version()
+    from resnet_service.model.hub import torch_version
+
+    return torch_version()
+
+
+def open_runtime(
+    name: RuntimeName, precision: Precision, model_file: Path, threads: int
+) -> Runtime:
+    """A ready runtime for an OpenVINO IR or an ONNX file (torch loads modules elsewhere)."""
+    if name == "openvino":
+        from resnet_service.runtimes.openvino_runtime import OpenVinoRuntime
+
+        return OpenVinoRuntime(model_file, precision, threads)
+    if name == "onnxruntime":
+        from resnet_service.runtimes.onnxruntime_runtime import OnnxRuntime
+
+        return OnnxRuntime(model_file, precision, threads)
+    raise RuntimeUnavailable(f"the {name} runtime does not open model files")
