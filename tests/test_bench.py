@@ -28,29 +28,36 @@ def test_quick_bench_writes_every_figure(
     machine = result["machine"]
     assert machine["usable_cpus"] >= 1
     assert machine["versions"]["torch"].startswith("2.14.1")
-    assert set(result["forward_ms_per_image"]) == {"int8", "fp32"}
-    assert result["ceiling"]["best_layout_int8_images_per_s"] > 0
-    service = result["service"][result["service_default_layout"]]
-    for row in service["closed_loop"]:
-        assert row["ok"] > 0
-        assert row["errors"] == 0
-        assert row["non_200"] == 0
-        assert row["p50_ms"] <= row["p99_ms"]
-    assert service["open_loop"]["ok"] > 0
-    assert service["memory"]["peak_rss_mb"] > 100
+    assert set(result["forward_ms_per_image"]) == {"torch", "openvino", "onnxruntime"}
+    for runtime, speeds in result["forward_ms_per_image"].items():
+        assert set(speeds) == {"int8", "fp32"}, runtime
+        assert result["ceiling_by_runtime"][runtime]["images_per_s"] > 0
+    assert result["default_runtime"] in result["service_by_runtime"]
+    for runtime, service in result["service_by_runtime"].items():
+        assert service["runtime"] == runtime
+        assert service["cold_start_s"] > 0
+        assert service["memory"]["peak_rss_mb"] > 50
+        assert sum(service["requests_per_worker"].values()) > 0
+        for row in service["closed_loop"]:
+            assert row["ok"] > 0
+            assert row["errors"] == 0
+            assert row["p50_ms"] <= row["p99_ms"]
+        assert service["open_loop"]["ok"] > 0
     naive = result["naive"]["closed_loop"]
     assert naive[0]["ok"] > 0
     ratios = result["ratios"]
     for key in (
         "service_over_ceiling_c16",
         "service_over_naive_throughput_c16",
-        "p99_c16_over_p50_c1",
-        "int8_over_fp32_forward_speed_batch_1",
-        "service_over_engine_in_process_rps_c1",
+        "default_runtime_over_torch_int8_service_c16",
+        "cold_start_over_torch_runtime",
+        "serving_tree_peak_rss_mb",
     ):
         assert ratios[key] > 0, key
     assert set(ratios["goals"]) == {
-        "service_over_ceiling_c16",
+        "default_runtime_over_torch_int8_service_c16",
+        "serving_tree_peak_rss_mb",
         "service_over_naive_throughput_c16",
-        "p99_c16_over_p50_c1",
+        "service_over_ceiling_c16",
+        "cold_start_over_torch_runtime",
     }

@@ -265,7 +265,12 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from resnet_service.benchmark.runner import BenchOptions, run_benchmark
 
-    opts = BenchOptions(out_dir=args.out, quick=args.quick, skip_naive=args.skip_naive)
+    opts = BenchOptions(
+        out_dir=args.out,
+        quick=args.quick,
+        skip_naive=args.skip_naive,
+        runtimes=tuple(args.runtimes or RUNTIMES),
+    )
     if settings.weights_path is None and settings.bundle_path is None:
         # Speed does not depend on the weights' values: measure anywhere, even offline.
         settings = settings.model_copy(update={"allow_random_weights": True})
@@ -358,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, default=Path("bench"))
     bench.add_argument("--quick", action="store_true", help="seconds, not minutes (CI)")
     bench.add_argument("--skip-naive", action="store_true", help="no Flask baseline")
+    bench.add_argument(
+        "--runtimes", nargs="+", choices=list(RUNTIMES), help="runtimes to compare (default: all)"
+    )
     _add_model_flags(bench)
     bench.set_defaults(handler=cmd_bench)
 
