@@ -77,6 +77,8 @@ def serve(
     log = tmp_path / f"server-{port}.log"
     if "--workers" not in args:
         args = (*args, "--workers", "1")  # one process unless a test asks for more
+    if "--grpc-port" not in args:
+        args = (*args, "--grpc-port", "0")  # servers side by side: no fixed gRPC port
     full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     with log.open("wb") as out:
         process = subprocess.Popen(

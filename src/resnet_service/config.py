@@ -157,6 +157,14 @@ class Settings(BaseSettings):
     # --- HTTP ------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", min_length=1, description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0 = any free port).")
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="Port of the Open Inference Protocol v2 gRPC service (and grpc.health.v1); "
+        "0 = any free port (logged at start).",
+    )
+    grpc_enabled: bool = Field(True, description="Serve the gRPC face at all.")
     workers: int = Field(
         0,
         ge=0,
@@ -226,6 +234,8 @@ class Settings(BaseSettings):
             raise ValueError(
                 "max_buffered_upload_bytes must be at least max_batch_bytes and max_upload_bytes"
             )
+        if self.grpc_enabled and self.grpc_port != 0 and self.grpc_port == self.port:
+            raise ValueError("grpc_port must differ from port")
         given = [f for f in ("weights_path", "bundle_path", "artifact_path") if getattr(self, f)]
         if len(given) > 1:
             raise ValueError(f"give one of weights_path, bundle_path, artifact_path (got {given})")

@@ -135,6 +135,8 @@ def run_server(settings: Settings) -> int:
     logging.config.dictConfig(log_config(settings.log_level))
     try:
         check_port_free(settings.host, settings.port)
+        if settings.grpc_enabled:
+            check_port_free(settings.host, settings.grpc_port)
         rundir = _run_dir()
     except (PortInUse, StartupError) as exc:
         log.critical("%s", exc)
@@ -150,9 +152,13 @@ def run_server(settings: Settings) -> int:
 
 def _serve(settings: Settings, rundir: Path) -> int:
     reservation = reserve_port(settings.host, settings.port)
+    grpc_reservation = (
+        reserve_port(settings.host, settings.grpc_port) if settings.grpc_enabled else None
+    )
     try:
         port = reservation.getsockname()[1]
-        settings = settings.model_copy(update={"port": port})
+        grpc_port = grpc_reservation.getsockname()[1] if grpc_reservation else settings.grpc_port
+        settings = settings.model_copy(update={"port": port, "grpc_port": grpc_port})
         metrics_dir = rundir / "metrics"
         metrics_dir.mkdir()
         env = {
@@ -170,11 +176,14 @@ def _serve(settings: Settings, rundir: Path) -> int:
         return Supervisor(settings.workers, env, rundir, stop_timeout).run()
     finally:
         reservation.close()
+        if grpc_reservation is not None:
+            grpc_reservation.close()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host")
     parser.add_argument("--port", type=int)
+    parser.add_argument("--grpc-port", dest="grpc_port", type=int, help="0 = any free port")
     parser.add_argument(
         "--workers",
         type=int,

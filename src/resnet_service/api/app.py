@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from resnet_service import __version__
-from resnet_service.api import inference, openapi, operations, problems, web
+from resnet_service.api import inference, openapi, operations, problems, v2, web
 from resnet_service.api.metrics import Metrics
 from resnet_service.api.middleware import AdmissionMiddleware, RequestContextMiddleware
 from resnet_service.api.state import ReplicaView, ServiceState
@@ -89,11 +89,15 @@ def _lifespan(state: ServiceState, exit_on_startup_failure: bool) -> Any:
             loader = asyncio.create_task(_load_in_background(state, exit_on_startup_failure))
         else:
             _announce_ready(state)
+        for face in state.faces:
+            await face.start()
         try:
             yield
         finally:
             state.draining = True
             state.metrics.ready.set(0)
+            for face in state.faces:  # the HTTP server has drained: now the other faces
+                await face.stop(state.settings.shutdown_grace_s)
             if loader is not None and not loader.done():
                 await asyncio.shield(loader)  # the thread cannot be cancelled; wait for it
             if state.classifier is not None:
@@ -132,6 +136,7 @@ def create_app(
     openapi.install(app, settings)
     app.include_router(inference.router)
     app.include_router(operations.router)
+    app.include_router(v2.router)
     web.install(app)
     # Starlette wraps in reverse order: the request context is outermost, admission inside it.
     app.add_middleware(AdmissionMiddleware, service=state)

@@ -92,14 +92,18 @@ def problem_bytes(
 
 
 async def send_problem(
-    send: Send, body: bytes, status: int, extra_headers: list[tuple[bytes, bytes]]
+    send: Send,
+    body: bytes,
+    status: int,
+    extra_headers: list[tuple[bytes, bytes]],
+    content_type: bytes = PROBLEM_JSON.encode(),
 ) -> None:
     await send(
         {
             "type": "http.response.start",
             "status": status,
             "headers": [
-                (b"content-type", PROBLEM_JSON.encode()),
+                (b"content-type", content_type),
                 (b"content-length", str(len(body)).encode()),
                 *extra_headers,
             ],
@@ -144,10 +148,18 @@ class AdmissionMiddleware:
         except RetryLater as exc:
             state["route"] = route
             state["error_code"] = exc.code
-            body = problem_bytes(scope, state["request_id"], 503, exc.code, exc.title, exc.detail)
+            if route == OIP_INFER_ROUTE:  # the protocol's own error body
+                body = json.dumps({"error": exc.detail}).encode()
+                content_type = b"application/json"
+            else:
+                body = problem_bytes(
+                    scope, state["request_id"], 503, exc.code, exc.title, exc.detail
+                )
+                content_type = PROBLEM_JSON.encode()
             if self.refusal_delay_s:
                 await asyncio.sleep(self.refusal_delay_s)  # pacing: see the module docstring
-            await send_problem(send, body, 503, [(b"retry-after", str(exc.retry_after_s).encode())])
+            retry = (b"retry-after", str(exc.retry_after_s).encode())
+            await send_problem(send, body, 503, [retry], content_type)
             return
         state["ticket"] = ticket
         try:

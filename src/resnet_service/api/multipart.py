@@ -263,6 +263,34 @@ _CALLBACKS: Final = (
 )
 
 
+@asynccontextmanager
+async def request_body(
+    request: Request, max_bytes: int, budget: UploadBudget, idle_timeout_s: float
+) -> AsyncIterator[bytes]:
+    """A whole (non-multipart) body in memory under the same limits as uploads: the declared
+    length checked first, the size while streaming, the idle timeout, and the upload budget,
+    held until the block ends."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise UploadTooLarge(
+            f"The request body is {declared} bytes; this route accepts at most {max_bytes} bytes."
+        )
+    chunks: list[bytes] = []
+    try:
+        async for chunk in _chunks(request, idle_timeout_s):
+            if sum(len(c) for c in chunks) + len(chunk) > max_bytes:
+                raise UploadTooLarge(f"The request body exceeds {max_bytes} bytes.")
+            budget.take(len(chunk))
+            chunks.append(chunk)
+        if not chunks:
+            raise MalformedRequest("The request body is empty.")
+        yield b"".join(chunks)
+    except ClientDisconnect:
+        raise MalformedRequest("The client disconnected before the body was sent.") from None
+    finally:
+        budget.give_back(sum(len(c) for c in chunks))
+
+
 async def _read_form(
     request: Request,
     limits: FormLimits,

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from resnet_service.api.problems import PROBLEM_JSON
 from resnet_service.api.schemas import Problem
+from resnet_service.api.v2 import InferenceRequest
 from resnet_service.config import Settings
 
 _PROBLEM_DESCRIPTIONS: Final = {
@@ -70,9 +71,10 @@ def install(app: FastAPI, settings: Settings) -> None:
         if app.openapi_schema is None:
             spec = build()
             schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-            schemas["Problem"] = Problem.model_json_schema(
-                ref_template="#/components/schemas/{model}"
-            )
+            for model in (Problem, InferenceRequest):
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas.update(schema.pop("$defs", {}))
+                schemas[model.__name__] = schema
             _apply_limits(spec, settings)
             app.openapi_schema = spec
         return app.openapi_schema

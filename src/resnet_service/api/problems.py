@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from resnet_service import errors
 from resnet_service.api.schemas import ItemError, Problem
+from resnet_service.oip.tensors import InvalidInferRequest, ModelNotFound
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,16 @@ class Unauthorized(errors.ServiceError):
     title = "Unauthorized"
 
 
-_STATUS.update({MalformedRequest: 400, MissingField: 422, TooManyFiles: 422, Unauthorized: 401})
+_STATUS.update(
+    {
+        MalformedRequest: 400,
+        MissingField: 422,
+        TooManyFiles: 422,
+        Unauthorized: 401,
+        ModelNotFound: 404,
+        InvalidInferRequest: 400,
+    }
+)
 
 
 def status_of(error: errors.ServiceError) -> int:
@@ -166,6 +176,13 @@ def install(app: FastAPI) -> None:
         assert isinstance(exc, StarletteHTTPException)
         code, title = _HTTP_CODES.get(exc.status_code, ("http_error", "HTTP error"))
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if request.url.path.startswith("/v2/"):  # Open Inference Protocol: its error body
+            request.state.error_code = code
+            return JSONResponse(
+                {"error": f"No route for {request.method} {request.url.path}."},
+                status_code=exc.status_code,
+                headers=dict(exc.headers or {}),
+            )
         if exc.status_code == 413:
             detail = TOO_LARGE_DETAIL
         elif exc.status_code in (404, 405):

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 from resnet_service.api.metrics import Metrics
 from resnet_service.api.multipart import FormLimits, UploadBudget
@@ -38,6 +38,14 @@ class ReplicaView:
         os.close(self._fd)
 
 
+class Face(Protocol):
+    """Another protocol served beside HTTP by the same worker (the gRPC face)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self, grace_s: float) -> None: ...
+
+
 @dataclass
 class ServiceState:
     """What the routes need; one per app (never module-global)."""
@@ -48,6 +56,7 @@ class ServiceState:
     draining: bool = False
     startup_error: str | None = None
     replica: ReplicaView | None = None
+    faces: list[Face] = field(default_factory=list)
     upload_budget: UploadBudget = field(init=False)
     _model_ref: ModelRef | None = field(default=None, init=False)
 

@@ -121,7 +121,9 @@ def render_chart(result: dict[str, Any], path: Path) -> None:
         log.warning("matplotlib not installed: no chart")
         return
     fig, (thr, lat) = plt.subplots(1, 2, figsize=(12, 4.5))
-    series = [(f"service, {s['layout']}", s["closed_loop"]) for s in result["service_by_runtime"].values()]
+    series = [
+        (f"service, {s['layout']}", s["closed_loop"]) for s in result["service_by_runtime"].values()
+    ]
     if "naive" in result:
         series.append(("naive Flask baseline", result["naive"]["closed_loop"]))
     for name, rows in series:

@@ -212,13 +212,14 @@ def _at(rows: list[dict[str, Any]], concurrency: int) -> dict[str, Any]:
     return next(r for r in rows if r["concurrency"] == concurrency)
 
 
-def choose_default(result: dict[str, Any], opts: BenchOptions) -> str:
+def choose_default(result: dict[str, Any], opts: BenchOptions) -> RuntimeName:
     """The fastest runtime at 16 clients among those whose int8 model meets the fidelity bar
     (torch's own int8 path is the reference the others are held to when no fidelity ran)."""
     fidelity = result.get("fidelity", {}).get("runtimes", {})
-    eligible = [
+    eligible: list[RuntimeName] = [
         rt
-        for rt in result["service_by_runtime"]
+        for rt in opts.runtimes
+        if rt in result["service_by_runtime"]
         if rt not in fidelity or fidelity[rt]["top1_agreement"] >= FIDELITY_BAR
     ]
     return max(
@@ -269,7 +270,7 @@ def run_benchmark(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
         rt: bench_service(settings, rt, cpus, images, opts, workdir, full=False)
         for rt in opts.runtimes
     }
-    default = choose_default(result, opts)
+    default: RuntimeName = choose_default(result, opts)
     result["default_runtime"] = default
     layouts = {f"workers_{cpus}": result["service_by_runtime"][default]}
     if cpus > 1 and not opts.quick:

@@ -91,6 +91,10 @@ def serve_worker(settings: Settings, plumbing: WorkerPlumbing) -> int:
     replica = ReplicaView(plumbing.replica_state) if plumbing.replica_state else None
     app = create_app(settings, classifier=classifier, metrics=metrics, replica=replica)
     state: ServiceState = app.state.service
+    if settings.grpc_enabled:
+        from resnet_service.grpc_api.server import GrpcFace
+
+        state.faces.append(GrpcFace(state, settings.host, settings.grpc_port))
     policy = ConnectionPolicy(settings.header_timeout_s, settings.max_connections)
     sock = reuseport_listener(settings.host, settings.port, LISTEN_BACKLOG)
 
