@@ -227,9 +227,10 @@ async def closed_loop(
     max_requests: int = 1_000_000,
     warmup: int = 2,
     timeout_s: float = 60.0,
+    stop: asyncio.Event | None = None,
 ) -> LoadResult:
-    """``concurrency`` clients back to back for ``duration_s`` (or ``max_requests``); several
-    payloads are sent in turn (a mix of good and bad inputs, say)."""
+    """``concurrency`` clients back to back for ``duration_s`` (or ``max_requests``, or until
+    ``stop`` is set); several payloads are sent in turn (a mix of good and bad inputs, say)."""
     mix = itertools.cycle([payload] if isinstance(payload, bytes) else payload)
     for _ in range(warmup):
         conn = _Connection(host, port, timeout_s)
@@ -242,7 +243,7 @@ async def closed_loop(
 
     async def client() -> None:
         conn = _Connection(host, port, timeout_s)
-        while time.perf_counter() < stop_at and budget[0] > 0:
+        while time.perf_counter() < stop_at and budget[0] > 0 and not (stop and stop.is_set()):
             budget[0] -= 1
             if not await _one(conn, next(mix), result, time.perf_counter()):
                 await asyncio.sleep(0.01)
