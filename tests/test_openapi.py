@@ -37,3 +37,16 @@ def test_spec_documents_bodies_and_errors() -> None:
         "ModelResponse",
     ):
         assert name in schemas
+
+
+def test_generated_grpc_modules_match_the_proto() -> None:
+    """Like the OpenAPI spec: the committed gRPC modules are what the proto generates."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gen_grpc.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--check"], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr

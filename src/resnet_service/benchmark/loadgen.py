@@ -64,6 +64,33 @@ def multipart_request(
     return headers + body
 
 
+def oip_request(host: str, port: int, model: str, data: bytes, classes: int = 5) -> bytes:
+    """One Open Inference Protocol v2 REST infer with the image as a binary BYTES tensor (the
+    binary tensor data extension, as tritonclient sends it), asking for the top ``classes``."""
+    element = len(data).to_bytes(4, "little") + data
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": [1],
+                    "datatype": "BYTES",
+                    "parameters": {"binary_data_size": len(element)},
+                }
+            ],
+            "outputs": [{"name": "probabilities", "parameters": {"classification": classes}}],
+        }
+    ).encode()
+    body = header + element
+    head = (
+        f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        "Content-Type: application/octet-stream\r\n"
+        f"Inference-Header-Content-Length: {len(header)}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"
+    ).encode()
+    return head + body
+
+
 @dataclass
 class LoadResult:
     """Every request's outcome, latency (seconds) and completion time."""

@@ -61,6 +61,11 @@ def compute_ratios(result: dict[str, Any], c: int) -> dict[str, Any]:
         ),
         **_runtime_ratios(result, c),
     }
+    oip = service.get("oip_v2_rest")
+    if oip:
+        ratios["oip_v2_rest_c16_rps"] = oip["rps"]
+        ratios["oip_v2_rest_over_classify_p50_c16"] = round(oip["p50_ms"] / svc_c["p50_ms"], 3)
+        ratios["oip_v2_rest_over_classify_p99_c16"] = round(oip["p99_ms"] / svc_c["p99_ms"], 3)
     if "naive" in result:
         naive_c = _at(result["naive"]["closed_loop"], c)
         ratios["service_over_naive_throughput_c16"] = round(

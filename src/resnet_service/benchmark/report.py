@@ -33,6 +33,8 @@ def _service_rows(result: dict[str, Any]) -> list[str]:
         seen.add(svc["layout"])
         rows = svc["closed_loop"] + [svc["open_loop"]] + svc["other_images"]
         lines += _rows(f"service ({svc['layout']})", rows)
+        if svc.get("oip_v2_rest"):
+            lines += _rows(f"service ({svc['layout']}), OIP v2 REST infer", [svc["oip_v2_rest"]])
     lines += _rows("engine in-process (no HTTP)", result["engine_in_process"])
     if "naive" in result:
         lines += _rows("naive Flask baseline", result["naive"]["closed_loop"])

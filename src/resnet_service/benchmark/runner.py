@@ -119,6 +119,16 @@ def _open_loop(port: int, image: BenchImage, rate: float, duration: float) -> di
     return {**result.summary(), "image": image.name}
 
 
+def _oip_load(port: int, image: BenchImage, c: int, s: float) -> dict[str, Any]:
+    """The same image through the Open Inference Protocol's REST infer (binary tensor)."""
+    model = httpx.get(f"http://127.0.0.1:{port}/model", timeout=10).json()["name"]
+    payload = loadgen.oip_request("127.0.0.1", port, model, image.data)
+    result = asyncio.run(
+        loadgen.closed_loop("127.0.0.1", port, payload, c, s, MAX_REQUESTS_PER_LEVEL)
+    )
+    return {**result.summary(), "image": image.name, "route": "/v2/models/{name}/infer"}
+
+
 def _per_worker_requests(port: int) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -170,6 +180,7 @@ def bench_service(
             if full
             else []
         )
+        oip = _oip_load(srv.port, main, opts.c16, opts.duration) if full else None
         per_worker = _per_worker_requests(srv.port)
         memory = memory_mb(srv.process.pid)
     return {
@@ -181,6 +192,7 @@ def bench_service(
         "closed_loop": closed,
         "open_loop": open_loop,
         "other_images": others,
+        "oip_v2_rest": oip,
         "requests_per_worker": per_worker,
         "memory": memory,
     }
@@ -282,10 +294,12 @@ def run_benchmark(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
         layouts, key=lambda k: _at(layouts[k]["closed_loop"], opts.c16)["rps"]
     )
     best_layout = layouts[result["service_default_layout"]]
-    if not opts.quick:
-        best_layout["other_images"] = bench_service(
+    if not opts.quick:  # larger images and the OIP face, for the default runtime
+        full = bench_service(
             settings, default, best_layout["workers"], images, opts, workdir, full=True
-        )["other_images"]
+        )
+        best_layout["other_images"] = full["other_images"]
+        best_layout["oip_v2_rest"] = full["oip_v2_rest"]
     default_settings = settings.model_copy(update={"runtime": default, "inference_threads": cpus})
     result["engine_in_process"] = ceiling.engine_in_process(
         default_settings, images[MAIN_IMAGE].data, sorted({1, opts.c16}), opts.duration
