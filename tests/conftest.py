@@ -37,7 +37,10 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_settings(weights_file: Path, cache: Path, **overrides: object) -> Settings:
+    """Settings for in-process tests: the torch runtime unless a test names another (the
+    model fixtures below are torch modules; served end-to-end tests use the product default)."""
     base: dict[str, object] = {
+        "runtime": "torch",
         "weights_path": weights_file,
         "model_cache_dir": cache,
         "allow_downloads": False,

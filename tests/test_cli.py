@@ -56,22 +56,34 @@ def test_predict_reports_each_failure_and_exits_nonzero(
     assert "No such file" in rows[2]["error"]["detail"]
 
 
-def test_quantize_prints_fidelity_and_writes_a_bundle(
-    weights_file: Path, model_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("runtime", "manifest_file", "serve_flag"),
+    [("torch", "bundle.json", "--bundle"), ("openvino", "artifact.json", "--artifact")],
+)
+def test_quantize_prints_fidelity_and_writes_a_servable_model(
+    weights_file: Path,
+    model_cache: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    runtime: str,
+    manifest_file: str,
+    serve_flag: str,
 ) -> None:
-    out = tmp_path / "int8-bundle"
-    assert main(["quantize", "--out", str(out), *model_args(weights_file, model_cache)]) == 0
+    out = tmp_path / f"int8-{runtime}"
+    args = ["quantize", "--out", str(out), "--runtime", runtime]
+    assert main([*args, *model_args(weights_file, model_cache)]) == 0
     row = json.loads(capsys.readouterr().out)
-    fidelity = row["quantization"]["fidelity"]
+    assert row["runtime"] == runtime
+    fidelity = row.get("fidelity") or row["quantization"]["fidelity"]
     assert fidelity["images"] == 16
     assert 0 <= fidelity["top1_agreement"] <= 1
-    assert (out / "bundle.json").is_file()
-    manifest = json.loads((out / "bundle.json").read_text())
+    manifest = json.loads((out / manifest_file).read_text())
     assert manifest["precision"] == "int8"
-    code = main(
-        ["predict", str(_photo(tmp_path)), "--bundle", str(out), "--cache-dir", str(model_cache)]
-    )
+    photo = str(_photo(tmp_path))
+    code = main(["predict", photo, serve_flag, str(out), "--cache-dir", str(model_cache)])
     assert code == 0
+    predicted = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert predicted["runtime"] == runtime
 
 
 def _photo(tmp_path: Path) -> Path:
@@ -88,8 +100,10 @@ def test_info_shows_provenance_and_threads(
     assert info["weights_source"] == "explicit_path"
     assert len(info["weights_sha256"]) == 64
     assert info["inference_threads"] == 1
-    assert info["runtime"] == "torch"
-    assert info["quantization"]["fidelity"]["images"] == 16
+    assert info["runtime"] == "openvino"  # the default
+    assert info["runtime_version"]
+    assert info["fidelity"]["images"] == 16
+    assert info["quantization"]["method"] == "nncf_ptq"
 
 
 def test_invalid_setting_exits_2_naming_it(capsys: pytest.CaptureFixture[str]) -> None:

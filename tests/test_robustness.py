@@ -27,7 +27,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from resnet_service.benchmark import loadgen
 from resnet_service.benchmark.servers import free_port, stop_process_group
-from resnet_service.runtimes.base import ServedModel
 from tests.helpers import jpeg_of
 from tests.server import Server, is_ready, serve, wait_until
 
@@ -345,12 +344,13 @@ def test_an_empty_read_only_cache_stops_start_up_clearly(
 
 
 def test_a_read_only_cache_holding_the_model_just_works(
-    sandbox: tuple[Path, dict[str, str]],
-    weights_file: Path,
-    model_cache: Path,
-    int8_model: ServedModel,  # built into model_cache
-    tmp_path: Path,
+    sandbox: tuple[Path, dict[str, str]], weights_file: Path, model_cache: Path, tmp_path: Path
 ) -> None:
+    from resnet_service.model.serving import find_or_build
+    from tests.conftest import make_settings
+
+    # The default runtime's model, as a slim image ships it.
+    find_or_build(make_settings(weights_file, model_cache, runtime="openvino"))
     tmp, env = sandbox
     port = free_port()
     cmd = [sys.executable, "-m", "resnet_service", "serve", "--port", str(port), "--workers", "1"]

@@ -19,7 +19,10 @@ pytestmark = pytest.mark.slow
 
 
 def model_args(weights_file: Path, cache: Path, *extra: str) -> list[str]:
-    return ["--weights", str(weights_file), "--cache-dir", str(cache), "--offline", *extra]
+    """The torch runtime here: these tests cover its end-to-end path (the default runtime,
+    OpenVINO, is served by most other end-to-end tests)."""
+    args = ["--weights", str(weights_file), "--cache-dir", str(cache), "--offline"]
+    return [*args, "--runtime", "torch", *extra]
 
 
 def metric_samples(text: str, family: str) -> list[tuple[str, dict[str, str], float]]:

@@ -67,9 +67,12 @@ def log_config(level: str) -> dict[str, Any]:
 
 
 def settings_as_env(settings: Settings) -> dict[str, str]:
-    """The settings as RESNET_SERVICE_* variables, for worker processes."""
+    """The settings that were set (from the environment, flags, or resolved by the supervisor)
+    as RESNET_SERVICE_* variables, for child processes. Defaults stay defaults there, so a
+    child can still tell a choice from a default (a built model's runtime wins over the
+    default runtime, not over an explicit one)."""
     env: dict[str, str] = {}
-    for name, value in settings.model_dump().items():
+    for name, value in settings.model_dump(exclude_unset=True).items():
         if value is None:
             continue
         if isinstance(value, SecretStr):

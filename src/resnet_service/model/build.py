@@ -12,8 +12,10 @@ validation split, with accuracy) and are written atomically into the cache (``ar
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -239,7 +241,8 @@ def build_artifact(
     export = _export_openvino if runtime == "openvino" else _export_onnx
     log.info("building the %s %s model (%s)", runtime, precision, source.name)
     try:
-        with staged(folder) as tmp:
+        # NNCF and ONNX Runtime print progress to stdout, which the CLI keeps for its JSON.
+        with contextlib.redirect_stdout(sys.stderr), staged(folder) as tmp:
             export(module, tmp, spec.crop_size, calibration_set)
             held_out = holdout.load_arrays(spec)
             with torch.inference_mode():

@@ -120,8 +120,22 @@ def find_or_build(settings: Settings) -> Path:
     return folder
 
 
+def effective(settings: Settings) -> Settings:
+    """An int8 torch bundle (``quantize --bundle``'s output) runs on torch unless another
+    runtime was asked for explicitly (then building refuses it, saying why)."""
+    if settings.bundle_path is None or "runtime" in settings.model_fields_set:
+        return settings
+    from resnet_service.model.manifest import read_manifest
+
+    if read_manifest(settings.bundle_path).precision == "int8":
+        log.info("%s is an int8 torch bundle: serving it on torch", settings.bundle_path)
+        return settings.model_copy(update={"runtime": "torch"})
+    return settings
+
+
 def prepare(settings: Settings) -> Prepared:
     """Build (or verify) what ``open_served_model`` will load, so workers only load it."""
+    settings = effective(settings)
     if settings.runtime == "torch" and settings.artifact_path is None:
         with needs_torch("the torch runtime"):
             from resnet_service.model.loader import load_model
@@ -199,6 +213,7 @@ def _check_matches(manifest: ArtifactManifest, settings: Settings, folder: Path)
 
 def open_served_model(settings: Settings, artifact: Path | None = None) -> ServedModel:
     """Load (building first where needed) the model for ``settings.runtime``."""
+    settings = effective(settings)
     if settings.runtime == "torch" and settings.artifact_path is None:
         with needs_torch("the torch runtime"):
             from resnet_service.model.loader import load_model
