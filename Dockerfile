@@ -95,9 +95,13 @@ RUN groupadd --system --gid 10001 app \
     --shell /usr/sbin/nologin app
 COPY --from=slim-venv /opt/venv /opt/venv
 COPY --from=build /models/openvino-int8 /models/openvino-int8
+# RUNTIME/PRECISION name what the artifact is: serve hands every setting to its workers, and a
+# runtime left at its default (torch) there conflicts with an OpenVINO artifact (exit 3).
 ENV HOME=/tmp \
     TMPDIR=/tmp \
     RESNET_SERVICE_ARTIFACT_PATH=/models/openvino-int8 \
+    RESNET_SERVICE_RUNTIME=openvino \
+    RESNET_SERVICE_PRECISION=int8 \
     RESNET_SERVICE_HOST=0.0.0.0 \
     RESNET_SERVICE_PORT=8000
 WORKDIR /app
