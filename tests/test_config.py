@@ -90,3 +90,16 @@ def test_threads_follow_cpus_and_workers() -> None:
     assert threads_per_worker(3, 2) == 3
     assert resolve_workers(0) == min(cpus, MAX_AUTO_WORKERS)
     assert resolve_workers(3) == 3
+
+
+def test_kubernetes_service_links_are_not_taken_for_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What Kubernetes injects into a pod for a Service named "resnet-service".
+    monkeypatch.setenv("RESNET_SERVICE_SERVICE_HOST", "10.0.0.1")
+    monkeypatch.setenv("RESNET_SERVICE_SERVICE_PORT_HTTP", "8000")
+    monkeypatch.setenv("RESNET_SERVICE_PORT_8000_TCP_ADDR", "10.0.0.1")
+    assert load_settings().port == 8000
+    monkeypatch.setenv("RESNET_SERVICE_PORT", "tcp://10.0.0.1:8000")
+    with pytest.raises(SettingsError, match="enableServiceLinks: false"):
+        load_settings()

@@ -26,8 +26,10 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+import httpx
 import pytest
 
 from resnet_service.benchmark import loadgen
@@ -41,7 +43,9 @@ DRAIN_S = 2.0
 
 
 def haproxy_binary() -> str:
-    found = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
+    found = shutil.which("haproxy") or (
+        "/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None
+    )
     if found is None:
         pytest.fail("haproxy is missing: `make test` installs it (scripts/install_test_deps.sh)")
     return found
@@ -144,6 +148,23 @@ def start_replica(tmp_path: Path, port: int, args: list[str], tag: str) -> Serve
     return server
 
 
+def served_by_each(replicas: dict[str, Server], count: int) -> bool:
+    """Every replica has answered ``count`` classifications (its own metrics say so)."""
+    for server in replicas.values():
+        text = httpx.get(f"{server.url}/metrics", timeout=5).text
+        line = next(
+            (
+                ln
+                for ln in text.splitlines()
+                if ln.startswith("resnet_service_images_total") and 'outcome="ok"' in ln
+            ),
+            None,
+        )
+        if line is None or float(line.split()[-1]) < count:
+            return False
+    return True
+
+
 def test_rolling_update_behind_haproxy_fails_no_request(
     tmp_path: Path, weights_file: Path, model_cache: Path
 ) -> None:
@@ -157,7 +178,7 @@ def test_rolling_update_behind_haproxy_fails_no_request(
     try:
         with haproxy(tmp_path, ports) as proxy:
             for name in ports:
-                wait_until(lambda n=name: proxy.server_up(n), 30, f"haproxy sees {name}")
+                wait_until(partial(proxy.server_up, name), 30, f"haproxy sees {name}")
             payload = loadgen.multipart_request(
                 HOST, proxy.port, "/classify", "image", "p.jpg", jpeg_of("coffee"), "image/jpeg"
             )
@@ -167,7 +188,10 @@ def test_rolling_update_behind_haproxy_fails_no_request(
                 load = asyncio.create_task(
                     loadgen.closed_loop(HOST, proxy.port, payload, 6, 600, stop=stop)
                 )
-                await asyncio.sleep(1)  # steady state before the first replacement
+                # Under way through both replicas before the first replacement.
+                await asyncio.to_thread(
+                    wait_until, partial(served_by_each, replicas, 10), 60, "load on both"
+                )
                 for name, port in ports.items():
                     old = replicas[name]
                     old.process.send_signal(signal.SIGTERM)  # what the kubelet does
@@ -175,7 +199,7 @@ def test_rolling_update_behind_haproxy_fails_no_request(
                     new = await asyncio.to_thread(start_replica, tmp_path, port, args, f"{name}2")
                     replicas[name] = new
                     await asyncio.to_thread(
-                        wait_until, lambda n=name: proxy.server_up(n), 30, f"haproxy sees new {name}"
+                        wait_until, partial(proxy.server_up, name), 30, f"haproxy sees new {name}"
                     )
                 stop.set()
                 return await load

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -251,6 +252,16 @@ class SettingsError(Exception):
 _RENAMED = {"torch_threads": "inference_threads"}
 
 
+#: What Kubernetes injects for a Service named ``resnet-service`` (service links):
+#: RESNET_SERVICE_SERVICE_HOST, RESNET_SERVICE_SERVICE_PORT[_HTTP], RESNET_SERVICE_PORT_8000_TCP...
+_SERVICE_LINK = re.compile(r"^(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT_\d+_(TCP|UDP|SCTP)(_\w+)?)$")
+
+
+def _service_link_value(name: str, value: str) -> bool:
+    """Kubernetes' ``RESNET_SERVICE_PORT=tcp://10.0.0.1:8000`` (a service link, not a port)."""
+    return name.upper() == f"{ENV_PREFIX}PORT" and "://" in value
+
+
 def unknown_environment(environ: Mapping[str, str]) -> list[str]:
     """``RESNET_SERVICE_*`` variables that name no setting (typos, renamed settings)."""
     problems = []
@@ -258,6 +269,14 @@ def unknown_environment(environ: Mapping[str, str]) -> list[str]:
         if not name.upper().startswith(ENV_PREFIX):
             continue
         field = name[len(ENV_PREFIX) :].lower()
+        if _SERVICE_LINK.match(field.upper()):
+            continue  # injected by Kubernetes for a Service of this name: not ours to judge
+        if _service_link_value(name, environ[name]):
+            problems.append(
+                f"  {name}={environ[name]}: this is a Kubernetes service link (a Service named "
+                "resnet-service), not a port; set enableServiceLinks: false on the pod (as "
+                "deploy/ does) or give RESNET_SERVICE_PORT explicitly"
+            )
         if field in Settings.model_fields:
             continue
         hint = _RENAMED.get(field) or next(
