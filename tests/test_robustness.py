@@ -23,10 +23,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from resnet_service.benchmark import loadgen
-from resnet_service.benchmark.servers import free_port, stop_process_group
+from resnet_service.benchmark.servers import free_port, metric_sum, stop_process_group
 from tests.helpers import jpeg_of
 from tests.server import Server, is_ready, serve, wait_until
 
@@ -46,18 +45,7 @@ def classify_payload(port: int, size: tuple[int, int] = (500, 375)) -> bytes:
 
 
 def metric(server: Server, family: str, **labels: str) -> float:
-    """Sum of a family's samples (``_total`` for counters) matching ``labels``."""
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    total = 0.0
-    for fam in text_string_to_metric_families(text):
-        if fam.name != family:
-            continue
-        for sample in fam.samples:
-            if sample.name.endswith(("_created", "_bucket", "_sum", "_count")):
-                continue
-            if all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
+    return metric_sum(server.url, family, **labels)
 
 
 def header_only_probe(port: int, timeout: float = 1.0) -> bytes:

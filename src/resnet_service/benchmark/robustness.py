@@ -30,7 +30,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 
 from resnet_service.benchmark import loadgen
@@ -39,6 +38,7 @@ from resnet_service.benchmark.runner import machine_info
 from resnet_service.benchmark.servers import (
     Running,
     memory_mb,
+    metric_sum,
     process_children,
     python,
     running,
@@ -117,18 +117,7 @@ def _server(workdir: Path, name: str, *extra: str) -> Iterator[Running]:
 
 
 def _metric(port: int, family: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"http://{HOST}:{port}/metrics", timeout=10).text
-    total = 0.0
-    for fam in text_string_to_metric_families(text):
-        if fam.name == family:
-            for sample in fam.samples:
-                if sample.name.endswith(("_created", "_bucket", "_sum", "_count")):
-                    continue
-                if all(sample.labels.get(k) == v for k, v in labels.items()):
-                    total += sample.value
-    return total
+    return metric_sum(f"http://{HOST}:{port}", family, **labels)
 
 
 def _pct(result: loadgen.LoadResult, status: int, q: float) -> float | None:

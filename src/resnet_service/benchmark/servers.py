@@ -126,5 +126,23 @@ def stop_process_group(process: subprocess.Popen[bytes], grace: float = 30) -> N
         process.wait(10)
 
 
+def metric_sum(url: str, family: str, **labels: str) -> float:
+    """A Prometheus family's samples on ``url``/metrics (counters' ``_total``) matching
+    ``labels``, summed."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    total = 0.0
+    for fam in text_string_to_metric_families(text):
+        if fam.name != family:
+            continue
+        for sample in fam.samples:
+            if sample.name.endswith(("_created", "_bucket", "_sum", "_count")):
+                continue
+            if all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
 def python() -> str:
     return sys.executable

@@ -8,9 +8,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,7 +19,7 @@ from resnet_service.model.architecture import (
     build_int8_skeleton,
     quiet_quantization_warnings,
 )
-from resnet_service.model.artifacts import ARTIFACT_MANIFEST
+from resnet_service.model.artifacts import ARTIFACT_MANIFEST, staged
 from resnet_service.model.manifest import LABELS as LABELS  # re-exported
 from resnet_service.model.manifest import MANIFEST as MANIFEST  # re-exported
 from resnet_service.model.manifest import WEIGHTS as WEIGHTS  # re-exported
@@ -40,19 +38,11 @@ def write_bundle(
     if len(labels) != manifest.num_classes:
         raise BundleInvalid(f"{len(labels)} labels for {manifest.num_classes} classes")
     refuse_to_overwrite(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with staged(directory) as tmp:
         torch.save(state_dict, tmp / WEIGHTS)
         final = manifest.model_copy(update={"weights_sha256": sha256_file(tmp / WEIGHTS)})
         (tmp / LABELS).write_text(json.dumps(labels, ensure_ascii=False, indent=0))
         (tmp / MANIFEST).write_text(final.model_dump_json(indent=2))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

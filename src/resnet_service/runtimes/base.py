@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from resnet_service.config import Precision, RuntimeName
+from resnet_service.errors import RuntimeUnavailable
 from resnet_service.images import PreprocessSpec
 from resnet_service.model.manifest import ModelInfo
 
@@ -46,3 +48,14 @@ class ServedModel:
     labels: list[str]
     spec: PreprocessSpec
     info: ModelInfo
+
+
+def import_runtime(module: str) -> Any:
+    """Import a runtime's package, or say which extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise RuntimeUnavailable(
+            f"The {module} runtime is not installed ({exc}); "
+            f"pip install 'resnet-service[{module}]' (the {module} package)."
+        ) from None

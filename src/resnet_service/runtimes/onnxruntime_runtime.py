@@ -14,20 +14,11 @@ from typing import Any, Final
 import numpy as np
 
 from resnet_service.config import Precision, RuntimeName
-from resnet_service.errors import RuntimeUnavailable
-from resnet_service.runtimes.base import FloatBatch
-
-INSTALL_HINT: Final = "pip install 'resnet-service[onnxruntime]' (the onnxruntime package)"
+from resnet_service.runtimes.base import FloatBatch, import_runtime
 
 
 def _onnxruntime() -> Any:
-    try:
-        import onnxruntime
-    except ImportError as exc:
-        raise RuntimeUnavailable(
-            f"The onnxruntime runtime is not installed ({exc}); {INSTALL_HINT}."
-        ) from None
-    return onnxruntime
+    return import_runtime("onnxruntime")
 
 
 def onnxruntime_version() -> str:

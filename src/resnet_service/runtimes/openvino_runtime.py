@@ -14,20 +14,11 @@ from typing import Any, Final
 import numpy as np
 
 from resnet_service.config import Precision, RuntimeName
-from resnet_service.errors import RuntimeUnavailable
-from resnet_service.runtimes.base import FloatBatch
-
-INSTALL_HINT: Final = "pip install 'resnet-service[openvino]' (the openvino package)"
+from resnet_service.runtimes.base import FloatBatch, import_runtime
 
 
 def _openvino() -> Any:
-    try:
-        import openvino
-    except ImportError as exc:
-        raise RuntimeUnavailable(
-            f"The openvino runtime is not installed ({exc}); {INSTALL_HINT}."
-        ) from None
-    return openvino
+    return import_runtime("openvino")
 
 
 def openvino_version() -> str:
