@@ -269,6 +269,7 @@ def evaluate_bundle(
 
 # --- digits, end to end ---------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # ~1 min alone; several times that on cores another job is using
 def test_finetune_quantize_and_serve_digits(
     weights_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

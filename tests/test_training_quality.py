@@ -109,6 +109,7 @@ WRITERS = {"stripes": write_stripes, "photo-crops": write_photo_crops}
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # ~35 s alone; several times that on cores another job is using
 @pytest.mark.parametrize("task", sorted(WRITERS))
 def test_default_recipe_beats_the_probe_and_serves_int8(
     task: str, weights_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         "they are spent",
     )
     ft.add_argument(
-        "--epochs", type=int, default=10, help="at most this many epochs of block training"
+        "--epochs", type=int, default=6, help="at most this many epochs of block training"
     )
     ft.add_argument("--batch-size", type=int, default=32)
     ft.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (block training)")

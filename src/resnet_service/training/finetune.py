@@ -88,7 +88,7 @@ class FinetuneConfig:
     augment: Augment = "crop"
     augmented_views: int = 4
     image_size: int = 224
-    epochs: int = 10
+    epochs: int = 6
     batch_size: int = 32
     lr: float = 3e-4
     weight_decay: float = 1e-4
