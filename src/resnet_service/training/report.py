@@ -97,7 +97,7 @@ def _plot_curves(ax: Any, report: FinetuneReport) -> None:
     ax.plot(steps, [h.val_accuracy for h in history], "--", label="val acc")
     ax.axvline(report.best_step, color="grey", lw=0.8)
     ax.set_xlabel("optimiser step")
-    ax.set_title(f"Training {report.trained} (best step {report.best_step})")
+    ax.set_title(f"Block training: kept {report.trained} (best step {report.best_step})")
     ax.legend()
 
 
