@@ -190,16 +190,14 @@ def confusion_matrix(targets: torch.Tensor, preds: torch.Tensor, classes: int) -
 
 
 @contextmanager
-def _torch_settings(threads: int) -> Iterator[None]:
-    """The run's thread count, and denormals flushed to zero: once the training loss is near
-    zero, denormal gradients made CPU steps several times slower. Both restored after."""
+def _torch_threads(threads: int) -> Iterator[None]:
+    """The run's torch thread count (``--threads``), restored after: the CLI and the tests
+    call ``finetune`` in a process that has its own setting."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    torch.set_flush_denormal(True)
     try:
         yield
     finally:
-        torch.set_flush_denormal(False)
         torch.set_num_threads(before)
 
 
@@ -403,7 +401,7 @@ def _final_predictions(
 
 def finetune(config: FinetuneConfig, settings: Settings) -> FinetuneResult:
     """Train, choose on validation, write a bundle with its report (see the module doc)."""
-    with _torch_settings(threads_per_worker(settings.torch_threads, 1)):
+    with _torch_threads(threads_per_worker(settings.torch_threads, 1)):
         return _finetune(config, settings)
 
 
