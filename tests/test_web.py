@@ -259,6 +259,7 @@ def test_footer_and_phone_width(browser: Browser, server: Server, photos: dict[s
     model = httpx.get(f"{server.url}/model").json()
     with open_page(browser, server, width=375, height=800) as page:
         assert page.get_by_test_id("model-precision").inner_text() == "int8"
+        assert page.get_by_test_id("model-runtime").inner_text() == "openvino"
         assert page.get_by_test_id("model-weights-source").inner_text() == model["weights_source"]
         assert model["weights_sha256"].startswith(page.get_by_test_id("model-sha").inner_text())
         assert page.get_by_test_id("dev-banner").is_hidden()

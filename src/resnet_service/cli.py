@@ -188,26 +188,35 @@ def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
         out_dir=args.out,
         val_dir=args.val_dir,
         val_fraction=args.val_fraction,
+        train=args.train,
+        recalibrate_bn=args.recalibrate_bn,
+        augment=args.augment,
+        augmented_views=args.augmented_views,
+        image_size=args.image_size,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
-        train=args.train,
-        augment=args.augment,
-        image_size=args.image_size,
+        weight_decay=args.weight_decay,
+        min_steps=args.min_steps,
         patience=args.patience,
+        time_budget=args.time_budget,
         seed=args.seed,
-        recalibrate_bn=args.recalibrate_bn,
         name=args.name,
         progress=not args.no_progress,
     )
     result = finetune(config, settings)
+    report = result.report
     _emit(
         {
             "bundle": str(args.out),
             "classes": result.manifest.num_classes,
-            "val_accuracy": round(result.val_accuracy, 4),
-            "best_epoch": result.best_epoch,
-            "epochs_run": len(result.history),
+            "val_accuracy": round(report.val_accuracy, 4),
+            "probe_val_accuracy": round(report.probe.val_accuracy, 4) if report.probe else None,
+            "trained": report.trained,
+            "recalibrated_bn": report.recalibrated_bn,
+            "best_step": report.best_step,
+            "steps_run": report.steps_run,
+            "seconds": round(report.timings.total, 1),
             "weights_sha256": result.manifest.weights_sha256,
         }
     )
@@ -334,24 +343,59 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--out", type=Path, required=True, help="bundle directory to write")
     ft.add_argument("--val-dir", type=Path, help="validation ImageFolder (else a stratified split)")
     ft.add_argument("--val-fraction", type=float, default=0.2)
-    ft.add_argument("--epochs", type=int, default=15)
-    ft.add_argument("--batch-size", type=int, default=32)
-    ft.add_argument("--lr", type=float, default=1e-3)
     ft.add_argument(
         "--train",
-        choices=["head", "layer4", "all"],
-        default="head",
-        help="what to train: the classifier head, the last block + head, or everything",
+        choices=["auto", "head", "layer4", "all"],
+        default="auto",
+        help="what to train. auto (default): fit the head, then train the last block too "
+        "when validation accuracy says it helps, within --time-budget; or force one",
     )
-    ft.add_argument("--augment", choices=["none", "crop", "crop-flip"], default="crop-flip")
-    ft.add_argument("--image-size", type=int, default=224, help="model input side (crop)")
-    ft.add_argument("--patience", type=int, default=4, help="early-stopping patience (epochs)")
-    ft.add_argument("--seed", type=int, default=0)
     ft.add_argument(
         "--recalibrate-bn",
-        action="store_true",
-        help="re-estimate BatchNorm statistics on your images first (helps far-off domains)",
+        choices=["auto", "yes", "no"],
+        nargs="?",
+        const="yes",
+        default="auto",
+        help="re-estimate BatchNorm statistics on your images (helps far-off domains). "
+        "auto (default): keep whichever validates better; the bare flag means yes",
     )
+    ft.add_argument(
+        "--augment",
+        choices=["none", "crop", "crop-flip"],
+        default="crop",
+        help="extra random training views (crop: 50-100%% of the area; crop-flip: also "
+        "mirrored); only if a crop or mirror of an image is still the same class",
+    )
+    ft.add_argument(
+        "--augmented-views",
+        type=int,
+        default=4,
+        help="random views per image with --augment, drawn once and cached",
+    )
+    ft.add_argument("--image-size", type=int, default=224, help="model input side (crop)")
+    ft.add_argument(
+        "--time-budget",
+        type=float,
+        default=600.0,
+        help="seconds for the whole run; block training stops (best checkpoint kept) when "
+        "they are spent",
+    )
+    ft.add_argument(
+        "--epochs", type=int, default=6, help="at most this many epochs of block training"
+    )
+    ft.add_argument("--batch-size", type=int, default=32)
+    ft.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (block training)")
+    ft.add_argument("--weight-decay", type=float, default=1e-4)
+    ft.add_argument(
+        "--min-steps", type=int, default=100, help="block training never stops before this"
+    )
+    ft.add_argument(
+        "--patience",
+        type=int,
+        default=100,
+        help="early stopping: optimiser steps without a better validation score",
+    )
+    ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--name", help="model name in the bundle")
     ft.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_flags(ft)

@@ -1,0 +1,115 @@
+"""The fine-tuning report: ``report.json`` always, ``report.png`` when matplotlib is there.
+
+Its first job is to say whether training worked: the model's validation accuracy next to the
+linear-probe baseline's (same features, same split), then the choices the recipe made and why,
+then the learning curve and the confusion matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from resnet_service.training.finetune import FinetuneReport
+
+log = logging.getLogger(__name__)
+
+REPORT_JSON = "report.json"
+REPORT_PNG = "report.png"
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN: the learning curve's step 0 has no training loss yet."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def report_dict(report: FinetuneReport, classes: list[str]) -> dict[str, Any]:
+    """The report as JSON-ready data, headline figures first."""
+    out = asdict(report)
+    headline = {
+        "val_accuracy": out.pop("val_accuracy"),
+        "probe_val_accuracy": report.probe.val_accuracy if report.probe else None,
+    }
+    cleaned: dict[str, Any] = _finite({**headline, **out, "classes": classes})
+    return cleaned
+
+
+def write_report(out_dir: Path, report: FinetuneReport, classes: list[str]) -> None:
+    """report.json; report.png (accuracy vs baseline, learning curve, confusion matrix)."""
+    (out_dir / REPORT_JSON).write_text(json.dumps(report_dict(report, classes), indent=2))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no %s (pip install matplotlib)", REPORT_PNG)
+        return
+    fig, (bars, curves, matrix) = plt.subplots(1, 3, figsize=(17, 5))
+    _plot_comparison(bars, report)
+    _plot_curves(curves, report)
+    _plot_confusion(matrix, report, classes)
+    fig.tight_layout()
+    fig.savefig(out_dir / REPORT_PNG, dpi=100)
+    plt.close(fig)
+
+
+def _plot_comparison(ax: Any, report: FinetuneReport) -> None:
+    names = ["linear probe\n(scikit-learn)", "head only", f"final\n({report.trained})"]
+    values = [
+        report.probe.val_accuracy if report.probe else math.nan,
+        report.head.val_accuracy,
+        report.val_accuracy,
+    ]
+    colours = ["#999999", "#7aa6d6", "#1f5fa8"]
+    ax.bar(names, values, color=colours)
+    for i, value in enumerate(values):
+        label = "n/a" if math.isnan(value) else f"{value:.1%}"
+        ax.text(i, 0 if math.isnan(value) else value, label, ha="center", va="bottom")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("Did training work? (same features and split)")
+
+
+def _plot_curves(ax: Any, report: FinetuneReport) -> None:
+    history = report.history
+    if not history:
+        ax.text(0.5, 0.5, "head only: no block training", ha="center", va="center")
+        ax.set_axis_off()
+        return
+    steps = [h.step for h in history]
+    ax.plot(steps, [h.train_loss for h in history], label="train loss")
+    ax.plot(steps, [h.val_loss for h in history], label="val loss")
+    ax.plot(steps, [h.train_accuracy for h in history], "--", label="train acc")
+    ax.plot(steps, [h.val_accuracy for h in history], "--", label="val acc")
+    ax.axvline(report.best_step, color="grey", lw=0.8)
+    ax.set_xlabel("optimiser step")
+    ax.set_title(f"Block training: kept {report.trained} (best step {report.best_step})")
+    ax.legend()
+
+
+def _plot_confusion(ax: Any, report: FinetuneReport, classes: list[str]) -> None:
+    counts = np.array(report.confusion)
+    ax.imshow(counts, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=90 if len(classes) > 10 else 0)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"Validation confusion (accuracy {report.val_accuracy:.1%})")
+    if len(classes) <= 20:
+        for (i, j), value in np.ndenumerate(counts):
+            colour = "white" if value > counts.max() / 2 else "black"
+            ax.text(j, i, str(value), ha="center", va="center", fontsize=8, color=colour)
