@@ -2,7 +2,7 @@
 
 - OpenVINO: ``ov.convert_model`` traces the torch network into an IR; int8 is NNCF
   post-training quantization (its performance preset: symmetric activations, per-channel
-  weights, fast bias correction) calibrated on the same images as the torch int8 path.
+  weights, full bias correction) calibrated on the same images as the torch int8 path.
 - ONNX Runtime: ``torch.onnx.export``; int8 is ONNX Runtime's static quantization in QDQ form,
   per-channel int8 weights and uint8 activations (U8S8, the fast pair on x86), min-max
   calibration on the same images.
@@ -133,6 +133,10 @@ def _export_openvino(
             nncf.Dataset(batches),
             preset=nncf.QuantizationPreset.PERFORMANCE,
             subset_size=len(batches),  # NNCF counts dataset items: batches here
+            # Full bias correction: on the fine-tuned digits model, int8 accuracy 96.7% instead
+            # of 95.8% (fp32 97.5%) at the same inference speed, for a longer build. The
+            # MIXED preset (asymmetric activations) was as accurate but 8-50% slower to run.
+            fast_bias_correction=False,
         )
     ov.save_model(model, str(folder / MODEL_FILES["openvino"]), compress_to_fp16=False)
 
@@ -200,7 +204,9 @@ def quantization_info(
 ) -> QuantizationInfo:
     if runtime == "openvino":
         info = QuantizationInfo(
-            method="nncf_ptq", engine="openvino", qconfig="nncf performance preset, per-channel"
+            method="nncf_ptq",
+            engine="openvino",
+            qconfig="nncf performance preset, per-channel, bias correction",
         )
     else:
         info = QuantizationInfo(

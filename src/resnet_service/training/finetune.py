@@ -401,7 +401,7 @@ def _final_predictions(
 
 def finetune(config: FinetuneConfig, settings: Settings) -> FinetuneResult:
     """Train, choose on validation, write a bundle with its report (see the module doc)."""
-    with _torch_threads(threads_per_worker(settings.torch_threads, 1)):
+    with _torch_threads(threads_per_worker(settings.inference_threads, 1)):
         return _finetune(config, settings)
 
 
