@@ -28,9 +28,9 @@ def test_quick_bench_writes_every_figure(
     machine = result["machine"]
     assert machine["usable_cpus"] >= 1
     assert machine["versions"]["torch"].startswith("2.14.1")
-    assert set(result["forward_ms_per_image"]) == {"torch", "openvino", "onnxruntime"}
+    assert set(result["forward_ms_per_image"]) == {"torch", "openvino"}  # quick: these two
     for runtime, speeds in result["forward_ms_per_image"].items():
-        assert set(speeds) == {"int8", "fp32"}, runtime
+        assert set(speeds) == {"int8"}, runtime
         assert result["ceiling_by_runtime"][runtime]["images_per_s"] > 0
     assert result["default_runtime"] in result["service_by_runtime"]
     for runtime, service in result["service_by_runtime"].items():

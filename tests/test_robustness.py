@@ -158,8 +158,11 @@ def test_sigterm_under_load_answers_every_request(
         payload = classify_payload(server.port)
 
         async def scenario() -> tuple[loadgen.LoadResult, float]:
+            stopped = asyncio.Event()
             load = asyncio.create_task(
-                loadgen.closed_loop(HOST, server.port, payload, 32, 30.0, timeout_s=20)
+                loadgen.closed_loop(
+                    HOST, server.port, payload, 32, 60.0, timeout_s=20, stop=stopped
+                )
             )
             await asyncio.sleep(1.5)
             signalled = time.monotonic()
@@ -176,6 +179,9 @@ def test_sigterm_under_load_answers_every_request(
                         break  # already stopped listening (no drain delay)
                     await asyncio.sleep(0.01)
             unready_after = time.monotonic() - signalled
+            # The clients go on until the server has exited (then every try is refused).
+            await asyncio.to_thread(server.process.wait, 60)
+            stopped.set()
             return await load, unready_after
 
         result, unready_after = asyncio.run(scenario())

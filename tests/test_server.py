@@ -153,7 +153,9 @@ def test_start_without_weights_exits_with_the_remedy(tmp_path: Path) -> None:
 def test_two_workers_share_the_load_and_one_metrics_view(
     weights_file: Path, model_cache: Path, tmp_path: Path
 ) -> None:
-    args = model_args(weights_file, model_cache, "--workers", "2")
+    # The default runtime (OpenVINO): two workers start in seconds.
+    args = ["--weights", str(weights_file), "--cache-dir", str(model_cache), "--offline"]
+    args += ["--workers", "2"]
     budget = {"RESNET_SERVICE_QUEUE_BUDGET_MS": "30000"}  # a burst test, as above
     with serve(tmp_path, *args, env=budget) as server:
         model = httpx.get(f"{server.url}/model").json()

@@ -38,7 +38,7 @@ def _run(
     settings = load_settings(
         weights_path=weights_file,
         allow_downloads=False,
-        torch_threads=1,
+        inference_threads=1,
         model_cache_dir=tmp_path / "cache",
     )
     config = FinetuneConfig(

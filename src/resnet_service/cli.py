@@ -278,7 +278,8 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         out_dir=args.out,
         quick=args.quick,
         skip_naive=args.skip_naive,
-        runtimes=tuple(args.runtimes or RUNTIMES),
+        # Quick mode (the harness's own test) compares the default runtime with torch only.
+        runtimes=tuple(args.runtimes or (("torch", "openvino") if args.quick else RUNTIMES)),
     )
     if settings.weights_path is None and settings.bundle_path is None:
         # Speed does not depend on the weights' values: measure anywhere, even offline.

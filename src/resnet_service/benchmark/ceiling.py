@@ -112,13 +112,17 @@ def engine_in_process(
 
 
 def forward_speed(
-    settings: Settings, threads: int, batches: tuple[int, ...] = (1, 8), seconds: float = 2.0
+    settings: Settings,
+    threads: int,
+    batches: tuple[int, ...] = (1, 8),
+    seconds: float = 2.0,
+    precisions: tuple[str, ...] = ("int8", "fp32"),
 ) -> dict[str, dict[str, float]]:
-    """Model-only forward, ms per image, int8 vs fp32, on ``threads`` threads."""
+    """Model-only forward, ms per image, per precision, on ``threads`` threads."""
     from resnet_service.model.serving import open_served_model
 
     out: dict[str, dict[str, float]] = {}
-    for precision in ("int8", "fp32"):
+    for precision in precisions:
         runtime = open_served_model(
             settings.model_copy(update={"precision": precision, "inference_threads": threads})
         ).runtime

@@ -56,11 +56,12 @@ def compute_ratios(result: dict[str, Any], c: int) -> dict[str, Any]:
         "p99_c16_over_p50_c1": round(svc_c["p99_ms"] / svc1["p50_ms"], 3),
         "littles_law_floor_c16_ms": round(c / svc_c["rps"] * 1000, 2),
         "p99_c16_over_littles_law_floor": round(svc_c["p99_ms"] / (c / svc_c["rps"] * 1000), 3),
-        "int8_over_fp32_forward_speed_batch_1": round(
-            fwd["fp32"]["batch_1"] / fwd["int8"]["batch_1"], 2
-        ),
         **_runtime_ratios(result, c),
     }
+    if "fp32" in fwd:
+        ratios["int8_over_fp32_forward_speed_batch_1"] = round(
+            fwd["fp32"]["batch_1"] / fwd["int8"]["batch_1"], 2
+        )
     oip = service.get("oip_v2_rest")
     if oip:
         ratios["oip_v2_rest_c16_rps"] = oip["rps"]

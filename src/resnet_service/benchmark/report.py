@@ -60,9 +60,10 @@ def _runtime_rows(result: dict[str, Any]) -> list[str]:
             if fid
             else "-"
         )
+        fp32 = fwd.get("fp32", {"batch_1": "-", "batch_8": "-"})
         lines.append(
             f"| {rt} | {fwd['int8']['batch_1']} / {fwd['int8']['batch_8']} | "
-            f"{fwd['fp32']['batch_1']} / {fwd['fp32']['batch_8']} | "
+            f"{fp32['batch_1']} / {fp32['batch_8']} | "
             f"{result['ceiling_by_runtime'][rt]['images_per_s']} | {c16['rps']} | "
             f"{svc['memory']['peak_rss_mb']} | {svc['cold_start_s']} | "
             f"{svc['requests_per_worker']} | {agreement} |"

@@ -249,7 +249,10 @@ def _stage_models(
         log.info("%s: forward speed and ceiling", runtime)
         rt = settings.model_copy(update={"runtime": runtime})
         out["forward_ms_per_image"][runtime] = ceiling.forward_speed(
-            rt, cpus, seconds=0.5 if opts.quick else 2.0
+            rt,
+            cpus,
+            seconds=0.5 if opts.quick else 2.0,
+            precisions=("int8",) if opts.quick else ("int8", "fp32"),
         )
         out["ceiling_by_runtime"][runtime] = ceiling.process_ceiling(
             rt, images[MAIN_IMAGE].data, cpus, 1, opts.duration
