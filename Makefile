@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 WORKERS ?= 0  # 0 = one worker process per usable CPU
 
-.PHONY: install test-deps run test test-fast lint format typecheck openapi bench bench-quick robustness check clean
+.PHONY: install test-deps run test test-fast lint format typecheck openapi bench bench-quick bench-peers robustness check clean
 
 install: $(BIN)/resnet-service
 
@@ -49,6 +49,12 @@ bench: install
 
 bench-quick: install
 	$(BIN)/resnet-service bench --quick --out bench/results
+
+# The service against TorchServe (stock image_classifier handler, tuned to this machine), same
+# weights, same load, one run; writes bench/peers.json. TorchServe gets its own venv under
+# bench/results/peers/ (made once, ~2 min; reused after).
+bench-peers: install
+	$(BIN)/python -m resnet_service.benchmark.peers --out bench
 
 # Overload, soak, kill -9, SIGTERM and fuzzing at full size (~30 min); writes bench/robustness.json.
 robustness: install
