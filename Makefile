@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 WORKERS ?= 0  # 0 = one worker process per usable CPU
 
-.PHONY: install test-deps run test test-fast lint format typecheck openapi bench bench-quick bench-peers robustness check clean
+.PHONY: install test-deps run test test-fast lint format typecheck openapi bench bench-quick bench-peers bench-http robustness check clean
 
 install: $(BIN)/resnet-service
 
@@ -55,6 +55,11 @@ bench-quick: install
 # bench/results/peers/ (made once, ~2 min; reused after).
 bench-peers: install
 	$(BIN)/python -m resnet_service.benchmark.peers --out bench
+
+# httptools + uvloop against h11 + asyncio, the service at 16 clients, interleaved rounds
+# (~3 min); writes bench/httpstack.json.
+bench-http: install
+	$(BIN)/python -m resnet_service.benchmark.httpstack --out bench
 
 # Overload, soak, kill -9, SIGTERM and fuzzing at full size (~30 min); writes bench/robustness.json.
 robustness: install

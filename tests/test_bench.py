@@ -61,3 +61,34 @@ def test_quick_bench_writes_every_figure(
         "service_over_ceiling_c16",
         "cold_start_over_torch_runtime",
     }
+
+
+def test_http_stack_ab_takes_medians_of_interleaved_rounds() -> None:
+    from resnet_service.benchmark.httpstack import summarise
+
+    def row(stack: str, rps: float, p99: float, bad: int = 0) -> dict[str, object]:
+        return {
+            "stack": stack,
+            "rps": rps,
+            "p50_ms": p99 / 2,
+            "p99_ms": p99,
+            "non_200": bad,
+            "errors": 0,
+        }
+
+    rounds = [
+        row("httptools+uvloop", 120, 300),
+        row("h11+asyncio", 100, 400),
+        row("httptools+uvloop", 60, 900),
+        row("h11+asyncio", 50, 800, bad=2),  # a noisy round
+        row("httptools+uvloop", 110, 320),
+        row("h11+asyncio", 105, 420),
+    ]
+    report = summarise(rounds)
+    fast, plain = report["stacks"]["httptools+uvloop"], report["stacks"]["h11+asyncio"]
+    assert (fast["median_rps"], plain["median_rps"]) == (110, 100)
+    assert (fast["median_p99_ms"], plain["median_p99_ms"]) == (320, 420)
+    assert plain["non_200"] == 2
+    assert fast["non_200"] == 0
+    assert report["throughput_ratio"] == 1.1
+    assert report["p99_ratio"] == round(320 / 420, 3)

@@ -34,6 +34,7 @@ def _runtime_ratios(result: dict[str, Any], c: int) -> dict[str, Any]:
             default["cold_start_s"] / torch_svc["cold_start_s"], 3
         )
     out["serving_tree_peak_rss_mb"] = default["memory"]["peak_rss_mb"]
+    out["serving_tree_pss_mb"] = default["memory"].get("pss_mb")
     return out
 
 

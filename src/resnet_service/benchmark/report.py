@@ -92,11 +92,11 @@ def render_table(result: dict[str, Any]) -> str:
         mem_rows.append(("naive baseline", result["naive"]["memory"]))
     lines += [
         "",
-        "| memory | processes | peak RSS MB | RSS MB | anon RSS MB |",
-        "|---|---|---|---|---|",
+        "| memory (after the load) | processes | peak RSS MB | RSS MB | anon RSS MB | PSS MB |",
+        "|---|---|---|---|---|---|",
         *(
             f"| {n} | {mm['processes']} | {mm['peak_rss_mb']} | {mm['rss_mb']} | "
-            f"{mm['rss_anon_mb']} |"
+            f"{mm['rss_anon_mb']} | {mm.get('pss_mb', '')} |"
             for n, mm in mem_rows
         ),
         "",

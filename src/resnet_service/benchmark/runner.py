@@ -105,7 +105,9 @@ def _payload(port: int, path: str, field: str, image: BenchImage) -> bytes:
     )
 
 
-def _load(port: int, path: str, field: str, image: BenchImage, c: int, s: float) -> dict[str, Any]:
+def closed_loop_load(
+    port: int, path: str, field: str, image: BenchImage, c: int, s: float
+) -> dict[str, Any]:
     payload = _payload(port, path, field, image)
     result = asyncio.run(
         loadgen.closed_loop("127.0.0.1", port, payload, c, s, MAX_REQUESTS_PER_LEVEL)
@@ -165,7 +167,7 @@ def bench_service(
         cold_start = time.perf_counter() - started
         main = images[MAIN_IMAGE]
         closed = [
-            _load(srv.port, "/classify", "image", main, c, opts.duration)
+            closed_loop_load(srv.port, "/classify", "image", main, c, opts.duration)
             for c in opts.concurrencies
         ]
         c16 = next(r for r in closed if r["concurrency"] == opts.c16)
@@ -173,7 +175,7 @@ def bench_service(
         open_loop = _open_loop(srv.port, main, rate, opts.duration)
         others = (
             [
-                _load(srv.port, "/classify", "image", img, opts.c16, opts.duration)
+                closed_loop_load(srv.port, "/classify", "image", img, opts.c16, opts.duration)
                 for name, img in images.items()
                 if name != MAIN_IMAGE
             ]
@@ -210,7 +212,8 @@ def bench_naive(
     with running(cmd, env, "/health", workdir / "naive.log") as srv:
         main = images[MAIN_IMAGE]
         closed = [
-            _load(srv.port, "/predict", "file", main, c, opts.duration) for c in opts.concurrencies
+            closed_loop_load(srv.port, "/predict", "file", main, c, opts.duration)
+            for c in opts.concurrencies
         ]
         memory = memory_mb(srv.process.pid)
     return {

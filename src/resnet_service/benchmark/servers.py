@@ -61,17 +61,31 @@ def _status_kb(pid: int, field: str) -> int:
     return 0
 
 
-def memory_mb(pid: int) -> dict[str, float]:
-    """Peak and current RSS (and its anonymous part) summed over the process tree, in MB.
+def _pss_kb(pid: int) -> int:
+    """Proportional set size: shared pages (the runtime's libraries, mapped weights) divided
+    among the processes that map them, so a tree's sum is what it really occupies."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
-    Processes that do no work (uvicorn's supervisor, Python's multiprocessing helpers) count
-    too: they are part of what the deployment costs."""
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """Peak and current RSS (and its anonymous part) summed over the process tree, in MB, and
+    the tree's current PSS.
+
+    Processes that do no work (the supervisor) count too: they are part of what the deployment
+    costs. RSS sums count each shared library once per process; PSS does not."""
     pids = _tree(pid)
     return {
         "processes": len(pids),
         "peak_rss_mb": round(sum(_status_kb(p, "VmHWM") for p in pids) / 1024, 1),
         "rss_mb": round(sum(_status_kb(p, "VmRSS") for p in pids) / 1024, 1),
         "rss_anon_mb": round(sum(_status_kb(p, "RssAnon") for p in pids) / 1024, 1),
+        "pss_mb": round(sum(_pss_kb(p) for p in pids) / 1024, 1),
     }
 
 
