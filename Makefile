@@ -63,8 +63,8 @@ bench-http: install
 
 # Overload, soak, kill -9, SIGTERM and fuzzing at full size (~30 min); writes bench/robustness.json.
 robustness: install
-	$(BIN)/python -m resnet_service.benchmark.robustness --out bench
-	$(BIN)/python scripts/update_readme.py robustness
+	$(BIN)/python -m resnet_service.benchmark.robustness --out bench; status=$$?; \
+	$(BIN)/python scripts/update_readme.py robustness; exit $$status
 
 check: lint typecheck test
 

@@ -133,7 +133,8 @@ def _recovery_s(port: int, good: bytes, normal_ms: float, limit_s: float = 30.0)
     async def probe() -> float:
         streak = 0
         while time.perf_counter() - started < limit_s:
-            lone = await loadgen.closed_loop(HOST, port, good, 1, 0.0, max_requests=1, warmup=0)
+            # One request: bounded by max_requests (a zero duration would send none).
+            lone = await loadgen.closed_loop(HOST, port, good, 1, limit_s, max_requests=1, warmup=0)
             fast = lone.ok == 1 and lone.latencies[0] * 1000 <= 2 * normal_ms + 10
             streak = streak + 1 if fast else 0
             if streak == 3:

@@ -4,8 +4,12 @@
   post-training quantization (its performance preset: symmetric activations, per-channel
   weights, full bias correction) calibrated on the same images as the torch int8 path.
 - ONNX Runtime: ``torch.onnx.export``; int8 is ONNX Runtime's static quantization in QDQ form,
-  per-channel int8 weights and uint8 activations (U8S8, the fast pair on x86), min-max
-  calibration on the same images.
+  per-channel int8 weights and uint8 activations (U8S8, the fast pair on x86), activation
+  ranges from the 99.999th percentile of the same images, the classifier (the last Gemm) kept
+  in fp32. On the bench's digits model min-max with an int8 classifier agreed with fp32 on
+  95.0% of validation images, percentile ranges alone 96.7%, fp32 classifier alone 96.7%,
+  both 99.2%: one outlier activation stretches a min-max range, and the classifier's rounding
+  lands on the logits directly, at a negligible cost to keep it fp32 (512 x classes).
 Both measure fidelity against the torch fp32 model on held-out images (a fine-tuned bundle's
 validation split, with accuracy) and are written atomically into the cache (``artifacts.py``).
 """
@@ -62,6 +66,8 @@ from resnet_service.runtimes.base import FloatBatch, Runtime
 
 log = logging.getLogger(__name__)
 CALIBRATION_BATCH = 16
+#: ONNX Runtime int8: activation ranges from this percentile of the calibration activations.
+ORT_CALIBRATION_PERCENTILE = 99.999
 
 
 def fp32_module(source: ModelSource, settings: Settings) -> nn.Module:
@@ -168,6 +174,7 @@ def _export_onnx(
 
 
 def _quantize_onnx(fp32_path: Path, target: Path, calibration: ImageArrays) -> None:
+    import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -187,6 +194,7 @@ def _quantize_onnx(fp32_path: Path, target: Path, calibration: ImageArrays) -> N
 
     prepared = fp32_path.with_name("prepared.onnx.tmp")
     quant_pre_process(str(fp32_path), str(prepared))
+    classifier = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type == "Gemm"]
     quantize_static(
         str(prepared),
         str(target),
@@ -195,7 +203,9 @@ def _quantize_onnx(fp32_path: Path, target: Path, calibration: ImageArrays) -> N
         per_channel=True,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
+        calibrate_method=CalibrationMethod.Percentile,
+        extra_options={"CalibPercentile": ORT_CALIBRATION_PERCENTILE},
+        nodes_to_exclude=classifier,
     )
 
 
@@ -210,7 +220,9 @@ def quantization_info(
         )
     else:
         info = QuantizationInfo(
-            method="ort_static_qdq", engine="onnxruntime", qconfig="QDQ U8S8 per-channel, min-max"
+            method="ort_static_qdq",
+            engine="onnxruntime",
+            qconfig=f"QDQ U8S8 per-channel, percentile {ORT_CALIBRATION_PERCENTILE}, fp32 classifier",
         )
     return info.model_copy(
         update={
