@@ -227,6 +227,19 @@ def _base_model(base: ResolvedWeights, classes: int) -> nn.Module:
     return model.eval()
 
 
+def _add_augmented_views(
+    train: ViewCache,
+    stem: nn.Module,
+    train_set: Dataset,
+    spec: PreprocessSpec,
+    config: FinetuneConfig,
+) -> None:
+    """The augmented views of the training split that ``config`` asks for (none for "none")."""
+    add_views(
+        train, stem, train_set.images, spec, config.augment, config.augmented_views, config.seed
+    )
+
+
 def _variant(
     base_model: nn.Module,
     recalibrated: bool,
@@ -243,15 +256,7 @@ def _variant(
     train = cache_views(trunk.stem, train_set.images, train_set.targets(), spec)
     val = cache_views(trunk.stem, val_set.images, val_set.targets(), spec)
     if config.train == "head" and config.augment != "none":  # the head is all there is
-        add_views(
-            train,
-            trunk.stem,
-            train_set.images,
-            spec,
-            config.augment,
-            config.augmented_views,
-            config.seed,
-        )
+        _add_augmented_views(train, trunk.stem, train_set, spec, config)
     stem_rows, targets, image = train.stacked()
     fit = fit_head_cv(
         trunk.features(stem_rows), targets, image, len(train_set.classes), config.seed
@@ -336,15 +341,7 @@ def _train_block(
         model = nn.Sequential(trunk.block, trunk.pool, head)
         trainable: list[nn.Module] = [trunk.block, head]
         train, val_inputs = chosen.train, chosen.val.views[0]
-        add_views(
-            train,
-            trunk.stem,
-            train_set.images,
-            spec,
-            config.augment,
-            config.augmented_views,
-            config.seed,
-        )
+        _add_augmented_views(train, trunk.stem, train_set, spec, config)
     else:
         model = nn.Sequential(trunk.stem, trunk.block, trunk.pool, head)
         trainable = [trunk.stem, trunk.block, head]
