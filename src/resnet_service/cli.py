@@ -272,8 +272,7 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
-    from resnet_service.benchmark.runner import BenchOptions, run_benchmark
-    from resnet_service.model.hub import FP32_URL, hub_checkpoint_path
+    from resnet_service.benchmark.runner import BenchOptions, run_benchmark, speed_settings
 
     opts = BenchOptions(
         out_dir=args.out,
@@ -282,15 +281,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         # Quick mode (the harness's own test) compares the default runtime with torch only.
         runtimes=tuple(args.runtimes or (("torch", "openvino") if args.quick else RUNTIMES)),
     )
-    if settings.weights_path is None and settings.bundle_path is None:
-        # Speed does not depend on the weights' values: measure anywhere, even offline.
-        settings = settings.model_copy(update={"allow_random_weights": True})
-        if not hub_checkpoint_path(FP32_URL).is_file():
-            # No weights on disk: without this every start's preflight would import torch to
-            # try a download first, and cold start would measure that, not a deployment
-            # (whose weights are on disk, found without torch).
-            settings = settings.model_copy(update={"allow_downloads": False})
-    result = run_benchmark(settings, opts)
+    result = run_benchmark(speed_settings(settings), opts)
     log.info("wrote %s (%.0fs)", args.out / "bench.json", result["seconds"])
     return 0
 

@@ -20,7 +20,12 @@ from pathlib import Path
 from typing import Any, Final
 
 from resnet_service.benchmark.images import bench_images
-from resnet_service.benchmark.runner import MAIN_IMAGE, closed_loop_load, machine_info
+from resnet_service.benchmark.runner import (
+    MAIN_IMAGE,
+    closed_loop_load,
+    machine_info,
+    speed_settings,
+)
 from resnet_service.benchmark.servers import python, running
 from resnet_service.config import Settings
 from resnet_service.cpus import usable_cpus
@@ -114,7 +119,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
-    report = measure(Settings(), args.rounds, args.seconds, args.concurrency)
+    report = measure(speed_settings(Settings()), args.rounds, args.seconds, args.concurrency)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "httpstack.json").write_text(json.dumps(report, indent=2))
     for stack, fig in report["stacks"].items():

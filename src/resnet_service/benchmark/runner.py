@@ -39,6 +39,7 @@ from resnet_service.benchmark.report import render_chart, render_table
 from resnet_service.benchmark.servers import memory_mb, python, running
 from resnet_service.config import RUNTIMES, RuntimeName, Settings
 from resnet_service.cpus import usable_cpus
+from resnet_service.model.hub import FP32_URL, hub_checkpoint_path
 from resnet_service.serve import settings_as_env
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,20 @@ class BenchOptions:
     @property
     def c16(self) -> int:
         return 2 if self.quick else 16
+
+
+def speed_settings(settings: Settings) -> Settings:
+    """``settings`` for measuring speed, which does not depend on the weights' values: seeded
+    random weights when no weights are on disk, so the harness runs anywhere, even offline."""
+    if settings.weights_path is not None or settings.bundle_path is not None:
+        return settings
+    settings = settings.model_copy(update={"allow_random_weights": True})
+    if hub_checkpoint_path(FP32_URL).is_file():
+        return settings
+    # Without this every start's preflight would import torch to try a download first, and
+    # cold start would measure that, not a deployment (whose weights are on disk, found
+    # without torch).
+    return settings.model_copy(update={"allow_downloads": False})
 
 
 def machine_info(threads: int) -> dict[str, Any]:
