@@ -92,3 +92,31 @@ def test_http_stack_ab_takes_medians_of_interleaved_rounds() -> None:
     assert fast["non_200"] == 0
     assert report["throughput_ratio"] == 1.1
     assert report["p99_ratio"] == round(320 / 420, 3)
+
+
+def test_default_runtime_is_the_fastest_median_among_those_meeting_the_fidelity_bar() -> None:
+    from resnet_service.benchmark.runner import BenchOptions, choose_default
+
+    def service(rps: float) -> dict[str, object]:
+        return {"closed_loop": [{"concurrency": 16, "rps": rps}]}
+
+    result: dict[str, object] = {
+        # One sample each would pick torch...
+        "service_by_runtime": {
+            "torch": service(118),
+            "openvino": service(115),
+            "onnxruntime": service(140),
+        },
+        "fidelity": {
+            "runtimes": {
+                "torch": {"top1_agreement": 0.99},
+                "openvino": {"top1_agreement": 0.983},
+                "onnxruntime": {"top1_agreement": 0.95},  # below the bar: never the default
+            }
+        },
+    }
+    opts = BenchOptions(out_dir=Path("unused"))
+    assert choose_default(result, opts) == "torch"
+    # ...the interleaved rounds' medians decide when they ran.
+    result["runtime_choice"] = {"median_rps": {"torch": 110.0, "openvino": 140.0}}
+    assert choose_default(result, opts) == "openvino"

@@ -71,6 +71,21 @@ def _runtime_rows(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _choice_lines(result: dict[str, Any]) -> list[str]:
+    choice = result.get("runtime_choice")
+    if choice is None:
+        return []
+    rounds = "; ".join(
+        f"{rt} {' / '.join(str(v) for v in rps)} (median {choice['median_rps'][rt]})"
+        for rt, rps in choice["rps"].items()
+    )
+    return [
+        "",
+        f"Chosen by {choice['rounds']} interleaved rounds at {choice['concurrency']} clients, "
+        f"req/s: {rounds}.",
+    ]
+
+
 def render_table(result: dict[str, Any]) -> str:
     """Markdown: the machine, runtimes, throughput/latency rows, ratios against goals."""
     m = result["machine"]
@@ -82,6 +97,7 @@ def render_table(result: dict[str, Any]) -> str:
         "",
         f"Default runtime chosen: **{result['default_runtime']}**; default layout: "
         f"{result['service'][result['service_default_layout']]['layout']}",
+        *_choice_lines(result),
         "",
         *_runtime_rows(result),
         "",
