@@ -120,3 +120,18 @@ def test_default_runtime_is_the_fastest_median_among_those_meeting_the_fidelity_
     # ...the interleaved rounds' medians decide when they ran.
     result["runtime_choice"] = {"median_rps": {"torch": 110.0, "openvino": 140.0}}
     assert choose_default(result, opts) == "openvino"
+
+
+def test_default_layout_is_the_faster_median_when_rounds_ran() -> None:
+    from resnet_service.benchmark.runner import BenchOptions, choose_layout
+
+    result: dict[str, object] = {
+        "service": {
+            "workers_2": {"closed_loop": [{"concurrency": 16, "rps": 121.0}]},
+            "workers_1": {"closed_loop": [{"concurrency": 16, "rps": 127.3}]},
+        }
+    }
+    opts = BenchOptions(out_dir=Path("unused"))
+    assert choose_layout(result, opts) == "workers_1"
+    result["layout_choice"] = {"median_rps": {"workers_2": 140.0, "workers_1": 104.0}}
+    assert choose_layout(result, opts) == "workers_2"

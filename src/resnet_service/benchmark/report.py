@@ -72,18 +72,21 @@ def _runtime_rows(result: dict[str, Any]) -> list[str]:
 
 
 def _choice_lines(result: dict[str, Any]) -> list[str]:
-    choice = result.get("runtime_choice")
-    if choice is None:
-        return []
-    rounds = "; ".join(
-        f"{rt} {' / '.join(str(v) for v in rps)} (median {choice['median_rps'][rt]})"
-        for rt, rps in choice["rps"].items()
-    )
-    return [
-        "",
-        f"Chosen by {choice['rounds']} interleaved rounds at {choice['concurrency']} clients, "
-        f"req/s: {rounds}.",
-    ]
+    lines = []
+    for what in ("runtime", "layout"):
+        choice = result.get(f"{what}_choice")
+        if choice is None:
+            continue
+        rounds = "; ".join(
+            f"{name} {' / '.join(str(v) for v in rps)} (median {choice['median_rps'][name]})"
+            for name, rps in choice["rps"].items()
+        )
+        lines += [
+            "",
+            f"The {what} chosen by {choice['rounds']} interleaved rounds at "
+            f"{choice['concurrency']} clients, req/s: {rounds}.",
+        ]
+    return lines
 
 
 def render_table(result: dict[str, Any]) -> str:

@@ -12,7 +12,7 @@
    quantization of Linear), driven the same way.
 The default runtime is the fastest service at 16 clients among those meeting the fidelity
 bar, by the median of interleaved rounds with every runtime's server up at once; the default
-layout the faster of the two layouts.
+layout the faster of the two layouts, chosen the same way.
 """
 
 from __future__ import annotations
@@ -247,23 +247,21 @@ def _at(rows: list[dict[str, Any]], concurrency: int) -> dict[str, Any]:
     return next(r for r in rows if r["concurrency"] == concurrency)
 
 
-def compare_runtimes(
+def interleaved_rounds(
     settings: Settings,
-    runtimes: tuple[RuntimeName, ...],
+    configs: dict[str, tuple[RuntimeName, int]],
     image: BenchImage,
     opts: BenchOptions,
     workdir: Path,
 ) -> dict[str, Any]:
-    """The service at 16 clients for every runtime, all running at once (idle ones cost no
-    CPU) and measured in interleaved rounds, A B C A B C ..., so that a noisy neighbour hurts
-    each alike. One sample per runtime minutes apart once put a runtime with half the forward
-    time level with torch on this shared host."""
-    workers = usable_cpus()
-    rps: dict[str, list[float]] = {rt: [] for rt in runtimes}
-    cmd = [python(), "-m", "resnet_service", "serve", "--workers", str(workers)]
+    """The service at 16 clients in each configuration (name: runtime, workers), all running
+    at once (idle ones cost no CPU) and measured in interleaved rounds, A B C A B C ..., so
+    that a noisy neighbour hurts each alike. One sample each, minutes apart, once put a
+    runtime with half the forward time level with torch on this shared host."""
+    rps: dict[str, list[float]] = {name: [] for name in configs}
     with ExitStack() as stack:
         servers = {}
-        for rt in runtimes:
+        for name, (rt, workers) in configs.items():
             layout = settings.model_copy(
                 update={
                     "workers": workers,
@@ -272,21 +270,36 @@ def compare_runtimes(
                     "grpc_port": 0,  # several servers at once: any free port
                 }
             )
-            log.info("runtime choice: starting %s", rt)
-            servers[rt] = stack.enter_context(
-                running(cmd, settings_as_env(layout), "/readyz", workdir / f"choice-{rt}.log")
+            cmd = [python(), "-m", "resnet_service", "serve", "--workers", str(workers)]
+            log.info("interleaved rounds: starting %s", name)
+            servers[name] = stack.enter_context(
+                running(cmd, settings_as_env(layout), "/readyz", workdir / f"rounds-{name}.log")
             )
         for i in range(CHOICE_ROUNDS):
-            for rt, srv in servers.items():
-                log.info("runtime choice: round %d, %s", i + 1, rt)
+            for name, srv in servers.items():
+                log.info("interleaved rounds: round %d, %s", i + 1, name)
                 row = closed_loop_load(srv.port, "/classify", "image", image, opts.c16, 8.0)
-                rps[rt].append(row["rps"])
+                rps[name].append(row["rps"])
     return {
         "concurrency": opts.c16,
         "rounds": CHOICE_ROUNDS,
         "rps": rps,
-        "median_rps": {rt: statistics.median(v) for rt, v in rps.items()},
+        "median_rps": {name: statistics.median(v) for name, v in rps.items()},
     }
+
+
+def choose_layout(result: dict[str, Any], opts: BenchOptions) -> str:
+    """The faster process layout of the default runtime at 16 clients: by the interleaved
+    rounds' medians when they ran, else by the one sample each."""
+    layouts: dict[str, Any] = result["service"]
+    choice = result.get("layout_choice")
+
+    def speed(name: str) -> float:
+        if choice is not None:
+            return float(choice["median_rps"][name])
+        return float(_at(layouts[name]["closed_loop"], opts.c16)["rps"])
+
+    return max(layouts, key=speed)
 
 
 def eligible_runtimes(result: dict[str, Any], opts: BenchOptions) -> list[RuntimeName]:
@@ -360,8 +373,11 @@ def run_benchmark(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
         for rt in opts.runtimes
     }
     if not opts.quick and len(opts.runtimes) > 1:
-        result["runtime_choice"] = compare_runtimes(
-            settings, tuple(eligible_runtimes(result, opts)), images[MAIN_IMAGE], opts, workdir
+        per_runtime: dict[str, tuple[RuntimeName, int]] = {
+            rt: (rt, cpus) for rt in eligible_runtimes(result, opts)
+        }
+        result["runtime_choice"] = interleaved_rounds(
+            settings, per_runtime, images[MAIN_IMAGE], opts, workdir
         )
     default: RuntimeName = choose_default(result, opts)
     result["default_runtime"] = default
@@ -371,9 +387,12 @@ def run_benchmark(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
             settings, default, 1, images, opts, workdir, full=False
         )
     result["service"] = layouts
-    result["service_default_layout"] = max(
-        layouts, key=lambda k: _at(layouts[k]["closed_loop"], opts.c16)["rps"]
-    )
+    if len(layouts) > 1:
+        per_layout = {name: (default, layouts[name]["workers"]) for name in layouts}
+        result["layout_choice"] = interleaved_rounds(
+            settings, per_layout, images[MAIN_IMAGE], opts, workdir
+        )
+    result["service_default_layout"] = choose_layout(result, opts)
     best_layout = layouts[result["service_default_layout"]]
     if not opts.quick:  # larger images and the OIP face, for the default runtime
         full = bench_service(
