@@ -20,7 +20,7 @@ from typing import Final, Protocol
 
 import numpy as np
 
-from resnet_service.admission import Ticket, Workload
+from resnet_service.admission import AdmissionPolicy, Ticket, Workload
 from resnet_service.config import Settings
 from resnet_service.cpus import threads_per_worker
 from resnet_service.engine import EngineObserver, InferenceEngine, Probabilities, Scores
@@ -37,6 +37,31 @@ log = logging.getLogger(__name__)
 
 #: Decode + preprocess of a typical photo before anything was measured (admission's prior).
 _INITIAL_DECODE_S: Final = 0.005
+
+
+def admission_policy(settings: Settings) -> AdmissionPolicy:
+    """Admission's settings, in seconds."""
+    return AdmissionPolicy(
+        bound_s=settings.queue_bound_ms / 1000,
+        target_s=settings.queue_target_ms / 1000,
+        interval_s=settings.queue_interval_ms / 1000,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """One decoded image, with its decode time and how long it waited for a decode thread."""
+
+    array: Tensor3
+    decode_s: float
+    waited_s: float
+
+
+@dataclass(slots=True)
+class _Slot:
+    """One image's place in the pipeline; ``waited_s`` is set once it was served."""
+
+    waited_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +133,7 @@ class Classifier:
             input_shape=self.input_shape,
             observer=observer,
         )
-        self.workload = Workload(settings.queue_budget_ms / 1000, _INITIAL_DECODE_S)
+        self.workload = Workload(admission_policy(settings), _INITIAL_DECODE_S)
         self._observer = observer
         self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
         # Decodes waiting or running; bounded like the engine queue so memory stays bounded.
@@ -151,16 +176,23 @@ class Classifier:
         return self.workload.admit()
 
     # --- decoding ------------------------------------------------------------------------
-    def _decode_sync(self, data: bytes) -> tuple[Tensor3, float]:
-        started = time.perf_counter()
+    def _decode_sync(self, data: bytes, submitted: float) -> Decoded:
+        started = time.monotonic()
+        waited = started - submitted
+        if self.workload.stale(waited):  # fresh over stale: see resnet_service.admission
+            raise Overloaded(
+                f"this image waited {waited * 1000:.0f} ms for a decoder while the service is "
+                "overloaded, and was dropped in favour of newer requests; retry later",
+                retry_after_s=1,
+            )
         array = decode_and_preprocess(data, self.limits, self.model.spec)
-        return array, time.perf_counter() - started
+        return Decoded(array, time.monotonic() - started, waited)
 
     def _release_decode_slot(self, _: object = None) -> None:
         with self._decoding_lock:
             self._decoding -= 1
 
-    async def decode(self, data: bytes) -> tuple[Tensor3, float]:
+    async def decode(self, data: bytes) -> Decoded:
         """Decode on the pool; ``Overloaded`` at once when the pool's backlog is full."""
         with self._decoding_lock:
             if self._decoding >= self._decode_capacity:
@@ -170,16 +202,16 @@ class Classifier:
                 )
             self._decoding += 1
         try:
-            future = self._pool.submit(self._decode_sync, data)
+            future = self._pool.submit(self._decode_sync, data, time.monotonic())
         except RuntimeError:  # pool shut down
             self._release_decode_slot()
             raise NotReady("the service is shutting down") from None
         # Released when the decode ends *or* is cancelled before it ran (caller gone).
         future.add_done_callback(self._release_decode_slot)
-        array, seconds = await asyncio.wrap_future(future)
+        decoded = await asyncio.wrap_future(future)
         if self._observer:
-            self._observer.decoded(seconds)
-        return array, seconds
+            self._observer.decoded(decoded.decode_s)
+        return decoded
 
     # --- classification ------------------------------------------------------------------
     async def classify(self, data: bytes, top_k: int | None = None) -> Classification:
@@ -195,25 +227,31 @@ class Classifier:
                 f"got {list(array.shape)}"
             )
         started = time.perf_counter()
-        with self._in_pipeline():
-            return await self._infer(array, 0.0, k, started)
+        with self._in_pipeline() as slot:
+            result = await self._infer(array, 0.0, k, started)
+            slot.waited_s = result.timings.queue_s
+            return result
 
     async def _classify(self, data: bytes, k: int) -> Classification:
         started = time.perf_counter()
-        with self._in_pipeline():
-            array, decode_s = await self.decode(data)
-            return await self._infer(array, decode_s, k, started)
+        with self._in_pipeline() as slot:
+            decoded = await self.decode(data)
+            result = await self._infer(decoded.array, decoded.decode_s, k, started)
+            slot.waited_s = decoded.waited_s + result.timings.queue_s
+            return result
 
     @contextmanager
-    def _in_pipeline(self) -> Iterator[None]:
-        """Counts one image in the pipeline (admission's measure of work) while it runs."""
+    def _in_pipeline(self) -> Iterator[_Slot]:
+        """Counts one image in the pipeline (admission's measure of work) while it runs, and
+        reports how long it queued (admission's measure of a standing queue)."""
         if not self.engine.ready:
             raise NotReady("the model is not ready (starting up or shutting down)")
         self.workload.started()
+        slot = _Slot()
         try:
-            yield
+            yield slot
         finally:
-            self.workload.finished()
+            self.workload.finished(1, slot.waited_s)
 
     async def _infer(
         self, array: Tensor3, decode_s: float, k: int, started: float

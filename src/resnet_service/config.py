@@ -107,18 +107,37 @@ class Settings(BaseSettings):
         description="Images waiting for the model, at most (a memory bound; admission by "
         "predicted wait, queue_budget_ms, normally refuses work long before).",
     )
-    queue_budget_ms: float = Field(
-        250.0,
+    queue_budget_ms: float | None = Field(
+        None,
         ge=1,
         le=600_000,
-        description="Admission: a request is refused (503 + Retry-After, before its upload is "
-        "read) when the work already admitted would make it wait longer than this.",
+        description="Admission's deadline bound: a request is refused (503 + Retry-After, "
+        "before its upload is read) when the work already admitted would make it wait longer "
+        "than this. Default: half of request_timeout_s, so a burst that can be served in time "
+        "is queued, not refused.",
+    )
+    queue_target_ms: float = Field(
+        50.0,
+        ge=1,
+        le=60_000,
+        description="Admission's standing-queue target: when no image waited less than this "
+        "over a whole queue_interval_ms and more requests arrived than were answered, the "
+        "queue stands, and new requests are admitted only while their predicted wait is "
+        "below this target (CoDel's rule, at admission).",
+    )
+    queue_interval_ms: float = Field(
+        100.0,
+        ge=10,
+        le=60_000,
+        description="Admission's interval: how long the queueing delay must stay above "
+        "queue_target_ms (and arrivals above answers) before a standing queue is shed; each "
+        "interval re-decides.",
     )
     request_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="Deadline per request; queued work past it is dropped."
     )
     refusal_delay_ms: float = Field(
-        20.0,
+        5.0,
         ge=0,
         le=1000,
         description="A refused request (503 overloaded) is answered after this pause, so that "
@@ -230,6 +249,13 @@ class Settings(BaseSettings):
         if value is not None and not value.exists():
             raise ValueError(f"path does not exist: {value}")
         return value
+
+    @property
+    def queue_bound_ms(self) -> float:
+        """Admission's deadline bound in effect (``queue_budget_ms`` or half the deadline)."""
+        if self.queue_budget_ms is not None:
+            return self.queue_budget_ms
+        return self.request_timeout_s * 1000 / 2
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

@@ -21,7 +21,12 @@ from fastapi import FastAPI
 from resnet_service import __version__
 from resnet_service.api import inference, openapi, operations, problems, v2, web
 from resnet_service.api.metrics import Metrics
-from resnet_service.api.middleware import AdmissionMiddleware, RequestContextMiddleware
+from resnet_service.api.middleware import (
+    AdmissionMiddleware,
+    HeadAdmission,
+    RequestContextMiddleware,
+    RequestRecorder,
+)
 from resnet_service.api.state import ReplicaView, ServiceState
 from resnet_service.classifier import Classifier
 from resnet_service.config import Settings, SettingsError, load_settings
@@ -139,8 +144,11 @@ def create_app(
     app.include_router(v2.router)
     web.install(app)
     # Starlette wraps in reverse order: the request context is outermost, admission inside it.
+    recorder = RequestRecorder(state.metrics)
     app.add_middleware(AdmissionMiddleware, service=state)
-    app.add_middleware(RequestContextMiddleware, metrics=state.metrics)
+    app.add_middleware(RequestContextMiddleware, recorder=recorder)
+    #: For the HTTP protocol layer (``server.http``): admission before the ASGI stack.
+    app.state.head_admission = HeadAdmission(state, recorder)
     return app
 
 

@@ -4,13 +4,16 @@ and admission of inference requests from their headers alone.
 Metric labels come from bounded sets only: the matched route's template (or "unmatched"),
 a known HTTP method (or "other"), the status code and our own error codes.
 
-Admission sits here, in front of routing, because under overload most requests are refused:
-a refusal must cost little CPU (no routing, no dependency resolution, no exception handling,
-no pydantic) or refusing itself eats the capacity it protects. For the same reason a refusal
-is answered after a short pause (``refusal_delay_ms``): a client that retries at once (a
-closed loop without back-off) otherwise spins, each spin a few hundred microseconds of CPU
-taken from the requests being served; the pause costs a timer, not CPU. Refusals are counted
-in full but logged at most once a second per worker, with the number they stand for.
+Admission (``AdmissionGate``) is decided from the request head alone, because under overload
+most requests are refused: a refusal must cost little CPU or refusing itself eats the capacity
+it protects. In a served worker the gate runs in the HTTP protocol layer, before the ASGI
+stack is entered at all (``HeadAdmission``, hooked into ``server.http``); the ASGI
+``AdmissionMiddleware`` applies the same gate where there is no such protocol (in-process
+tests, ``uvicorn --factory``, the h11 parser). A refusal is answered after a short pause
+(``refusal_delay_ms``): a client that retries at once (a closed loop without back-off)
+otherwise spins, each spin CPU taken from the requests being served; the pause costs a timer,
+not CPU. Refusals are counted in full but logged at most once a second per worker, with the
+number they stand for.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ import logging
 import re
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Final
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from resnet_service.admission import Ticket
 from resnet_service.api.metrics import Metrics
 from resnet_service.api.problems import INTERNAL_DETAIL, PROBLEM_JSON
 from resnet_service.api.state import ServiceState
@@ -122,50 +127,102 @@ def admitted_route(scope: Scope) -> str | None:
     return OIP_INFER_ROUTE if _OIP_INFER.match(path) else None
 
 
-class AdmissionMiddleware:
-    """Admit or refuse an inference request before it is routed or its upload read.
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A whole 503 answer, decided from the head: what either layer sends as it is."""
 
-    An admitted request carries its ticket in ``scope["state"]["ticket"]`` (the route calls
-    ``ticket.uploaded()`` once the body is in); the ticket is released when the request ends.
-    """
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
 
-    def __init__(self, app: ASGIApp, service: ServiceState) -> None:
-        self.app = app
+
+class AdmissionGate:
+    """Admit an inference request (its ticket goes to ``scope["state"]["ticket"]``; the
+    route calls ``ticket.uploaded()`` once the body is in, and whoever runs the request
+    releases it when it ends) or refuse it, from the request head alone."""
+
+    def __init__(self, service: ServiceState) -> None:
         self.service = service
-        self.refusal_delay_s = service.settings.refusal_delay_ms / 1000
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (route := admitted_route(scope)) is None:
-            await self.app(scope, receive, send)
-            return
+    def decide(self, scope: Scope, state: dict[str, Any]) -> Refusal | None:
+        """None when admitted or not subject to admission; else the refusal to send."""
+        route = admitted_route(scope)
         classifier = self.service.classifier
-        if classifier is None:  # still loading: the route answers not_ready
-            await self.app(scope, receive, send)
-            return
-        state: dict[str, Any] = scope.setdefault("state", {})
+        if route is None or classifier is None:  # still loading: the route answers not_ready
+            return None
         try:
-            ticket = classifier.admit()
+            state["ticket"] = classifier.admit()
         except RetryLater as exc:
             state["route"] = route
             state["error_code"] = exc.code
-            if route == OIP_INFER_ROUTE:  # the protocol's own error body
-                body = json.dumps({"error": exc.detail}).encode()
-                content_type = b"application/json"
-            else:
-                body = problem_bytes(
-                    scope, state["request_id"], 503, exc.code, exc.title, exc.detail
-                )
-                content_type = PROBLEM_JSON.encode()
+            return _refusal(scope, state["request_id"], route, exc)
+        return None
+
+
+def _refusal(scope: Scope, request_id: str, route: str, exc: RetryLater) -> Refusal:
+    if route == OIP_INFER_ROUTE:  # the protocol's own error body
+        body = json.dumps({"error": exc.detail}).encode()
+        content_type = b"application/json"
+    else:
+        body = problem_bytes(scope, request_id, 503, exc.code, exc.title, exc.detail)
+        content_type = PROBLEM_JSON.encode()
+    headers = [
+        (b"content-type", content_type),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", str(exc.retry_after_s).encode()),
+        (b"x-request-id", request_id.encode()),
+    ]
+    return Refusal(503, headers, body)
+
+
+class HeadAdmission:
+    """The gate as the HTTP protocol layer calls it, before any ASGI code runs: it gives the
+    request its id and, for a refusal, does the request-context bookkeeping (metrics, the
+    rate-limited access log) that ``RequestContextMiddleware`` would have done."""
+
+    def __init__(self, service: ServiceState, recorder: RequestRecorder) -> None:
+        self.gate = AdmissionGate(service)
+        self.recorder = recorder
+        self.delay_s = service.settings.refusal_delay_ms / 1000
+
+    def __call__(self, scope: Scope) -> Refusal | None:
+        if scope["method"] != "POST":
+            return None  # the common probes and pages: not a dictionary look-up more
+        state: dict[str, Any] = scope.setdefault("state", {})
+        state["request_id"] = request_id_from(scope, self.recorder.ids)
+        refusal = self.gate.decide(scope, state)
+        if refusal is not None:
+            self.recorder.record(scope, state, refusal.status, 0.0)
+        return refusal
+
+
+class AdmissionMiddleware:
+    """The gate inside the ASGI stack, where no protocol layer applied it; releases the
+    ticket of every admitted request when it ends (whichever layer admitted it)."""
+
+    def __init__(self, app: ASGIApp, service: ServiceState) -> None:
+        self.app = app
+        self.gate = AdmissionGate(service)
+        self.refusal_delay_s = service.settings.refusal_delay_ms / 1000
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state: dict[str, Any] = scope.setdefault("state", {})
+        if "ticket" not in state and (refusal := self.gate.decide(scope, state)) is not None:
             if self.refusal_delay_s:
                 await asyncio.sleep(self.refusal_delay_s)  # pacing: see the module docstring
-            retry = (b"retry-after", str(exc.retry_after_s).encode())
-            await send_problem(send, body, 503, [retry], content_type)
+            headers = [h for h in refusal.headers if h[0] != b"x-request-id"]  # added outside
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": refusal.body})
             return
-        state["ticket"] = ticket
+        ticket: Ticket | None = state.get("ticket")
         try:
             await self.app(scope, receive, send)
         finally:
-            ticket.uploaded()
+            if ticket is not None:
+                ticket.release()
 
 
 class RefusalLog:
@@ -184,21 +241,69 @@ class RefusalLog:
         return count
 
 
-class RequestContextMiddleware:
-    """Wraps every HTTP request: id in and out, in-flight gauge, counters, access log line."""
+class RequestRecorder:
+    """Counts and logs one finished request (metrics, access log); shared by the ASGI
+    middleware and the protocol-layer refusals."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
+    def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self.refusals = RefusalLog()
         self.ids = RequestIds()
+        # Label children by their (bounded) label values: ``labels()`` takes a lock and
+        # builds a key per call, a visible share of a refusal's few microseconds.
+        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._rejections: dict[str, Any] = {}
+
+    def _series(self, route: str, method: str, status: int) -> tuple[Any, Any]:
+        key = (route, method_label(method), str(status))
+        series = self._children.get(key)
+        if series is None:
+            series = (
+                self.metrics.requests.labels(*key),
+                self.metrics.request_latency.labels(route),
+            )
+            self._children[key] = series
+        return series
+
+    def record(self, scope: Scope, state: dict[str, Any], status: int, elapsed: float) -> None:
+        route = getattr(scope.get("route"), "path", None) or state.get("route") or "unmatched"
+        requests, latency = self._series(route, scope["method"], status)
+        requests.inc()
+        self.metrics.worker_requests.inc()
+        latency.observe(elapsed)
+        code = state.get("error_code")
+        if code and route not in _PROBES:
+            rejections = self._rejections.get(code)
+            if rejections is None:
+                rejections = self._rejections[code] = self.metrics.rejections.labels(code)
+            rejections.inc()
+            if route in _SINGLE_IMAGE_ROUTES:
+                self.metrics.images.labels("error").inc()
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        if code == "overloaded":
+            count = self.refusals.take(time.monotonic())
+            if count is None:
+                return
+            state["refusals_logged_as_one"] = count
+        _log(scope, state, route, status, elapsed)
+
+
+class RequestContextMiddleware:
+    """Wraps every HTTP request: id in and out, in-flight gauge, counters, access log line."""
+
+    def __init__(self, app: ASGIApp, recorder: RequestRecorder) -> None:
+        self.app = app
+        self.recorder = recorder
+        self.metrics = recorder.metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = request_id_from(scope, self.ids)
         state: dict[str, Any] = scope.setdefault("state", {})
+        # Given already when the protocol layer admitted the request.
+        request_id: str = state.get("request_id") or request_id_from(scope, self.recorder.ids)
         state["request_id"] = request_id
         started = time.perf_counter()
         status = 500
@@ -228,26 +333,7 @@ class RequestContextMiddleware:
             await send_problem(send_with_id, body, 500, [])
         finally:
             self.metrics.in_flight.dec()
-            self._record(scope, state, status, time.perf_counter() - started)
-
-    def _record(self, scope: Scope, state: dict[str, Any], status: int, elapsed: float) -> None:
-        route = getattr(scope.get("route"), "path", None) or state.get("route") or "unmatched"
-        self.metrics.requests.labels(route, method_label(scope["method"]), str(status)).inc()
-        self.metrics.worker_requests.inc()
-        self.metrics.request_latency.labels(route).observe(elapsed)
-        code = state.get("error_code")
-        if code and route not in _PROBES:
-            self.metrics.rejections.labels(code).inc()
-            if route in _SINGLE_IMAGE_ROUTES:
-                self.metrics.images.labels("error").inc()
-        if not access_log.isEnabledFor(logging.INFO):
-            return
-        if code == "overloaded":
-            count = self.refusals.take(time.monotonic())
-            if count is None:
-                return
-            state["refusals_logged_as_one"] = count
-        _log(scope, state, route, status, elapsed)
+            self.recorder.record(scope, state, status, time.perf_counter() - started)
 
 
 def _log(scope: Scope, state: dict[str, Any], route: str, status: int, elapsed: float) -> None:

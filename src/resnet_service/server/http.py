@@ -5,6 +5,11 @@ What stock uvicorn (0.54) does not do, and this module adds:
 - a connection that never completes its request head is not held forever: the head must
   arrive within ``header_timeout_s`` (else ``408`` and close; a silent one is just closed);
 - past ``max_connections`` a new connection is served once, with ``Connection: close``;
+- an inference request that admission refuses is answered by the protocol itself from its
+  head (``ConnectionPolicy.gate``): no ASGI task, no routing, and its body is never handed
+  to the app; when the body is small (``discard_body_bytes``) the parser skips it and the
+  connection stays open, so a keep-alive pool does not reconnect for every 503 (httptools
+  only: on h11 the ASGI middleware applies the same gate);
 - on SIGTERM the signal handler only sets flags (a handler that took a lock, e.g. a
   prometheus-client value lock, could deadlock against the code it interrupted); the server
   keeps serving through the drain delay with ``Connection: close`` on every response, then
@@ -30,13 +35,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, ClassVar, Final, Literal
+from typing import Any, ClassVar, Final, Literal, Protocol
 
 import h11
 import uvicorn
 from uvicorn.protocols.http.flow_control import CLOSE_HEADER
 from uvicorn.protocols.http.h11_impl import H11Protocol
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from resnet_service.server.sockets import accept_queue_length, stop_new_connections
 
@@ -50,6 +55,26 @@ _ACCEPT_DRAIN_S: Final = 2.0
 _POLL_S: Final = 0.01
 
 
+class RawAnswer(Protocol):
+    """A whole answer given by the protocol layer (``api.middleware.Refusal``)."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+class HeadGate(Protocol):
+    """Decides from a request's head (its ASGI scope, body unread): None lets it through."""
+
+    delay_s: float
+
+    def __call__(self, scope: Any) -> RawAnswer | None: ...
+
+
+#: A refused request's body up to this size is read and skipped, keeping the connection.
+DISCARD_BODY_BYTES: Final = 1024 * 1024
+
+
 @dataclass
 class ConnectionPolicy:
     """Limits shared by every connection of one server."""
@@ -58,6 +83,9 @@ class ConnectionPolicy:
     max_connections: int
     #: Set when the server starts draining: every response from then on closes its connection.
     closing: bool = False
+    #: Admission from the request head, before the ASGI app (the worker sets it).
+    gate: HeadGate | None = None
+    discard_body_bytes: int = DISCARD_BODY_BYTES
 
 
 def _raw_problem(status: int, reason: str, code: str, title: str, detail: str) -> bytes:
@@ -182,7 +210,52 @@ class H11ServiceProtocol(ServiceProtocol, H11Protocol):
 
 class HttpToolsServiceProtocol(ServiceProtocol, HttpToolsProtocol):
     """The hardened protocol on httptools (llhttp, in C); its cycle adds ``Connection: close``
-    itself whenever keep-alive is off."""
+    itself whenever keep-alive is off. Refusals from the gate are answered here."""
+
+    expect_100_continue: bool
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        # uvicorn calls this once a request's head is parsed (and again for a pipelined one
+        # when its turn comes): the last moment before any ASGI code runs.
+        gate = self.policy.gate
+        if gate is not None and (answer := gate(cycle.scope)) is not None:
+            keep = self._can_discard(cycle)
+            if gate.delay_s > 0:
+                self.loop.call_later(gate.delay_s, self._answer, cycle, answer, keep)
+            else:
+                self._answer(cycle, answer, keep)
+            return
+        super()._start_asgi_task(cycle, app)
+
+    def _can_discard(self, cycle: Any) -> bool:
+        """Keep the connection when the body is small and of known length: the parser skips
+        it (uvicorn drops body bytes of a completed response) and the next request follows."""
+        if not cycle.keep_alive or self.close_after_response or self.policy.closing:
+            return False
+        if self.expect_100_continue:  # the client waits for a go-ahead it will not get
+            return False
+        length = None
+        for name, value in cycle.scope["headers"]:
+            if name == b"transfer-encoding":
+                return False
+            if name == b"content-length":
+                length = int(value) if value.isdigit() else None
+        return length is not None and length <= self.policy.discard_body_bytes
+
+    def _answer(self, cycle: Any, answer: RawAnswer, keep: bool) -> None:
+        if self.transport.is_closing():
+            return
+        keep = keep and cycle.keep_alive and not self.policy.closing
+        head = [STATUS_LINE[answer.status]]
+        head += [name + b": " + value + b"\r\n" for name, value in answer.headers]
+        head.append(b"\r\n" if keep else b"connection: close\r\n\r\n")
+        cycle.body = bytearray()  # what arrived meanwhile; the rest is skipped from now on
+        cycle.response_started = cycle.response_complete = True
+        cycle.keep_alive = keep
+        self.transport.write(b"".join(head) + answer.body)
+        if not keep:
+            self.transport.close()
+        cycle.on_response()
 
 
 HttpParser = Literal["httptools", "h11"]

@@ -95,7 +95,9 @@ def serve_worker(settings: Settings, plumbing: WorkerPlumbing) -> int:
         from resnet_service.grpc_api.server import GrpcFace
 
         state.faces.append(GrpcFace(state, settings.host, settings.grpc_port))
-    policy = ConnectionPolicy(settings.header_timeout_s, settings.max_connections)
+    policy = ConnectionPolicy(
+        settings.header_timeout_s, settings.max_connections, gate=app.state.head_admission
+    )
     sock = reuseport_listener(settings.host, settings.port, LISTEN_BACKLOG)
 
     def on_signal() -> None:  # signal context: assignments only
