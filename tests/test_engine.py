@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from resnet_service.classifier import top_k
 from resnet_service.config import Precision, RuntimeName
 from resnet_service.engine import InferenceEngine, Scores, softmax
 from resnet_service.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
+from resnet_service.images import Pixels, PreprocessSpec, normalise_pixels
 from resnet_service.runtimes.base import FloatBatch, ServedModel
 from resnet_service.runtimes.torch_runtime import TorchRuntime
 
@@ -307,3 +309,33 @@ async def test_real_int8_model_batches_concurrent_work(int8_model: ServedModel) 
             np.testing.assert_allclose(result.probabilities, expected[row], atol=1e-4)
     finally:
         eng.stop()
+
+
+def pixels(seed: int = 0) -> Pixels:
+    return np.random.default_rng(seed).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+
+
+def test_8bit_images_are_normalised_batched_for_a_float_runtime(gated: GatedRuntime) -> None:
+    normalise = functools.partial(normalise_pixels, spec=PreprocessSpec())
+    eng = make_engine(gated, normalise=normalise)
+    try:
+        gated.batch_sizes.clear()
+        first = hold_engine(eng, gated)
+        images = [pixels(i) for i in range(3)]
+        futures = [eng.submit(img) for img in images] + [eng.submit(image(7))]  # mixed
+        gated.gate.set()
+        first.result(5)
+        got = [f.result(5).probabilities for f in futures]
+        assert gated.batch_sizes == [1, 4]  # the images and the float array shared a batch
+        for img, probs in zip([*[normalise(i) for i in images], image(7)], got, strict=True):
+            expected = softmax(gated.logits(img[None]))[0]
+            np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-6)
+    finally:
+        eng.stop(timeout=5)
+
+
+def test_8bit_images_need_a_way_to_be_normalised(engine: InferenceEngine) -> None:
+    with pytest.raises(InferenceFailed, match="uint8 image"):
+        engine.submit(pixels())  # this engine has no normaliser and a float-only runtime
+    with pytest.raises(InferenceFailed, match="shape"):
+        engine.submit(pixels()[:100])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from typing import Final
 
 import numpy as np
 import pytest
@@ -23,8 +24,11 @@ from resnet_service.images import (
     EXACT_TOLERANCE,
     FAST_PATH_TOLERANCE,
     ImageLimits,
+    crop_resized,
     decode_and_preprocess,
     decode_rgb,
+    decode_to_pixels,
+    normalise_pixels,
     sniff_format,
     to_rgb,
 )
@@ -80,12 +84,52 @@ def test_fast_jpeg_path_within_tolerance_and_same_top5(name: str, size: tuple[in
     assert len(set(top5[0].tolist()) & set(top5[1].tolist())) >= 4
 
 
-def test_fast_path_skips_small_jpegs() -> None:
+#: One 8-bit level in normalised units (the smallest std), plus float rounding.
+ONE_LEVEL: Final = 1 / (255 * min(SPEC.std)) + EXACT_TOLERANCE
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_crop_region_resampling_is_within_one_level_of_the_full_resize(seed: int) -> None:
+    """The fast path resamples only the crop's source region: the same filter centres and
+    supports, Pillow's own rounding moving a pixel by at most one level (noise images: the
+    worst case for a filter)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(15):
+        width, height = (int(v) for v in rng.integers(64, 1400, size=2))
+        if max(width, height) > 4 * min(width, height):
+            continue
+        img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        exact = np.asarray(crop_resized(img, SPEC, fast=False)).astype(np.int16)
+        fast = np.asarray(crop_resized(img, SPEC, fast=True)).astype(np.int16)
+        assert fast.shape == exact.shape == (224, 224, 3)
+        assert np.abs(fast - exact).max() <= 1, (width, height)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_fast_path_on_small_photos_keeps_the_reference_s_answer(fmt: str) -> None:
+    fast, refs = [], []
+    for name in PHOTOS:
+        data = encode(photo(name).resize((500, 375)), fmt)
+        fast.append(decode_and_preprocess(data, LIMITS, SPEC, fast=True))
+        refs.append(reference(decode_rgb(data, LIMITS, SPEC, fast=False)))
+        assert np.abs(fast[-1] - refs[-1]).max() <= ONE_LEVEL
+    with torch.inference_mode():
+        logits = fp32_model()(torch.from_numpy(np.stack(refs + fast)))
+    top1 = logits.argmax(1).tolist()
+    assert top1[: len(PHOTOS)] == top1[len(PHOTOS) :]
+
+
+def test_served_pixels_are_the_preprocessed_image_before_normalisation() -> None:
     data = jpeg_of("coffee", (500, 375))
-    assert np.array_equal(
-        decode_and_preprocess(data, LIMITS, SPEC, fast=True),
-        decode_and_preprocess(data, LIMITS, SPEC, fast=False),
+    pixels = decode_to_pixels(data, LIMITS, SPEC)
+    assert pixels.dtype == np.uint8
+    assert pixels.shape == (224, 224, 3)
+    np.testing.assert_array_equal(
+        normalise_pixels(pixels, SPEC), decode_and_preprocess(data, LIMITS, SPEC)
     )
+    batch = normalise_pixels(np.stack([pixels, pixels[::-1]]), SPEC)
+    assert batch.shape == (2, 3, 224, 224)
+    np.testing.assert_array_equal(batch[1], normalise_pixels(pixels[::-1], SPEC))
 
 
 # --- mode conversion -----------------------------------------------------------------------

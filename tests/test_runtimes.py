@@ -14,11 +14,13 @@ import httpx
 import numpy as np
 import pytest
 
-from resnet_service.config import RuntimeName, Settings
+from resnet_service.config import Precision, RuntimeName, Settings
 from resnet_service.errors import CacheUnwritable, RuntimeUnavailable
+from resnet_service.images import LOCAL_FILE_LIMITS, decode_to_pixels, normalise_pixels
 from resnet_service.model.artifacts import ARTIFACT_MANIFEST, read_artifact
 from resnet_service.model.hub import sha256_file
 from resnet_service.model.serving import find_or_build, open_served_model
+from resnet_service.runtimes.base import pixel_input
 from resnet_service.runtimes.loading import open_runtime
 from tests.conftest import make_settings
 from tests.helpers import fp32_model, jpeg_of
@@ -205,3 +207,26 @@ def test_good_bad_and_batch_over_http(runtime_server: tuple[str, Server]) -> Non
     ).json()
     assert [r["error"] is None for r in batch["results"]] == [True, False]
     assert batch["results"][0]["predictions"][0]["index"] >= 0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_openvino_normalises_8bit_images_in_its_graph(
+    precision: Precision, weights_file: Path, model_cache: Path
+) -> None:
+    """The served path (uint8 NHWC into the compiled graph, mean/std by PrePostProcessor)
+    gives the logits of the float path (numpy normalisation, NCHW) on the same pixels."""
+    settings = settings_for(weights_file, model_cache, "openvino", precision=precision)
+    model = open_served_model(settings)
+    runtime = pixel_input(model.runtime)
+    assert runtime is not None
+    names = ["chelsea", "coffee", "astronaut", "rocket"]
+    pixels = np.stack([decode_to_pixels(jpeg_of(n), LOCAL_FILE_LIMITS, model.spec) for n in names])
+    in_graph = runtime.infer_pixels(pixels)
+    in_numpy = model.runtime.infer(normalise_pixels(pixels, model.spec))
+    assert in_graph.shape == (len(names), 1000)
+    if precision == "fp32":  # float rounding only
+        np.testing.assert_allclose(in_graph, in_numpy, rtol=1e-4, atol=1e-4)
+    else:  # an input on a quantisation step's edge may land one step over
+        scale = float(np.abs(in_numpy).max())
+        assert float(np.abs(in_graph - in_numpy).max()) <= 0.02 * scale
+        assert (in_graph.argmax(1) == in_numpy.argmax(1)).all()

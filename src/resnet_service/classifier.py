@@ -9,6 +9,7 @@ everywhere. Admission (``admit``) is by predicted wait, decided before an upload
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -27,9 +28,11 @@ from resnet_service.engine import EngineObserver, InferenceEngine, Probabilities
 from resnet_service.errors import InvalidParameter, NotReady, Overloaded, ServiceError
 from resnet_service.images import (
     ImageLimits,
+    Pixels,
     Tensor3,
-    decode_and_preprocess,
+    decode_to_pixels,
     install_bomb_guard,
+    normalise_pixels,
 )
 from resnet_service.runtimes.base import ServedModel
 
@@ -50,9 +53,10 @@ def admission_policy(settings: Settings) -> AdmissionPolicy:
 
 @dataclass(frozen=True, slots=True)
 class Decoded:
-    """One decoded image, with its decode time and how long it waited for a decode thread."""
+    """One decoded image (8-bit, model-sized), with its decode time and how long it waited for
+    a decode thread."""
 
-    array: Tensor3
+    array: Pixels
     decode_s: float
     waited_s: float
 
@@ -121,6 +125,7 @@ class Classifier:
             settings.inference_threads, settings.workers or 1
         )
         self.limits = ImageLimits(settings.max_upload_bytes, settings.max_pixels)
+        self.fast = settings.preprocessing == "fast"
         self.max_top_k = min(settings.max_top_k, model.info.num_classes)
         spec = model.spec
         self.input_shape = (3, spec.crop_size, spec.crop_size)
@@ -132,6 +137,7 @@ class Classifier:
             queue_capacity=settings.queue_capacity,
             input_shape=self.input_shape,
             observer=observer,
+            normalise=functools.partial(normalise_pixels, spec=spec),
         )
         self.workload = Workload(admission_policy(settings), _INITIAL_DECODE_S)
         self._observer = observer
@@ -185,8 +191,8 @@ class Classifier:
                 "overloaded, and was dropped in favour of newer requests; retry later",
                 retry_after_s=1,
             )
-        array = decode_and_preprocess(data, self.limits, self.model.spec)
-        return Decoded(array, time.monotonic() - started, waited)
+        pixels = decode_to_pixels(data, self.limits, self.model.spec, fast=self.fast)
+        return Decoded(pixels, time.monotonic() - started, waited)
 
     def _release_decode_slot(self, _: object = None) -> None:
         with self._decoding_lock:
@@ -254,7 +260,7 @@ class Classifier:
             self.workload.finished(1, slot.waited_s)
 
     async def _infer(
-        self, array: Tensor3, decode_s: float, k: int, started: float
+        self, array: Tensor3 | Pixels, decode_s: float, k: int, started: float
     ) -> Classification:
         scores: Scores = await self.engine.infer(array, self.settings.request_timeout_s)
         indices, values = top_k(scores.probabilities, k)

@@ -145,6 +145,13 @@ class Settings(BaseSettings):
         "capacity admission protects (0 = answer at once).",
     )
 
+    preprocessing: Literal["fast", "exact"] = Field(
+        "fast",
+        description="Image preprocessing: fast (resample only the centre crop's region; large "
+        "JPEGs scaled down while decoding; within a measured tolerance of torchvision's "
+        "reference) or exact (the reference's own resize, then crop: bit-identical pixels).",
+    )
+
     # --- input limits ----------------------------------------------------------------------
     max_upload_bytes: int = Field(
         20 * 1024 * 1024, ge=1024, le=512 * 1024 * 1024, description="Largest accepted image."

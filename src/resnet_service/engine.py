@@ -8,6 +8,10 @@ Contract:
 - work whose deadline passed while queued is dropped with ``DeadlineExceeded``;
 - a failure in a batch reaches every waiter of that batch; outputs are counted against inputs.
 
+Inputs are either preprocessed CHW float32 arrays or 8-bit HWC images (what the decoder
+gives): a batch of images goes to the runtime as 8-bit pixels when it normalises in its graph
+(``PixelRuntime``), else it is normalised here, batched, with ``normalise``.
+
 numpy only: the engine never imports torch (the torch runtime does, behind the seam).
 """
 
@@ -19,13 +23,14 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import TypeIs
 
 from resnet_service.errors import (
     DeadlineExceeded,
@@ -34,7 +39,8 @@ from resnet_service.errors import (
     Overloaded,
     ServiceError,
 )
-from resnet_service.runtimes.base import FloatBatch, Runtime
+from resnet_service.images import Pixels
+from resnet_service.runtimes.base import FloatBatch, Runtime, pixel_input
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +69,14 @@ class EngineObserver(Protocol):
 
 @dataclass(slots=True)
 class _Work:
-    array: FloatBatch
+    array: FloatBatch | Pixels
     deadline: float
     enqueued: float = field(default_factory=time.monotonic)
     future: Future[Scores] = field(default_factory=Future)
+
+
+def _is_pixels(array: FloatBatch | Pixels) -> TypeIs[Pixels]:
+    return array.dtype == np.uint8
 
 
 def softmax(logits: FloatBatch) -> FloatBatch:
@@ -90,8 +100,14 @@ class InferenceEngine:
         queue_capacity: int = 256,
         input_shape: tuple[int, int, int] = (3, 224, 224),
         observer: EngineObserver | None = None,
+        normalise: Callable[[Pixels], FloatBatch] | None = None,
     ) -> None:
         self._runtime = runtime
+        self._pixel_runtime = pixel_input(runtime)
+        self._normalise = normalise
+        channels, height, width = input_shape
+        #: The shape of an 8-bit image input (accepted when images can be normalised).
+        self.pixel_shape = (height, width, channels)
         self._num_classes = num_classes
         self.max_batch_size = max_batch_size
         self._max_wait = max_batch_wait_s
@@ -150,13 +166,15 @@ class InferenceEngine:
         return max(1, min(60, math.ceil(backlog * self.per_item_s)))
 
     # --- submission ----------------------------------------------------------------------
-    def submit(self, array: FloatBatch, timeout_s: float = 30.0) -> Future[Scores]:
-        """Queue one CHW array; the future resolves to its Scores or a ServiceError."""
+    def submit(self, array: FloatBatch | Pixels, timeout_s: float = 30.0) -> Future[Scores]:
+        """Queue one CHW float array or HWC uint8 image; the future resolves to its Scores or
+        a ServiceError."""
         if not self.ready:
             raise NotReady("the model is not ready (starting up or shutting down)")
-        if array.shape != self.input_shape:
+        if not self._accepts(array):
             raise InferenceFailed(
-                f"expected an array of shape {self.input_shape}, got {array.shape}"
+                f"expected a float32 array of shape {self.input_shape} or a uint8 image of "
+                f"shape {self.pixel_shape}, got {array.dtype} {array.shape}"
             )
         work = _Work(array=array, deadline=time.monotonic() + timeout_s)
         try:
@@ -168,7 +186,14 @@ class InferenceEngine:
             ) from None
         return work.future
 
-    async def infer(self, array: FloatBatch, timeout_s: float = 30.0) -> Scores:
+    def _accepts(self, array: FloatBatch | Pixels) -> bool:
+        if array.dtype == np.uint8:
+            return array.shape == self.pixel_shape and (
+                self._pixel_runtime is not None or self._normalise is not None
+            )
+        return array.shape == self.input_shape
+
+    async def infer(self, array: FloatBatch | Pixels, timeout_s: float = 30.0) -> Scores:
         """``submit`` for asyncio callers; cancelling the await drops the queued work."""
         future = self.submit(array, timeout_s)
         try:
@@ -214,10 +239,16 @@ class InferenceEngine:
             sizes.append(self.max_batch_size)
         return sizes
 
+    def _warm_input(self, size: int) -> FloatBatch | Pixels:
+        """Zeros shaped like what will be served: images where the runtime takes them."""
+        if self._pixel_runtime is not None:
+            return np.zeros((size, *self.pixel_shape), dtype=np.uint8)
+        return np.zeros((size, *self.input_shape), dtype=np.float32)
+
     def _warm_up(self) -> None:
         started = time.perf_counter()
         for size in self.warmup_batch_sizes():
-            out = self._runtime.infer(np.zeros((size, *self.input_shape), dtype=np.float32))
+            out = self._run(self._warm_input(size))
             if out.shape != (size, self._num_classes):
                 raise InferenceFailed(
                     f"model output {out.shape} does not match {self._num_classes} labels"
@@ -225,7 +256,7 @@ class InferenceEngine:
         # Timed once warm: a first call pays for kernel set-up (measured 10x a warm one), and
         # this is the prior admission starts from.
         t0 = time.perf_counter()
-        self._runtime.infer(np.zeros((1, *self.input_shape), dtype=np.float32))
+        self._run(self._warm_input(1))
         self.per_item_s = time.perf_counter() - t0
         log.info(
             "engine warmed up (%s %s, batch sizes %s, %d threads) in %.2fs",
@@ -308,8 +339,26 @@ class InferenceEngine:
         if self._observer:
             self._observer.batch_done(len(live), elapsed, waits, self._queue.qsize())
 
+    def _run(self, batch: FloatBatch | Pixels) -> FloatBatch:
+        """One forward of a batch that is all images or all preprocessed arrays."""
+        if not _is_pixels(batch):
+            return self._runtime.infer(batch)
+        if self._pixel_runtime is not None:
+            return self._pixel_runtime.infer_pixels(batch)
+        assert self._normalise is not None  # submit accepts images only then
+        return self._runtime.infer(self._normalise(batch))
+
+    def _as_float(self, array: FloatBatch | Pixels) -> FloatBatch:
+        if not _is_pixels(array):
+            return array
+        assert self._normalise is not None
+        return self._normalise(array)
+
     def _forward(self, live: list[_Work]) -> FloatBatch:
-        logits = self._runtime.infer(np.stack([work.array for work in live]))
+        arrays = [work.array for work in live]
+        if len({a.dtype for a in arrays}) > 1:  # images beside preprocessed arrays: rare
+            arrays = [self._as_float(a) for a in arrays]
+        logits = self._run(np.stack(arrays))  # type: ignore[arg-type]  # one dtype, either
         if logits.ndim != 2 or logits.shape != (len(live), self._num_classes):
             raise InferenceFailed(
                 f"the model returned {logits.shape} outputs for {len(live)} inputs"

@@ -168,7 +168,11 @@ def load_artifact(folder: Path, settings: Settings) -> ServedModel:
     _check_matches(manifest, settings, folder)
     threads = threads_per_worker(settings.inference_threads, settings.workers or 1)
     runtime = open_runtime(
-        manifest.runtime, manifest.precision, folder / manifest.model_file, threads
+        manifest.runtime,
+        manifest.precision,
+        folder / manifest.model_file,
+        threads,
+        pixels=manifest.preprocessing,
     )
     info = ModelInfo(
         name=manifest.name,

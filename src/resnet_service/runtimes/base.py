@@ -11,7 +11,7 @@ import numpy.typing as npt
 
 from resnet_service.config import Precision, RuntimeName
 from resnet_service.errors import RuntimeUnavailable
-from resnet_service.images import PreprocessSpec
+from resnet_service.images import Pixels, PreprocessSpec
 from resnet_service.model.manifest import ModelInfo
 
 FloatBatch = npt.NDArray[np.float32]
@@ -38,6 +38,22 @@ class Runtime(Protocol):
     def infer(self, batch: FloatBatch) -> FloatBatch: ...
 
     def close(self) -> None: ...
+
+
+class PixelRuntime(Runtime, Protocol):
+    """A runtime that also takes 8-bit N x H x W x 3 images, normalising them in its graph."""
+
+    @property
+    def takes_pixels(self) -> bool: ...
+
+    def infer_pixels(self, batch: Pixels) -> FloatBatch: ...
+
+
+def pixel_input(runtime: Runtime) -> PixelRuntime | None:
+    """The runtime as a ``PixelRuntime`` when it was opened to take 8-bit images, else None."""
+    if getattr(runtime, "takes_pixels", False):
+        return runtime  # type: ignore[return-value]
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from resnet_service.config import Precision, RuntimeName
 from resnet_service.errors import RuntimeUnavailable
+from resnet_service.images import PreprocessSpec
 from resnet_service.runtimes.base import Runtime
 
 
@@ -25,13 +26,18 @@ def runtime_version(name: RuntimeName) -> str:
 
 
 def open_runtime(
-    name: RuntimeName, precision: Precision, model_file: Path, threads: int
+    name: RuntimeName,
+    precision: Precision,
+    model_file: Path,
+    threads: int,
+    pixels: PreprocessSpec | None = None,
 ) -> Runtime:
-    """A ready runtime for an OpenVINO IR or an ONNX file (torch loads modules elsewhere)."""
+    """A ready runtime for an OpenVINO IR or an ONNX file (torch loads modules elsewhere);
+    with ``pixels``, one that takes 8-bit images where the runtime can (OpenVINO)."""
     if name == "openvino":
         from resnet_service.runtimes.openvino_runtime import OpenVinoRuntime
 
-        return OpenVinoRuntime(model_file, precision, threads)
+        return OpenVinoRuntime(model_file, precision, threads, pixels)
     if name == "onnxruntime":
         from resnet_service.runtimes.onnxruntime_runtime import OnnxRuntime
 
