@@ -495,3 +495,61 @@ async def test_admission_refuses_before_reading_the_upload(
         assert (
             await client.post("/classify", files=image_file(jpeg_of("coffee")))
         ).status_code == 200
+
+
+async def test_response_cache_answers_a_repeated_image_without_the_model(
+    settings_for: Callable[..., Settings],
+) -> None:
+    async with running(settings_for(response_cache_mb=1)) as (client, app):
+        state: ServiceState = app.state.service
+        assert state.classifier is not None
+        engine = state.classifier.engine
+        data = jpeg_of("coffee")
+        first = await client.post("/classify", files=image_file(data), params={"top_k": 3})
+        run_before = engine.items_run
+        again = await client.post("/classify", files=image_file(data), params={"top_k": 5})
+        other = await client.post("/classify", files=image_file(jpeg_of("chelsea")))
+        assert (first.headers["x-cache"], again.headers["x-cache"]) == ("miss", "hit")
+        assert other.headers["x-cache"] == "miss"
+        assert engine.items_run == run_before + 1  # the hit never reached the model
+        # The same answer, for any top_k, from the one cached entry.
+        assert again.json()["predictions"][:3] == first.json()["predictions"]
+        assert again.json()["timings"]["inference_ms"] == 0
+        metrics = (await client.get("/metrics")).text
+        assert 'resnet_service_response_cache_lookups_total{result="hit"} 1.0' in metrics
+        assert 'resnet_service_response_cache_lookups_total{result="miss"} 2.0' in metrics
+        batch = await client.post(
+            "/classify/batch", files=[("images", ("a.jpg", data)), ("images", ("b.jpg", data))]
+        )
+        assert [r["predictions"] for r in batch.json()["results"]] == [
+            again.json()["predictions"]
+        ] * 2
+
+
+async def test_response_cache_is_never_shared_across_tokens(
+    settings_for: Callable[..., Settings],
+) -> None:
+    async with running(settings_for(response_cache_mb=1, auth_token="s3cret")) as (client, app):
+        data = jpeg_of("coffee")
+        good = {"Authorization": "Bearer s3cret"}
+        assert (await client.post("/classify", files=image_file(data), headers=good)).headers[
+            "x-cache"
+        ] == "miss"
+        assert (await client.post("/classify", files=image_file(data), headers=good)).headers[
+            "x-cache"
+        ] == "hit"
+        # A wrong token is refused before the cache is consulted.
+        denied = await client.post(
+            "/classify", files=image_file(data), headers={"Authorization": "Bearer other"}
+        )
+        assert_problem(denied, 401, "unauthorized")
+        assert "x-cache" not in denied.headers
+        classifier = app.state.service.classifier
+        assert classifier.cache is not None
+        scopes = {classifier.cache.key(data, s) for s in ("", "a", "b")}
+        assert len(scopes) == 3  # one image, three callers: three entries
+
+
+async def test_no_cache_by_default(client: Client) -> None:
+    response = await client.post("/classify", files=image_file(jpeg_of("coffee")))
+    assert "x-cache" not in response.headers

@@ -34,6 +34,7 @@ from resnet_service.images import (
     install_bomb_guard,
     normalise_pixels,
 )
+from resnet_service.response_cache import ResponseCache
 from resnet_service.runtimes.base import ServedModel
 
 log = logging.getLogger(__name__)
@@ -96,12 +97,16 @@ class Classification:
     prediction: Prediction
     timings: Timings
     probabilities: Probabilities
+    #: Answered from the response cache (no decode, no forward).
+    cached: bool = False
 
 
 class DecodeObserver(EngineObserver, Protocol):
     """Engine hooks plus the decode stage (implemented by the metrics module)."""
 
     def decoded(self, seconds: float) -> None: ...
+
+    def cache_lookup(self, hit: bool, cached_bytes: int) -> None: ...
 
 
 def top_k(probabilities: Probabilities, k: int) -> tuple[list[int], list[float]]:
@@ -146,6 +151,14 @@ class Classifier:
         self._decoding = 0
         self._decoding_lock = threading.Lock()
         self._decode_capacity = settings.queue_capacity + self.decode_threads
+        self.cache: ResponseCache | None = None
+        if settings.response_cache_mb > 0:
+            info = model.info
+            self.cache = ResponseCache(
+                int(settings.response_cache_mb * 2**20),
+                f"{info.name}|{info.weights_sha256}|{info.runtime}|{info.precision}|"
+                f"{settings.preprocessing}",
+            )
 
     def start(self) -> None:
         """Warm the model up on its thread; returns when ready."""
@@ -220,9 +233,12 @@ class Classifier:
         return decoded
 
     # --- classification ------------------------------------------------------------------
-    async def classify(self, data: bytes, top_k: int | None = None) -> Classification:
-        """Bytes -> Top-k; raises a ``ServiceError`` subclass for anything the caller can fix."""
-        return await self._classify(data, self.check_top_k(top_k))
+    async def classify(
+        self, data: bytes, top_k: int | None = None, scope: str = ""
+    ) -> Classification:
+        """Bytes -> Top-k; raises a ``ServiceError`` subclass for anything the caller can fix.
+        ``scope``: whose cached answers this caller may share (see ``response_cache``)."""
+        return await self._classify(data, self.check_top_k(top_k), scope)
 
     async def classify_array(self, array: Tensor3, top_k: int | None = None) -> Classification:
         """An already preprocessed CHW float32 array -> Top-k (no decode)."""
@@ -238,13 +254,30 @@ class Classifier:
             slot.waited_s = result.timings.queue_s
             return result
 
-    async def _classify(self, data: bytes, k: int) -> Classification:
+    async def _classify(self, data: bytes, k: int, scope: str = "") -> Classification:
         started = time.perf_counter()
+        key = None
+        if self.cache is not None:
+            key = self.cache.key(data, scope)
+            found = self.cache.get(key)
+            if self._observer:
+                self._observer.cache_lookup(found is not None, self.cache.stats().bytes)
+            if found is not None:
+                return self._from_cache(found, k, started)
         with self._in_pipeline() as slot:
             decoded = await self.decode(data)
             result = await self._infer(decoded.array, decoded.decode_s, k, started)
             slot.waited_s = decoded.waited_s + result.timings.queue_s
-            return result
+        if key is not None and self.cache is not None:
+            self.cache.put(key, result.probabilities)
+        return result
+
+    def _from_cache(self, probabilities: Probabilities, k: int, started: float) -> Classification:
+        indices, values = top_k(probabilities, k)
+        labels = [self.model.labels[i] for i in indices]
+        timings = Timings(0.0, 0.0, 0.0, time.perf_counter() - started)
+        prediction = Prediction(indices=indices, scores=values, labels=labels, batch_size=1)
+        return Classification(prediction, timings, probabilities, cached=True)
 
     @contextmanager
     def _in_pipeline(self) -> Iterator[_Slot]:
@@ -281,7 +314,7 @@ class Classifier:
         )
 
     async def classify_many(
-        self, images: list[bytes], top_k: int | None = None
+        self, images: list[bytes], top_k: int | None = None, scope: str = ""
     ) -> list[Classification | ServiceError]:
         """Many images at once: each gets a result or its own error, in order. At most half the
         queue is in flight per call, so a long list waits its turn instead of being refused,
@@ -291,7 +324,7 @@ class Classifier:
 
         async def one(data: bytes) -> Classification:
             async with gate:
-                return await self._classify(data, k)
+                return await self._classify(data, k, scope)
 
         results = await asyncio.gather(*(one(data) for data in images), return_exceptions=True)
         out: list[Classification | ServiceError] = []

@@ -152,6 +152,15 @@ class Settings(BaseSettings):
         "reference) or exact (the reference's own resize, then crop: bit-identical pixels).",
     )
 
+    response_cache_mb: float = Field(
+        0.0,
+        ge=0,
+        le=65_536,
+        description="Memory per worker for answers to repeated images (keyed by the bytes' "
+        "hash, the model and, with auth on, the caller's token); 0 = off. About 4 kB an "
+        "image for 1000 classes.",
+    )
+
     # --- input limits ----------------------------------------------------------------------
     max_upload_bytes: int = Field(
         20 * 1024 * 1024, ge=1024, le=512 * 1024 * 1024, description="Largest accepted image."

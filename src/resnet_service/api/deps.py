@@ -4,6 +4,7 @@ thread-pool hop per request."""
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -51,6 +52,16 @@ async def require_token(request: Request, settings: SettingsDep) -> None:
         given.strip().encode(), token.get_secret_value().encode()
     ):
         raise Unauthorized("Send 'Authorization: Bearer <token>' with the service's token.")
+
+
+async def cache_scope(request: Request, settings: SettingsDep) -> str:
+    """Whose cached answers a request may share: with auth on, only those of its own token."""
+    if settings.auth_token is None:
+        return ""
+    return hashlib.sha256(request.headers.get("authorization", "").encode()).hexdigest()
+
+
+CacheScopeDep = Annotated[str, Depends(cache_scope)]
 
 
 async def admission_ticket(request: Request, classifier: ClassifierDep) -> AsyncIterator[Ticket]:

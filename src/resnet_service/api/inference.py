@@ -6,9 +6,15 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 
-from resnet_service.api.deps import ClassifierDep, ServiceDep, TicketDep, require_token
+from resnet_service.api.deps import (
+    CacheScopeDep,
+    ClassifierDep,
+    ServiceDep,
+    TicketDep,
+    require_token,
+)
 from resnet_service.api.multipart import uploaded_files
 from resnet_service.api.openapi import multipart_body, problems
 from resnet_service.api.problems import MissingField, item_error
@@ -59,9 +65,11 @@ def timings_of(result: Classification) -> Timings:
 )
 async def classify(
     request: Request,
+    response: Response,
     service: ServiceDep,
     classifier: ClassifierDep,
     ticket: TicketDep,
+    scope: CacheScopeDep,
     top_k: TopK = None,
 ) -> ClassifyResponse:
     k = classifier.check_top_k(top_k)
@@ -71,7 +79,9 @@ async def classify(
         if not files:
             raise MissingField("Missing the multipart file field 'image'.")
         request.state.images = 1
-        result = await classifier.classify(files[0].data, k)
+        result = await classifier.classify(files[0].data, k, scope)
+    if classifier.cache is not None:
+        response.headers["X-Cache"] = "hit" if result.cached else "miss"
     request.state.timings = result.timings
     service.metrics.images.labels("ok").inc()
     return ClassifyResponse(
@@ -96,6 +106,7 @@ async def classify_batch(
     service: ServiceDep,
     classifier: ClassifierDep,
     ticket: TicketDep,
+    scope: CacheScopeDep,
     top_k: TopK = None,
 ) -> BatchResponse:
     started = time.perf_counter()
@@ -106,7 +117,7 @@ async def classify_batch(
         if not files:
             raise MissingField("Missing the multipart file field 'images' (repeat it per image).")
         request.state.images = len(files)
-        outcomes = await classifier.classify_many([f.data for f in files], k)
+        outcomes = await classifier.classify_many([f.data for f in files], k, scope)
         names = [f.filename for f in files]
     results = [
         _batch_item(service, index, filename, outcome)

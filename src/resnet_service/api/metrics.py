@@ -100,6 +100,18 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.cache_lookups = Counter(
+            f"{PREFIX}_response_cache_lookups",
+            "Response cache look-ups, by result (hit or miss).",
+            ["result"],
+            registry=r,
+        )
+        self.cache_bytes = Gauge(
+            f"{PREFIX}_response_cache_bytes",
+            "Bytes the response cache holds.",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self.queue_depth = Gauge(
             f"{PREFIX}_queue_depth",
             "Images waiting for the model.",
@@ -138,6 +150,10 @@ class Metrics:
 
     def decoded(self, seconds: float) -> None:
         self.decode_latency.observe(seconds)
+
+    def cache_lookup(self, hit: bool, cached_bytes: int) -> None:
+        self.cache_lookups.labels("hit" if hit else "miss").inc()
+        self.cache_bytes.set(cached_bytes)
 
     def close(self) -> None:
         """A worker stopping: drop its live gauges from the shared multiprocess view."""

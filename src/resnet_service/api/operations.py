@@ -75,6 +75,8 @@ async def model(service: ServiceDep, classifier: ClassifierDep) -> ModelResponse
             "max_batch_files": settings.max_batch_files,
             "max_batch_bytes": settings.max_batch_bytes,
             "auth_required": settings.auth_token is not None,
+            "preprocessing": settings.preprocessing,
+            "response_cache_mb": settings.response_cache_mb,
             "grpc_port": settings.grpc_port if settings.grpc_enabled else 0,
         },
     )
