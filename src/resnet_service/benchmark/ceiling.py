@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import time
+from collections.abc import Callable
 from multiprocessing.synchronize import Event
 from typing import Any
 
@@ -13,7 +14,25 @@ import numpy as np
 from resnet_service.benchmark.loadgen import LoadResult
 from resnet_service.config import Settings
 from resnet_service.images import LOCAL_FILE_LIMITS as _LIMITS
-from resnet_service.images import decode_and_preprocess
+from resnet_service.images import (
+    PreprocessSpec,
+    decode_and_preprocess,
+    decode_rgb,
+    decode_to_pixels,
+    normalise_pixels,
+    preprocess,
+)
+from resnet_service.runtimes.base import FloatBatch, Runtime, pixel_input
+
+
+def serve_one(runtime: Runtime, image: bytes, spec: PreprocessSpec) -> FloatBatch:
+    """Decode and classify one image the way a worker does (8-bit pixels into the graph where
+    the runtime takes them)."""
+    pixels = decode_to_pixels(image, _LIMITS, spec)[None]
+    takes_pixels = pixel_input(runtime)
+    if takes_pixels is not None:
+        return takes_pixels.infer_pixels(pixels)
+    return runtime.infer(normalise_pixels(pixels, spec))
 
 
 def _decode_infer_worker(
@@ -25,20 +44,21 @@ def _decode_infer_worker(
     start: Event,
     results: Any,
 ) -> None:
-    """One ceiling process: decode + preprocess + forward, batch 1, back to back."""
+    """One ceiling process: decode + preprocess + forward, batch 1, back to back (the served
+    path)."""
     from resnet_service.model.serving import open_served_model
 
     model = open_served_model(settings.model_copy(update={"inference_threads": threads}))
     runtime, spec = model.runtime, model.spec
     runtime.bind_thread()
     for _ in range(3):
-        runtime.infer(decode_and_preprocess(image, _LIMITS, spec)[None])
+        serve_one(runtime, image, spec)
     ready.put(1)
     start.wait()
     count, began = 0, time.perf_counter()
     stop_at = began + duration
     while time.perf_counter() < stop_at:
-        runtime.infer(decode_and_preprocess(image, _LIMITS, spec)[None])
+        serve_one(runtime, image, spec)
         count += 1
     results.put((count, time.perf_counter() - began))
 
@@ -142,21 +162,32 @@ def forward_speed(
     return out
 
 
-def decode_speed(images: dict[str, bytes], seconds: float = 1.0) -> dict[str, dict[str, float]]:
-    """Decode + preprocess ms per image, our fast path vs the exact (reference-equal) path."""
-    from resnet_service.images import PreprocessSpec
+def _previous_path(data: bytes, spec: PreprocessSpec) -> None:
+    """The served path before issue 18: full resize then crop, numpy normalisation."""
+    preprocess(decode_rgb(data, _LIMITS, spec, fast=True), spec)
 
+
+def decode_speed(images: dict[str, bytes], seconds: float = 1.0) -> dict[str, dict[str, float]]:
+    """Decode + preprocess ms per image, side by side: the served path (8-bit pixels of the
+    crop's region; normalisation happens in the graph), the same with numpy normalisation,
+    the previous served path, and the exact (reference-equal) path. Rounds interleaved."""
     spec = PreprocessSpec()
+    paths: dict[str, Callable[[bytes], object]] = {
+        "served_ms": lambda d: decode_to_pixels(d, _LIMITS, spec),
+        "served_numpy_normalised_ms": lambda d: decode_and_preprocess(d, _LIMITS, spec),
+        "previous_ms": lambda d: _previous_path(d, spec),
+        "exact_ms": lambda d: decode_and_preprocess(d, _LIMITS, spec, fast=False),
+    }
     out: dict[str, dict[str, float]] = {}
     for name, data in images.items():
-        row = {}
-        for label, fast in (("fast_ms", True), ("exact_ms", False)):
-            times: list[float] = []
-            stop_at = time.perf_counter() + seconds
-            while time.perf_counter() < stop_at or len(times) < 3:
+        times: dict[str, list[float]] = {label: [] for label in paths}
+        stop_at = time.perf_counter() + seconds * len(paths)
+        while time.perf_counter() < stop_at or min(len(t) for t in times.values()) < 3:
+            for label, path in paths.items():
                 t0 = time.perf_counter()
-                decode_and_preprocess(data, _LIMITS, spec, fast=fast)
-                times.append(time.perf_counter() - t0)
-            row[label] = round(float(np.median(times)) * 1000, 2)
+                path(data)
+                times[label].append(time.perf_counter() - t0)
+        row = {label: round(float(np.median(t)) * 1000, 2) for label, t in times.items()}
+        row["served_over_previous"] = round(row["served_ms"] / row["previous_ms"], 3)
         out[name] = row
     return out

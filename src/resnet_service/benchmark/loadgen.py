@@ -282,6 +282,21 @@ async def closed_loop(
     return result
 
 
+async def burst(
+    host: str, port: int, payload: bytes, count: int, timeout_s: float = 120.0
+) -> LoadResult:
+    """``count`` clients, each on its own connection, sending one request at the same moment
+    (what a caller that fans out does); latency from the common start."""
+    result = LoadResult("burst", count, None, 0.0)
+    conns = [_Connection(host, port, timeout_s) for _ in range(count)]
+    since = time.perf_counter()
+    await asyncio.gather(*(_one(conn, payload, result, since) for conn in conns))
+    for conn in conns:
+        conn.close()
+    result.elapsed_s = time.perf_counter() - result.started
+    return result
+
+
 async def open_loop(
     host: str,
     port: int,

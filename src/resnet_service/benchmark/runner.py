@@ -26,7 +26,7 @@ import statistics
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -141,6 +141,63 @@ def _open_loop(port: int, image: BenchImage, rate: float, duration: float) -> di
     return {**result.summary(), "image": image.name}
 
 
+def _burst(port: int, image: BenchImage, count: int) -> dict[str, Any]:
+    """``count`` simultaneous single-image requests on an idle replica."""
+    payload = _payload(port, "/classify", "image", image)
+    result = asyncio.run(loadgen.burst("127.0.0.1", port, payload, count))
+    return {**result.summary(), "image": image.name}
+
+
+def distinct_payloads(port: int, image: BenchImage, count: int) -> list[bytes]:
+    """``count`` requests whose bytes all differ (a tag after the JPEG's end marker, which
+    decoders ignore) at the same decode cost: every one a response-cache miss."""
+    return [
+        _payload(port, "/classify", "image", replace(image, data=image.data + i.to_bytes(4)))
+        for i in range(count)
+    ]
+
+
+#: Distinct images cycled by the cache-miss load: far more than a 1 MB cache holds (~240).
+_MISS_IMAGES: Final = 1024
+
+
+def bench_cache(
+    settings: Settings,
+    runtime: RuntimeName,
+    workers: int,
+    image: BenchImage,
+    opts: BenchOptions,
+    workdir: Path,
+) -> dict[str, Any]:
+    """The response cache at ``c16``: one repeated image (hits), and distinct images (misses),
+    on a replica with a 1 MB cache, against the same distinct images with the cache off."""
+    out: dict[str, Any] = {}
+    for label, cache_mb in (("off", 0.0), ("on", 1.0)):
+        layout = settings.model_copy(
+            update={
+                "workers": workers,
+                "inference_threads": max(1, usable_cpus() // workers),
+                "runtime": runtime,
+                "response_cache_mb": cache_mb,
+            }
+        )
+        cmd = [python(), "-m", "resnet_service", "serve", "--workers", str(workers)]
+        log_file = workdir / f"cache-{label}.log"
+        with running(cmd, settings_as_env(layout), "/readyz", log_file, ready_count=1) as srv:
+            misses = distinct_payloads(srv.port, image, _MISS_IMAGES)
+            distinct = asyncio.run(
+                loadgen.closed_loop(
+                    "127.0.0.1", srv.port, misses, opts.c16, opts.duration, MAX_REQUESTS_PER_LEVEL
+                )
+            )
+            out[f"distinct_images_cache_{label}"] = distinct.summary()
+            if cache_mb:
+                out["repeated_image_cache_on"] = closed_loop_load(
+                    srv.port, "/classify", "image", image, opts.c16, opts.duration
+                )
+    return out
+
+
 def _oip_load(port: int, image: BenchImage, c: int, s: float) -> dict[str, Any]:
     """The same image through the Open Inference Protocol's REST infer (binary tensor)."""
     model = httpx.get(f"http://127.0.0.1:{port}/model", timeout=10).json()["name"]
@@ -186,6 +243,7 @@ def bench_service(
     with running(cmd, settings_as_env(layout), "/readyz", log_file, ready_count=1) as srv:
         cold_start = time.perf_counter() - started
         main = images[MAIN_IMAGE]
+        burst = _burst(srv.port, main, 64 if not opts.quick else 8)
         closed = [
             closed_loop_load(srv.port, "/classify", "image", main, c, opts.duration)
             for c in opts.concurrencies
@@ -211,6 +269,7 @@ def bench_service(
         "inference_threads": threads,
         "layout": f"{runtime}, {workers} worker(s) x {threads} thread(s)",
         "cold_start_s": round(cold_start, 2),
+        "burst": burst,
         "closed_loop": closed,
         "open_loop": open_loop,
         "other_images": others,
@@ -404,6 +463,11 @@ def run_benchmark(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
     result["engine_in_process"] = ceiling.engine_in_process(
         default_settings, images[MAIN_IMAGE].data, sorted({1, opts.c16}), opts.duration
     )
+    if not opts.quick:
+        log.info("response cache: repeated and distinct images")
+        result["response_cache"] = bench_cache(
+            settings, default, best_layout["workers"], images[MAIN_IMAGE], opts, workdir
+        )
     if not opts.skip_naive:
         result["naive"] = bench_naive(settings, images, opts, workdir)
     result["ratios"] = compute_ratios(result, opts.c16)

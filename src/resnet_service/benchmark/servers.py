@@ -73,6 +73,20 @@ def _pss_kb(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by the process tree (Linux /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in _tree(pid):
+        try:
+            # Fields after the command (which may hold spaces): utime, stime are 12th, 13th.
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
 def memory_mb(pid: int) -> dict[str, float]:
     """Peak and current RSS (and its anonymous part) summed over the process tree, in MB, and
     the tree's current PSS.
