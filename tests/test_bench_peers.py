@@ -17,6 +17,8 @@ import torch
 from torchvision.models import resnet18
 
 from resnet_service.benchmark import loadgen, peers
+from resnet_service.benchmark.images import bench_images
+from resnet_service.benchmark.runner import MAIN_IMAGE
 from resnet_service.model.loader import imagenet_labels
 from resnet_service.model.weights import WeightsSource, load_state_dict_file, random_weights
 
@@ -116,12 +118,16 @@ def _server(name: str, rps: float, p99: float, concurrency: int = 16) -> peers.S
     )
 
 
-def test_ratios_read_against_the_goals_at_16_clients() -> None:
-    ratios = peers.Ratios.of(_server("us", 90, 60), _server("them", 20, 300), 16)
-    assert (ratios.throughput, ratios.p99) == (4.5, 0.2)
+def test_ratios_read_against_each_peer_s_goal_at_16_clients() -> None:
+    ratios = peers.Ratios.of(_server("us", 180, 60), _server("TorchServe", 20, 300), 16)
+    assert (ratios.throughput, ratios.p99) == (9.0, 0.2)
+    assert ratios.throughput_goal == 8.0
     assert ratios.throughput_goal_met
     assert ratios.p99_goal_met
     assert ratios.at_goal_concurrency
+    bento = peers.Ratios.of(_server("us", 50, 60), _server("BentoML", 20, 300), 16)
+    assert (bento.peer, bento.throughput_goal) == ("BentoML", 3.0)
+    assert not bento.throughput_goal_met  # 2.5x: below BentoML's 3x
     short = peers.Ratios.of(_server("us", 40, 60, 2), _server("them", 20, 100, 2), 2)
     assert not short.throughput_goal_met
     assert not short.p99_goal_met
@@ -163,7 +169,7 @@ def test_a_level_without_answers_gives_no_ratio_and_valid_json() -> None:
 
 
 def test_report_says_when_a_goal_is_missed_or_read_below_16_clients() -> None:
-    us, them = _server("us", 40, 60, 2), _server("them", 20, 100, 2)
+    us, them = _server("us", 40, 60, 2), _server("TorchServe", 20, 100, 2)
     report = peers.PeerReport(
         date="today",
         machine={"cpu": "some CPU", "usable_cpus": 2},
@@ -175,11 +181,30 @@ def test_report_says_when_a_goal_is_missed_or_read_below_16_clients() -> None:
         same_weights=True,
         duration_s=2.0,
         servers=[us, them],
-        ratios=peers.Ratios.of(us, them, 2),
+        ratios=[peers.Ratios.of(us, them, 2)],
     )
     text = peers.render(report)
     assert "| us | layout | 2 | 40 |" in text
     assert (
-        "throughput at 2 clients: **2.0** (goal ≥ 4.5: NOT met, but the goal is set at 16" in text
+        "TorchServe throughput at 2 clients: **2.0** (goal ≥ 8.0: NOT met, but the goal is set "
+        "at 16" in text
     )
     assert "p99 at 2 clients: **0.6** (goal ≤ 0.3: NOT met" in text
+
+
+def test_the_bentoml_service_is_valid_python_with_its_settings_filled_in(tmp_path: Path) -> None:
+    from resnet_service.benchmark import bentoml_peer
+
+    weights = peers.resolve_weights({})
+    folder = bentoml_peer.write_service(weights, tmp_path, workers=2)
+    source = (folder / "service.py").read_text()
+    compile(source, "service.py", "exec")  # what bentoml serve will import
+    assert "@bentoml.service(workers=2" in source
+    assert f"max_batch_size={bentoml_peer.MAX_BATCH_SIZE}" in source
+    assert "weights_only=True" in source
+    assert len(json.loads((folder / "labels.json").read_text())) == 1000
+    state = torch.load(folder / "weights.pt", weights_only=True)
+    assert set(state) == set(weights.state_dict)
+    request = bentoml_peer.request_bytes(1234, bench_images([MAIN_IMAGE])[MAIN_IMAGE])
+    assert request.startswith(b"POST /classify HTTP/1.1\r\n")
+    assert b'name="images"' in request

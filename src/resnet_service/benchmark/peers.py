@@ -1,12 +1,14 @@
-"""``make bench-peers``: the service against TorchServe, same weights, same load, same run.
+"""``make bench-peers``: the service against TorchServe and BentoML, same weights, same load,
+same run.
 
 TorchServe serves torchvision's ResNet18 with the very fp32 weights the service uses, through
 its stock ``image_classifier`` handler (fp32 eager: TorchServe's own path), tuned to this
 machine the way its performance guide says: one worker per usable CPU with one torch thread
-each, batching on. Each server runs alone under the project's closed-loop load generator; the
-report gives the service's throughput and p99 at the highest concurrency as ratios to
-TorchServe's. TorchServe lives in a virtual environment of its own (made once, reused), so its
-pins never touch the project's.
+each, batching on. BentoML serves them as its docs write an image classifier
+(``bentoml_peer``). Each server runs alone under the project's closed-loop load generator; the
+report gives the service's throughput and p99 at every concurrency as ratios to each peer's.
+Each peer lives in a virtual environment of its own (made once, reused), so its pins never
+touch the project's.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ PEER_DISTRIBUTIONS: Final = (
 #: Written into the venv once every requirement installed: a half-made venv is finished.
 VENV_STAMP: Final = ".resnet-service-peers"
 DEFAULT_VENV: Final = Path("bench/results/peers/.venv")
-THROUGHPUT_GOAL: Final = 4.5
+#: The service's throughput over each peer's at 16 clients (goals of issue 18), and its p99.
+THROUGHPUT_GOALS: Final = {"TorchServe": 8.0, "BentoML": 3.0}
 P99_GOAL: Final = 0.3
 GOAL_CONCURRENCY: Final = 16
 READY_TIMEOUT_S: Final = 300.0
@@ -95,21 +98,21 @@ class ResNet18(ResNet):
 # --- TorchServe's environment and archive -------------------------------------------------
 
 
-def ensure_peer_venv(venv: Path) -> Path:
-    """The Python of TorchServe's own venv, made (or finished) only when its stamp is missing:
+def ensure_peer_venv(venv: Path, requirements: Sequence[str] = PEER_REQUIREMENTS) -> Path:
+    """The Python of a peer's own venv, made (or finished) only when its stamp is missing:
     reinstalling torch on every run would cost a minute of a shared machine."""
-    venv = venv.absolute()  # TorchServe starts from its own working directory
+    venv = venv.absolute()  # a peer may start from its own working directory
     peer_python = venv / "bin" / "python"
     stamp = venv / VENV_STAMP
-    wanted = "\n".join(PEER_REQUIREMENTS)
+    wanted = "\n".join(requirements)
     if peer_python.exists() and stamp.is_file() and stamp.read_text() == wanted:
         return peer_python
     if not peer_python.exists():
-        log.info("creating TorchServe's venv in %s", venv)
+        log.info("creating a peer's venv in %s", venv)
         subprocess.run([python(), "-m", "venv", str(venv)], check=True, timeout=300)
-    log.info("installing %s", " ".join(PEER_REQUIREMENTS))
+    log.info("installing %s", " ".join(requirements))
     subprocess.run(
-        [str(peer_python), "-m", "pip", "install", "--quiet", *PEER_REQUIREMENTS],
+        [str(peer_python), "-m", "pip", "install", "--quiet", *requirements],
         check=True,
         timeout=1800,
     )
@@ -563,13 +566,12 @@ class PeerOptions:
 
     out_dir: Path
     venv: Path = DEFAULT_VENV
+    bentoml_venv: Path = Path("bench/results/peers/.venv-bentoml")
     duration_s: float = 8.0
-    concurrencies: tuple[int, ...] = (1, GOAL_CONCURRENCY)
+    concurrencies: tuple[int, ...] = (1, GOAL_CONCURRENCY, 64)
     keep_workdir: bool = False
-
-    @property
-    def top_concurrency(self) -> int:
-        return max(self.concurrencies)
+    #: Which peers to run (TorchServe needs Java; BentoML its own venv).
+    peers: tuple[str, ...] = ("TorchServe", "BentoML")
 
 
 def bench_torchserve(
@@ -645,14 +647,15 @@ def _ratio(ours: float | None, theirs: float | None) -> float | None:
 
 @dataclass(frozen=True)
 class Ratios:
-    """The service over TorchServe at the top concurrency, read against the goals (which are
-    set at 16 clients: a run that stops lower only hints)."""
+    """The service over one peer at one concurrency, read against the goals (which are set
+    at 16 clients: other levels are reported, not judged)."""
 
+    peer: str
     concurrency: int
     #: None when either server answered nothing at this level: there is no ratio to read.
     throughput: float | None
     p99: float | None
-    throughput_goal: float = THROUGHPUT_GOAL
+    throughput_goal: float
     p99_goal: float = P99_GOAL
     throughput_goal_met: bool = False
     p99_goal_met: bool = False
@@ -663,11 +666,14 @@ class Ratios:
         ours, theirs = service.at(concurrency), peer.at(concurrency)
         throughput = _ratio(ours.rps, theirs.rps)
         p99 = _ratio(ours.p99_ms, theirs.p99_ms)
+        goal = THROUGHPUT_GOALS.get(peer.name, THROUGHPUT_GOALS["TorchServe"])
         return cls(
+            peer=peer.name,
             concurrency=concurrency,
             throughput=throughput,
             p99=p99,
-            throughput_goal_met=throughput is not None and throughput >= THROUGHPUT_GOAL,
+            throughput_goal=goal,
+            throughput_goal_met=throughput is not None and throughput >= goal,
             p99_goal_met=p99 is not None and p99 <= P99_GOAL,
             at_goal_concurrency=concurrency == GOAL_CONCURRENCY,
         )
@@ -687,7 +693,7 @@ class PeerReport:
     same_weights: bool
     duration_s: float
     servers: list[ServerResult]
-    ratios: Ratios
+    ratios: list[Ratios]
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -723,28 +729,28 @@ def render(report: PeerReport) -> str:
             f"{srv.memory['peak_rss_mb']} |"
             for r in srv.closed_loop
         ]
-    ratios = report.ratios
-    c = ratios.concurrency
-    lines += [
-        "",
-        _goal_line(
-            f"service ÷ TorchServe throughput at {c} clients",
-            ratios.throughput,
-            "≥",
-            ratios.throughput_goal,
-            ratios.throughput_goal_met,
-            ratios.at_goal_concurrency,
-        ),
-        _goal_line(
-            f"service p99 ÷ TorchServe p99 at {c} clients",
-            ratios.p99,
-            "≤",
-            ratios.p99_goal,
-            ratios.p99_goal_met,
-            ratios.at_goal_concurrency,
-        ),
-        *(f"- {note}" for note in report.notes),
-    ]
+    lines.append("")
+    for ratios in report.ratios:
+        c = ratios.concurrency
+        lines += [
+            _goal_line(
+                f"service ÷ {ratios.peer} throughput at {c} clients",
+                ratios.throughput,
+                "≥",
+                ratios.throughput_goal,
+                ratios.throughput_goal_met,
+                ratios.at_goal_concurrency,
+            ),
+            _goal_line(
+                f"service p99 ÷ {ratios.peer} p99 at {c} clients",
+                ratios.p99,
+                "≤",
+                ratios.p99_goal,
+                ratios.p99_goal_met,
+                ratios.at_goal_concurrency,
+            ),
+        ]
+    lines += [f"- {note}" for note in report.notes]
     return "\n".join(lines)
 
 
@@ -776,14 +782,24 @@ def run_peers(opts: PeerOptions) -> PeerReport:
     """Both servers, one after the other, in one run; ``peers.json`` under ``opts.out_dir``."""
     started = time.perf_counter()
     opts.out_dir.mkdir(parents=True, exist_ok=True)
-    peer_python = ensure_peer_venv(opts.venv)
-    versions = peer_versions(peer_python)  # before any load: a missing Java fails here
+    versions: dict[str, str] = {}
+    peer_python = None
+    if "TorchServe" in opts.peers:
+        peer_python = ensure_peer_venv(opts.venv)
+        versions = peer_versions(peer_python)  # before any load: a missing Java fails here
     weights = resolve_weights(os.environ)
     log.info("weights: %s (sha256 %s)", weights.source.value, weights.sha256[:12])
     image = bench_images([MAIN_IMAGE])[MAIN_IMAGE]
     workdir = Path(tempfile.mkdtemp(prefix="resnet-peers-"))
+    peers: list[ServerResult] = []
     try:
-        peer = bench_torchserve(peer_python.parent, weights, image, opts, workdir)
+        if peer_python is not None:
+            peers.append(bench_torchserve(peer_python.parent, weights, image, opts, workdir))
+        if "BentoML" in opts.peers:
+            from resnet_service.benchmark.bentoml_peer import BENTOML_VERSION, bench_bentoml
+
+            versions["bentoml"] = BENTOML_VERSION
+            peers.append(bench_bentoml(weights, image, opts, workdir))
         service = bench_our_service(weights, image, opts, workdir)
     except BaseException:
         log.error("peer benchmark failed; logs kept in %s", workdir)
@@ -791,7 +807,7 @@ def run_peers(opts: PeerOptions) -> PeerReport:
     if not opts.keep_workdir:
         shutil.rmtree(workdir, ignore_errors=True)
     same = same_weights(service.probe, weights)
-    servers = [service, peer]
+    servers = [service, *peers]
     report = PeerReport(
         date=datetime.now(UTC).isoformat(timespec="seconds"),
         machine=machine_info(1),
@@ -803,7 +819,7 @@ def run_peers(opts: PeerOptions) -> PeerReport:
         same_weights=same,
         duration_s=opts.duration_s,
         servers=servers,
-        ratios=Ratios.of(service, peer, opts.top_concurrency),
+        ratios=[Ratios.of(service, p, c) for p in peers for c in opts.concurrencies],
         seconds=round(time.perf_counter() - started, 1),
         notes=_notes(servers, same, weights),
     )
@@ -821,10 +837,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--concurrency",
         type=int,
         nargs="+",
-        default=[1, GOAL_CONCURRENCY],
+        default=[1, GOAL_CONCURRENCY, 64],
         help="closed-loop levels (the goals are read at the highest; they are set at 16)",
     )
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="TorchServe's venv")
+    parser.add_argument(
+        "--peer",
+        choices=["TorchServe", "BentoML"],
+        action="append",
+        help="run only these peers (default: both)",
+    )
     parser.add_argument(
         "--keep-workdir", action="store_true", help="keep the archive, config and logs"
     )
@@ -839,6 +861,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         duration_s=args.duration,
         concurrencies=tuple(sorted(set(args.concurrency))),
         keep_workdir=args.keep_workdir,
+        peers=tuple(args.peer or ("TorchServe", "BentoML")),
     )
     print(render(run_peers(opts)))
     return 0
