@@ -24,12 +24,11 @@ from resnet_service.benchmark.runner import (
     MAIN_IMAGE,
     closed_loop_load,
     machine_info,
+    serving,
     speed_settings,
 )
-from resnet_service.benchmark.servers import python, running
 from resnet_service.config import Settings
 from resnet_service.cpus import usable_cpus
-from resnet_service.serve import settings_as_env
 
 log = logging.getLogger(__name__)
 
@@ -86,17 +85,9 @@ def measure(settings: Settings, rounds: int, seconds: float, concurrency: int) -
     results: list[dict[str, Any]] = []
     for i in range(rounds):
         for stack, (parser, loop) in STACKS.items():
-            layout = settings.model_copy(
-                update={
-                    "workers": workers,
-                    "inference_threads": max(1, usable_cpus() // workers),
-                    "http_parser": parser,
-                    "event_loop": loop,
-                }
-            )
-            cmd = [python(), "-m", "resnet_service", "serve", "--workers", str(workers)]
             log.info("round %d: %s", i + 1, stack)
-            with running(cmd, settings_as_env(layout), "/readyz", workdir / f"{stack}.log") as srv:
+            log_file = workdir / f"{stack}.log"
+            with serving(settings, workers, log_file, http_parser=parser, event_loop=loop) as srv:
                 closed_loop_load(srv.port, "/classify", "image", image, concurrency, 2.0)  # warm-up
                 row = closed_loop_load(srv.port, "/classify", "image", image, concurrency, seconds)
             results.append({"stack": stack, **row})

@@ -25,7 +25,7 @@ import platform
 import statistics
 import tempfile
 import time
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,7 +39,7 @@ from resnet_service.benchmark.fidelity import digits_fidelity
 from resnet_service.benchmark.images import BenchImage, bench_images
 from resnet_service.benchmark.ratios import compute_ratios
 from resnet_service.benchmark.report import render_chart, render_table
-from resnet_service.benchmark.servers import memory_mb, python, running
+from resnet_service.benchmark.servers import Running, memory_mb, python, running
 from resnet_service.config import RUNTIMES, RuntimeName, Settings
 from resnet_service.cpus import usable_cpus
 from resnet_service.model.hub import FP32_URL, hub_checkpoint_path
@@ -118,6 +118,18 @@ def machine_info(threads: int) -> dict[str, Any]:
     }
 
 
+def serving(
+    settings: Settings, workers: int, log_file: Path, **update: object
+) -> AbstractContextManager[Running]:
+    """``serve`` with ``workers`` processes of (usable CPUs / workers) inference threads each
+    and ``update`` over ``settings``, until its /readyz answers; stopped after."""
+    layout = settings.model_copy(
+        update={"workers": workers, "inference_threads": max(1, usable_cpus() // workers), **update}
+    )
+    cmd = [python(), "-m", "resnet_service", "serve", "--workers", str(workers)]
+    return running(cmd, settings_as_env(layout), "/readyz", log_file)
+
+
 def _payload(port: int, path: str, field: str, image: BenchImage) -> bytes:
     name = f"{image.name}.{image.content_type.split('/')[1]}"
     return loadgen.multipart_request(
@@ -173,17 +185,10 @@ def bench_cache(
     on a replica with a 1 MB cache, against the same distinct images with the cache off."""
     out: dict[str, Any] = {}
     for label, cache_mb in (("off", 0.0), ("on", 1.0)):
-        layout = settings.model_copy(
-            update={
-                "workers": workers,
-                "inference_threads": max(1, usable_cpus() // workers),
-                "runtime": runtime,
-                "response_cache_mb": cache_mb,
-            }
-        )
-        cmd = [python(), "-m", "resnet_service", "serve", "--workers", str(workers)]
         log_file = workdir / f"cache-{label}.log"
-        with running(cmd, settings_as_env(layout), "/readyz", log_file, ready_count=1) as srv:
+        with serving(
+            settings, workers, log_file, runtime=runtime, response_cache_mb=cache_mb
+        ) as srv:
             misses = distinct_payloads(srv.port, image, _MISS_IMAGES)
             distinct = asyncio.run(
                 loadgen.closed_loop(
@@ -233,14 +238,10 @@ def bench_service(
 ) -> dict[str, Any]:
     """One runtime in one process layout, over HTTP. ``full`` adds the other images."""
     threads = max(1, usable_cpus() // workers)
-    layout = settings.model_copy(
-        update={"workers": workers, "inference_threads": threads, "runtime": runtime}
-    )
-    cmd = [python(), "-m", "resnet_service", "serve", "--workers", str(workers)]
     log.info("service: %s, %d worker(s) x %d thread(s)", runtime, workers, threads)
     started = time.perf_counter()
     log_file = workdir / f"service-{runtime}-w{workers}.log"
-    with running(cmd, settings_as_env(layout), "/readyz", log_file, ready_count=1) as srv:
+    with serving(settings, workers, log_file, runtime=runtime) as srv:
         cold_start = time.perf_counter() - started
         main = images[MAIN_IMAGE]
         burst = _burst(srv.port, main, 64 if not opts.quick else 8)
@@ -321,18 +322,11 @@ def interleaved_rounds(
     with ExitStack() as stack:
         servers = {}
         for name, (rt, workers) in configs.items():
-            layout = settings.model_copy(
-                update={
-                    "workers": workers,
-                    "inference_threads": max(1, usable_cpus() // workers),
-                    "runtime": rt,
-                    "grpc_port": 0,  # several servers at once: any free port
-                }
-            )
-            cmd = [python(), "-m", "resnet_service", "serve", "--workers", str(workers)]
             log.info("interleaved rounds: starting %s", name)
+            log_file = workdir / f"rounds-{name}.log"
+            # Several servers at once: gRPC on any free port.
             servers[name] = stack.enter_context(
-                running(cmd, settings_as_env(layout), "/readyz", workdir / f"rounds-{name}.log")
+                serving(settings, workers, log_file, runtime=rt, grpc_port=0)
             )
         for i in range(CHOICE_ROUNDS):
             for name, srv in servers.items():
