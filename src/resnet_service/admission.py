@@ -5,19 +5,20 @@ Two rules, both decided before an upload is read:
 - **The deadline bound** (``bound_s``): a request is admitted while the work already admitted
   ahead of it can be served within its deadline budget. A burst (64 or 256 requests at once on
   an idle replica) is far inside it and is queued, as Triton and BentoML queue it.
-- **Standing-queue shedding** (CoDel's idea, applied at admission): the queue *stands* when,
-  over a whole ``interval_s``, no image waited less than ``target_s`` *and* more requests
-  arrived than were answered (the offered load exceeds what the replica serves). Only then
-  does the bound shrink to ``target_s``, so under overload the queue is held near the target
-  and accepted requests stay fast; everything beyond is refused in microseconds. Shedding ends
-  when an interval's arrivals no longer exceed its answers (the overload is over).
+- **Standing-queue shedding** (CoDel's idea, applied at admission): the queue *stands* when
+  every image served for a whole ``interval_s`` waited longer than ``target_s`` *and*, since
+  it went above the target, more requests arrived than were answered (x1.5, plus 4: the
+  offered load exceeds what the replica serves). Only then does the bound shrink to
+  ``target_s``, so under overload the queue is held near the target and accepted requests
+  stay fast; everything beyond is refused in microseconds. Shedding ends after an interval
+  in which the target held without a refusal, or after an interval with no request at all.
 
 Why the second condition: a closed loop of N clients keeps N requests in the system, so its
 queueing delay can sit above any small target (64 clients on a slow runtime wait ~0.5 s), yet
 it can never overload a server: each client sends only when answered, so arrivals equal
-answers and nothing is ever refused. An open-loop flood sends more than is answered, every
-interval, and is shed from its second interval on. A burst's first interval always contains
-the images that did not wait (the minimum is below the target), so a burst is never cut.
+answers and nothing is ever refused. An open-loop flood sends more than is answered and is
+shed once its queue has stood for an interval. A burst arrives before any of its images has
+waited, so its own requests are all admitted under the deadline bound.
 
 Fresh over stale: while shedding, an image that has already waited longer than
 ``stale_s`` when its decode would start is refused then (CoDel's drop at the head): its caller
@@ -113,7 +114,6 @@ class Workload:
         self.completed = 0
         #: True while a standing queue is being shed (the bound is then the target).
         self.shedding = False
-        self.refused = 0
         self._busy_total = 0.0
         self._busy_since = 0.0
         self._last = _Sample()
@@ -146,7 +146,6 @@ class Workload:
         wait = self.predicted_wait_s()
         bound = self.bound_s()
         if wait > bound and (self.uploading or self.processing):
-            self.refused += 1
             self._window.refused += 1
             why = "a queue is standing" if self.shedding else "its deadline budget is spent"
             raise Overloaded(

@@ -261,7 +261,7 @@ class Classifier:
             key = self.cache.key(data, scope)
             found = self.cache.get(key)
             if self._observer:
-                self._observer.cache_lookup(found is not None, self.cache.stats().bytes)
+                self._observer.cache_lookup(found is not None, self.cache.bytes)
             if found is not None:
                 return self._from_cache(found, k, started)
         with self._in_pipeline() as slot:
@@ -273,11 +273,14 @@ class Classifier:
         return result
 
     def _from_cache(self, probabilities: Probabilities, k: int, started: float) -> Classification:
+        timings = Timings(0.0, 0.0, 0.0, time.perf_counter() - started)
+        prediction = self._prediction(probabilities, k, batch_size=1)
+        return Classification(prediction, timings, probabilities, cached=True)
+
+    def _prediction(self, probabilities: Probabilities, k: int, batch_size: int) -> Prediction:
         indices, values = top_k(probabilities, k)
         labels = [self.model.labels[i] for i in indices]
-        timings = Timings(0.0, 0.0, 0.0, time.perf_counter() - started)
-        prediction = Prediction(indices=indices, scores=values, labels=labels, batch_size=1)
-        return Classification(prediction, timings, probabilities, cached=True)
+        return Prediction(indices=indices, scores=values, labels=labels, batch_size=batch_size)
 
     @contextmanager
     def _in_pipeline(self) -> Iterator[_Slot]:
@@ -296,14 +299,8 @@ class Classifier:
         self, array: Tensor3 | Pixels, decode_s: float, k: int, started: float
     ) -> Classification:
         scores: Scores = await self.engine.infer(array, self.settings.request_timeout_s)
-        indices, values = top_k(scores.probabilities, k)
         return Classification(
-            Prediction(
-                indices=indices,
-                scores=values,
-                labels=[self.model.labels[i] for i in indices],
-                batch_size=scores.batch_size,
-            ),
+            self._prediction(scores.probabilities, k, scores.batch_size),
             Timings(
                 decode_s=decode_s,
                 queue_s=scores.queue_s,

@@ -75,10 +75,15 @@ class ResponseCache:
         stored.setflags(write=False)  # shared by every later hit
         self._entries[key] = stored
 
+    @property
+    def bytes(self) -> int:
+        """What the entries hold now (read on every look-up, for the gauge)."""
+        return int(self._entries.currsize)
+
     def stats(self) -> CacheStats:
         return CacheStats(
             entries=len(self._entries),
-            bytes=int(self._entries.currsize),
+            bytes=self.bytes,
             capacity_bytes=self.capacity_bytes,
             hits=self.hits,
             misses=self.misses,
