@@ -10,10 +10,10 @@ WORKERS ?= 0  # 0 = one worker process per usable CPU
 
 install: $(BIN)/resnet-service
 
-$(BIN)/resnet-service: pyproject.toml
+$(BIN)/resnet-service: pyproject.toml bench/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[full,train,dev]"
+	$(BIN)/pip install --quiet -e ".[full,train,dev]" -e ./bench
 	@touch $@
 
 # Debian packages the tests drive for real (Chromium, nginx, haproxy); installed when missing.
@@ -30,12 +30,12 @@ test-fast: install
 	$(BIN)/pytest -m "not slow and not browser"
 
 lint: install
-	$(BIN)/ruff check src tests scripts
-	$(BIN)/ruff format --check src tests scripts
+	$(BIN)/ruff check src bench/resnet_bench tests scripts
+	$(BIN)/ruff format --check src bench/resnet_bench tests scripts
 
 format: install
-	$(BIN)/ruff check --fix src tests scripts
-	$(BIN)/ruff format src tests scripts
+	$(BIN)/ruff check --fix src bench/resnet_bench tests scripts
+	$(BIN)/ruff format src bench/resnet_bench tests scripts
 
 typecheck: install
 	$(BIN)/mypy
@@ -54,16 +54,16 @@ bench-quick: install
 # weights, same load, one run; writes bench/peers.json. TorchServe gets its own venv under
 # bench/results/peers/ (made once, ~2 min; reused after).
 bench-peers: install
-	$(BIN)/python -m resnet_service.benchmark.peers --out bench
+	$(BIN)/python -m resnet_bench.peers --out bench
 
 # httptools + uvloop against h11 + asyncio, the service at 16 clients, interleaved rounds
 # (~3 min); writes bench/httpstack.json.
 bench-http: install
-	$(BIN)/python -m resnet_service.benchmark.httpstack --out bench
+	$(BIN)/python -m resnet_bench.httpstack --out bench
 
 # Overload, soak, kill -9, SIGTERM and fuzzing at full size (~30 min); writes bench/robustness.json.
 robustness: install
-	$(BIN)/python -m resnet_service.benchmark.robustness --out bench; status=$$?; \
+	$(BIN)/python -m resnet_bench.robustness --out bench; status=$$?; \
 	$(BIN)/python scripts/update_readme.py robustness; exit $$status
 
 check: lint typecheck test

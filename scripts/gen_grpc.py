@@ -1,4 +1,4 @@
-"""Generate the gRPC Python modules from src/resnet_service/grpc_api/inference.proto.
+"""Generate the gRPC Python modules from src/resnet_service/faces/oip/pb/inference.proto.
 
     .venv/bin/python scripts/gen_grpc.py          # writes inference_pb2.py, inference_pb2_grpc.py
     .venv/bin/python scripts/gen_grpc.py --check  # exit 1 if the committed modules are stale
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from grpc_tools import protoc
 
-PACKAGE = Path(__file__).resolve().parents[1] / "src" / "resnet_service" / "grpc_api"
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "resnet_service" / "faces" / "oip" / "pb"
 OUTPUTS = ("inference_pb2.py", "inference_pb2_grpc.py", "inference_pb2.pyi")
 
 
@@ -36,7 +36,7 @@ def generate(out: Path) -> None:
     # protoc writes a top-level import; the modules live in a package.
     text = grpc_module.read_text().replace(
         "import inference_pb2 as inference__pb2",
-        "from resnet_service.grpc_api import inference_pb2 as inference__pb2",
+        "from resnet_service.faces.oip.pb import inference_pb2 as inference__pb2",
     )
     grpc_module.write_text(text)
 

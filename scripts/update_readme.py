@@ -14,14 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench() -> str:
-    from resnet_service.benchmark.report import render_table
+    from resnet_bench.report import render_table
 
     result = json.loads((ROOT / "bench/bench.json").read_text())
     return f"![benchmark chart](bench/bench.png)\n\n{render_table(result)}"
 
 
 def _robustness() -> str:
-    from resnet_service.benchmark.robustness import render_table
+    from resnet_bench.robustness import render_table
 
     return render_table(json.loads((ROOT / "bench/robustness.json").read_text()))
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from resnet_service.config import Settings, load_settings
-from resnet_service.model.loader import load_model
-from resnet_service.runtimes.base import ServedModel
+from resnet_service.core.runtime import ServedModel
+from resnet_service.model.torch_path import load_model
 from tests.helpers import write_weights
 
 

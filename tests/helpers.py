@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torchvision.models import resnet18
 
-from resnet_service.images import ImageLimits, PreprocessSpec, decode_and_preprocess
+from resnet_service.core.images import ImageLimits, PreprocessSpec, decode_and_preprocess
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 LIMITS = ImageLimits(max_bytes=64 * 1024 * 1024, max_pixels=40_000_000)

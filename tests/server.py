@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from resnet_service.benchmark.servers import free_port, process_children, stop_process_group
+from resnet_bench.servers import free_port, process_children, stop_process_group
 
 
 @dataclass

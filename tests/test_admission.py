@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from resnet_service.admission import AdmissionPolicy, Ticket, Workload
-from resnet_service.errors import Overloaded
+from resnet_service.core.admission import AdmissionPolicy, Ticket, Workload
+from resnet_service.core.errors import Overloaded
 
 COST_S = 0.007  # one image, roughly OpenVINO int8 + decode on one core
 POLICY = AdmissionPolicy(bound_s=15.0, target_s=0.05, interval_s=0.1)

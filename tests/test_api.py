@@ -14,9 +14,9 @@ import pytest
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
-from resnet_service.api.app import create_app
-from resnet_service.api.state import ServiceState
 from resnet_service.config import Settings
+from resnet_service.server.app import create_app
+from resnet_service.service.state import ServiceState
 from tests.conftest import make_settings
 from tests.helpers import encode, jpeg_of, photo
 
@@ -403,7 +403,7 @@ async def test_garbage_never_gives_500(client: Client, body: bytes) -> None:
 async def test_an_internal_failure_is_a_problem_with_the_request_id(
     settings_for: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from resnet_service.classifier import Classifier
+    from resnet_service.core.classifier import Classifier
 
     async def broken(self: Classifier, data: bytes, top_k: int | None = None) -> None:
         raise RuntimeError("injected fault")

@@ -63,14 +63,14 @@ def test_quick_bench_writes_every_figure(
     assert ratios["closed_loop_refused_up_to_c64_any_runtime"] == 0
     decode = result["decode_ms"]["jpeg-500x375"]
     assert {"served_ms", "previous_ms", "exact_ms", "served_numpy_normalised_ms"} <= set(decode)
-    from resnet_service.benchmark.ratios import GOALS
+    from resnet_bench.ratios import GOALS
 
     assert set(ratios["goals"]) == set(GOALS)
     assert ratios["goals"]["response_cache_hit_over_cache_off_c16"]["met"] is None  # full only
 
 
 def test_http_stack_ab_takes_medians_of_interleaved_rounds() -> None:
-    from resnet_service.benchmark.httpstack import summarise
+    from resnet_bench.httpstack import summarise
 
     def row(stack: str, rps: float, p99: float, bad: int = 0) -> dict[str, object]:
         return {
@@ -101,7 +101,7 @@ def test_http_stack_ab_takes_medians_of_interleaved_rounds() -> None:
 
 
 def test_default_runtime_is_the_fastest_median_among_those_meeting_the_fidelity_bar() -> None:
-    from resnet_service.benchmark.runner import BenchOptions, choose_default
+    from resnet_bench.runner import BenchOptions, choose_default
 
     def service(rps: float) -> dict[str, object]:
         return {"closed_loop": [{"concurrency": 16, "rps": rps}]}
@@ -129,7 +129,7 @@ def test_default_runtime_is_the_fastest_median_among_those_meeting_the_fidelity_
 
 
 def test_default_layout_is_the_faster_median_when_rounds_ran() -> None:
-    from resnet_service.benchmark.runner import BenchOptions, choose_layout
+    from resnet_bench.runner import BenchOptions, choose_layout
 
     result: dict[str, object] = {
         "service": {

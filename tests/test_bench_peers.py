@@ -16,10 +16,10 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
-from resnet_service.benchmark import loadgen, peers
-from resnet_service.benchmark.images import bench_images
-from resnet_service.benchmark.runner import MAIN_IMAGE
-from resnet_service.model.loader import imagenet_labels
+from resnet_bench import loadgen, peers
+from resnet_bench.images import bench_images
+from resnet_bench.runner import MAIN_IMAGE
+from resnet_service.model.torch_path import imagenet_labels
 from resnet_service.model.weights import WeightsSource, load_state_dict_file, random_weights
 
 
@@ -193,7 +193,7 @@ def test_report_says_when_a_goal_is_missed_or_read_below_16_clients() -> None:
 
 
 def test_the_bentoml_service_is_valid_python_with_its_settings_filled_in(tmp_path: Path) -> None:
-    from resnet_service.benchmark import bentoml_peer
+    from resnet_bench import bentoml_peer
 
     weights = peers.resolve_weights({})
     folder = bentoml_peer.write_service(weights, tmp_path, workers=2)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from resnet_service.classifier import Classification, Classifier
 from resnet_service.config import Settings
-from resnet_service.errors import InvalidParameter, NotReady, Overloaded, UnsupportedImage
-from resnet_service.images import decode_and_preprocess
-from resnet_service.runtimes.base import ServedModel
+from resnet_service.core.classifier import Classification, Classifier
+from resnet_service.core.errors import InvalidParameter, NotReady, Overloaded, UnsupportedImage
+from resnet_service.core.images import decode_and_preprocess
+from resnet_service.core.runtime import ServedModel
 from tests.helpers import LIMITS, SPEC, jpeg_of
 from tests.server import wait_until
 

@@ -37,10 +37,10 @@ import yaml
 from pydantic import ValidationError
 from starlette.routing import Match
 
-from resnet_service.api.app import create_app
-from resnet_service.api.metrics import Metrics
 from resnet_service.config import ENV_PREFIX, Settings
+from resnet_service.server.app import create_app
 from resnet_service.server.http import IDLE_LINGER_S
+from resnet_service.service.metrics import Metrics
 
 Obj = dict[str, Any]
 

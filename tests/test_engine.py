@@ -14,12 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-from resnet_service.classifier import top_k
 from resnet_service.config import Precision, RuntimeName
-from resnet_service.engine import InferenceEngine, Scores, softmax
-from resnet_service.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
-from resnet_service.images import Pixels, PreprocessSpec, normalise_pixels
-from resnet_service.runtimes.base import FloatBatch, ServedModel
+from resnet_service.core.classifier import top_k
+from resnet_service.core.engine import InferenceEngine, Scores, softmax
+from resnet_service.core.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
+from resnet_service.core.images import Pixels, PreprocessSpec, normalise_pixels
+from resnet_service.core.runtime import FloatBatch, ServedModel
 from resnet_service.runtimes.torch_runtime import TorchRuntime
 
 CLASSES = 10

@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from resnet_service.api.app import create_app
 from resnet_service.config import Settings
-from resnet_service.errors import InputError
-from resnet_service.images import decode_and_preprocess
+from resnet_service.core.errors import InputError
+from resnet_service.core.images import decode_and_preprocess
+from resnet_service.server.app import create_app
 from tests.conftest import make_settings
 from tests.helpers import LIMITS, SPEC, encode, jpeg_of, mode_image
 

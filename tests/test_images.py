@@ -13,14 +13,14 @@ import torch
 from PIL import Image
 from torchvision.models import ResNet18_Weights
 
-from resnet_service.errors import (
+from resnet_service.core.errors import (
     EmptyUpload,
     ImageTooLarge,
     UndecodableImage,
     UnsupportedImage,
     UploadTooLarge,
 )
-from resnet_service.images import (
+from resnet_service.core.images import (
     EXACT_TOLERANCE,
     FAST_PATH_TOLERANCE,
     ImageLimits,

@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from resnet_service.config import load_settings
-from resnet_service.errors import BundleInvalid, WeightsUnavailable
+from resnet_service.core.errors import BundleInvalid, WeightsUnavailable
+from resnet_service.core.runtime import ServedModel
 from resnet_service.model import bundle as bundle_mod
 from resnet_service.model.bundle import BundleManifest, read_manifest, write_bundle
 from resnet_service.model.hub import hub_checkpoint_path
-from resnet_service.model.loader import imagenet_labels, load_model
+from resnet_service.model.torch_path import imagenet_labels, load_model
 from resnet_service.model.weights import (
     FP32_WEIGHTS,
     INT8_WEIGHTS,
@@ -28,7 +29,6 @@ from resnet_service.model.weights import (
     resolve_fp32_weights,
     sha256_file,
 )
-from resnet_service.runtimes.base import ServedModel
 from resnet_service.runtimes.torch_runtime import TorchRuntime
 from tests.conftest import make_settings
 from tests.helpers import seeded_state_dict, write_weights

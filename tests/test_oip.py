@@ -23,7 +23,7 @@ import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
-from resnet_service.images import decode_and_preprocess
+from resnet_service.core.images import decode_and_preprocess
 from tests.helpers import LIMITS, SPEC, jpeg_of
 from tests.server import Server, serve, wait_until
 

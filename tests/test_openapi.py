@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from resnet_service.api.app import openapi_document
+from resnet_service.server.app import openapi_document
 
 SPEC = Path(__file__).resolve().parents[1] / "openapi" / "openapi.json"
 

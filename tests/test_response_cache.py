@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from resnet_service.response_cache import ResponseCache
+from resnet_service.core.response_cache import ResponseCache
 
 
 def probabilities(seed: int) -> npt.NDArray[np.float32]:

@@ -24,8 +24,8 @@ import httpx
 import numpy as np
 import pytest
 
-from resnet_service.benchmark import loadgen
-from resnet_service.benchmark.servers import free_port, metric_sum, stop_process_group
+from resnet_bench import loadgen
+from resnet_bench.servers import free_port, metric_sum, stop_process_group
 from tests.helpers import jpeg_of
 from tests.server import Server, is_ready, serve, wait_until
 
@@ -434,7 +434,7 @@ def test_an_empty_read_only_cache_stops_start_up_clearly(
 def test_a_read_only_cache_holding_the_model_just_works(
     sandbox: tuple[Path, dict[str, str]], weights_file: Path, model_cache: Path, tmp_path: Path
 ) -> None:
-    from resnet_service.model.serving import find_or_build
+    from resnet_service.model.opening import find_or_build
     from tests.conftest import make_settings
 
     # The default runtime's model, as a slim image ships it.

@@ -32,8 +32,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from resnet_service.benchmark import loadgen
-from resnet_service.benchmark.servers import free_port, stop_process_group
+from resnet_bench import loadgen
+from resnet_bench.servers import free_port, stop_process_group
 from tests.helpers import jpeg_of
 from tests.server import Server, is_ready, wait_until
 

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 from resnet_service.config import Precision, RuntimeName, Settings
-from resnet_service.errors import CacheUnwritable, RuntimeUnavailable
-from resnet_service.images import LOCAL_FILE_LIMITS, decode_to_pixels, normalise_pixels
+from resnet_service.core.errors import CacheUnwritable, RuntimeUnavailable
+from resnet_service.core.images import LOCAL_FILE_LIMITS, decode_to_pixels, normalise_pixels
+from resnet_service.core.runtime import pixel_input
 from resnet_service.model.artifacts import ARTIFACT_MANIFEST, read_artifact
 from resnet_service.model.hub import sha256_file
-from resnet_service.model.serving import find_or_build, open_served_model
-from resnet_service.runtimes.base import pixel_input
-from resnet_service.runtimes.loading import open_runtime
+from resnet_service.model.opening import find_or_build, open_served_model
+from resnet_service.runtimes.registry import open_runtime
 from tests.conftest import make_settings
 from tests.helpers import fp32_model, jpeg_of
 from tests.server import Server, serve
@@ -114,9 +114,9 @@ def test_a_runtime_that_is_not_installed_names_the_extra(
 
 THREADS_PROBE = """
 import asyncio, os, sys
-from resnet_service.classifier import Classifier
+from resnet_service.core.classifier import Classifier
 from resnet_service.config import load_settings
-from resnet_service.model.serving import open_served_model
+from resnet_service.model.opening import open_served_model
 from tests.helpers import jpeg_of
 settings = load_settings(**{k: v for k, v in (a.split("=", 1) for a in sys.argv[1:])})
 classifier = Classifier(open_served_model(settings), settings)

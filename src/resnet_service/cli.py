@@ -16,7 +16,7 @@ from typing import Any
 
 from resnet_service import __version__
 from resnet_service.config import RUNTIMES, Settings, SettingsError, load_settings
-from resnet_service.errors import ServiceError
+from resnet_service.core.errors import ServiceError
 
 log = logging.getLogger("resnet_service")
 
@@ -69,7 +69,7 @@ def _emit(obj: Any) -> None:
 
 # --- commands -----------------------------------------------------------------------------
 def cmd_info(args: argparse.Namespace, settings: Settings) -> int:
-    from resnet_service.model.serving import open_served_model
+    from resnet_service.model.opening import open_served_model
 
     model = open_served_model(settings)
     info = model.info.model_dump(mode="json")
@@ -82,7 +82,7 @@ def cmd_info(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_preflight(args: argparse.Namespace, settings: Settings) -> int:
     """Build (or verify) what serving workers will load; used by ``serve`` before its workers."""
-    from resnet_service.model.serving import prepare
+    from resnet_service.model.opening import prepare
 
     _emit(prepare(settings).model_dump(mode="json"))
     return 0
@@ -95,7 +95,7 @@ def cmd_quantize(args: argparse.Namespace, settings: Settings) -> int:
         return _quantize_torch(args, settings)
     from resnet_service.model.artifacts import read_artifact
     from resnet_service.model.bundle import copy_bundle
-    from resnet_service.model.serving import find_or_build
+    from resnet_service.model.opening import find_or_build
 
     folder = find_or_build(settings)
     manifest, _ = read_artifact(folder)
@@ -128,7 +128,7 @@ def cmd_quantize(args: argparse.Namespace, settings: Settings) -> int:
 
 def _quantize_torch(args: argparse.Namespace, settings: Settings) -> int:
     from resnet_service.model.bundle import BundleManifest, copy_bundle, write_bundle
-    from resnet_service.model.loader import load_model
+    from resnet_service.model.torch_path import load_model
     from resnet_service.runtimes.torch_runtime import TorchRuntime
 
     model = load_model(settings)
@@ -224,8 +224,8 @@ def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
-    from resnet_service.classifier import Classification, Classifier
-    from resnet_service.model.serving import open_served_model
+    from resnet_service.core.classifier import Classification, Classifier
+    from resnet_service.model.opening import open_served_model
 
     model = open_served_model(settings)
     classifier = Classifier(model, settings)
@@ -272,7 +272,7 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
-    from resnet_service.benchmark.runner import BenchOptions, run_benchmark, speed_settings
+    from resnet_bench.runner import BenchOptions, run_benchmark, speed_settings
 
     opts = BenchOptions(
         out_dir=args.out,
@@ -287,13 +287,13 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    from resnet_service.serve import run_server
+    from resnet_service.server.launch import run_server
 
     return run_server(settings)
 
 
 def cmd_openapi(args: argparse.Namespace, settings: Settings) -> int:
-    from resnet_service.api.app import openapi_document
+    from resnet_service.server.app import openapi_document
 
     print(json.dumps(openapi_document(), indent=2, sort_keys=False, ensure_ascii=False))
     return 0
@@ -412,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(handler=cmd_bench)
 
     serve = sub.add_parser("serve", help="run the HTTP service")
-    from resnet_service.serve import add_arguments
+    from resnet_service.server.launch import add_arguments
 
     add_arguments(serve)
     _add_model_flags(serve)

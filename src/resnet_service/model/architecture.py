@@ -13,7 +13,7 @@ from torchvision.models import resnet18, resnet50
 from torchvision.models.quantization import resnet18 as qresnet18
 from torchvision.models.quantization import resnet50 as qresnet50
 
-from resnet_service.errors import BundleInvalid
+from resnet_service.core.errors import BundleInvalid
 from resnet_service.model.manifest import ARCHITECTURES
 
 _FP32: Final[dict[str, Callable[..., nn.Module]]] = {"resnet18": resnet18, "resnet50": resnet50}

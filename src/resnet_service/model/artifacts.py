@@ -25,8 +25,8 @@ from typing import Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from resnet_service.config import Precision, RuntimeName
-from resnet_service.errors import BundleInvalid
-from resnet_service.images import PreprocessSpec
+from resnet_service.core.errors import BundleInvalid
+from resnet_service.core.images import PreprocessSpec
 from resnet_service.model.hub import sha256_file
 from resnet_service.model.manifest import (
     LABELS,

@@ -30,13 +30,14 @@ import torch
 from torch import nn
 
 from resnet_service.config import RuntimeName, Settings
-from resnet_service.cpus import threads_per_worker
-from resnet_service.errors import (
+from resnet_service.core.errors import (
     ArtifactBuildFailed,
     BundleInvalid,
     CacheUnwritable,
     WeightsUnavailable,
 )
+from resnet_service.core.runtime import FloatBatch, Runtime
+from resnet_service.cpus import threads_per_worker
 from resnet_service.model.architecture import build_fp32
 from resnet_service.model.artifacts import (
     MODEL_FILES,
@@ -62,7 +63,6 @@ from resnet_service.model.weights import (
     random_weights,
     resolve_fp32_weights,
 )
-from resnet_service.runtimes.base import FloatBatch, Runtime
 
 log = logging.getLogger(__name__)
 CALIBRATION_BATCH = 16
@@ -99,7 +99,7 @@ def labels_of(source: ModelSource) -> list[str]:
     """Class names: a bundle's own, or the 1000 ImageNet categories torchvision ships."""
     if source.bundle is not None:
         return read_labels(source.bundle, source.num_classes)
-    from resnet_service.model.loader import imagenet_labels
+    from resnet_service.model.torch_path import imagenet_labels
 
     return imagenet_labels()
 
@@ -248,7 +248,7 @@ def build_artifact(
     holdout: ImageFiles,
 ) -> ArtifactManifest:
     """Export (and quantize), measure fidelity, write the artifact atomically into ``folder``."""
-    from resnet_service.runtimes.loading import open_runtime, runtime_version
+    from resnet_service.runtimes.registry import open_runtime, runtime_version
 
     runtime, precision = settings.runtime, settings.precision
     ensure_writable(folder.parent, f"{runtime} {precision} model")

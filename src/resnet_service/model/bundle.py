@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from resnet_service.errors import BundleInvalid
+from resnet_service.core.errors import BundleInvalid
 from resnet_service.model.architecture import (
     build_fp32,
     build_int8_skeleton,

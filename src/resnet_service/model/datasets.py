@@ -2,7 +2,7 @@
 
 Torch-free: a set's fingerprint (part of every cache key) is computed on the fast path, where
 a served model is found in the cache without importing torch. Decoding goes through the
-serving path (``images.py``), so calibration sees exactly what serving sees.
+serving path (``core/images.py``), so calibration sees exactly what serving sees.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Final, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from resnet_service.errors import BundleInvalid, InputError
-from resnet_service.images import LOCAL_FILE_LIMITS, PreprocessSpec, decode_and_preprocess
+from resnet_service.core.errors import BundleInvalid, InputError
+from resnet_service.core.images import LOCAL_FILE_LIMITS, PreprocessSpec, decode_and_preprocess
 
 log = logging.getLogger(__name__)
 

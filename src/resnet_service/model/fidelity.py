@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from resnet_service.core.runtime import FloatBatch
 from resnet_service.model.manifest import Fidelity
-from resnet_service.runtimes.base import FloatBatch
 
 
 def _softmax(logits: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:

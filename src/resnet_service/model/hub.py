@@ -8,10 +8,11 @@ they agree with torch and torchvision."""
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import os
 from pathlib import Path
 from typing import Final
+
+from resnet_service.runtimes.packages import torch_version
 
 FP32_URL: Final = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
 INT8_URL: Final = "https://download.pytorch.org/models/quantized/resnet18_fbgemm_16fa66dd.pth"
@@ -45,14 +46,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def torch_version() -> str:
-    """The installed torch's version, from its metadata (no import)."""
-    try:
-        return importlib.metadata.version("torch")
-    except importlib.metadata.PackageNotFoundError:
-        return "absent"
 
 
 def random_weights_sha256(architecture: str = "resnet18", num_classes: int = 1000) -> str:

@@ -7,15 +7,18 @@ Torch-free on purpose: a serving worker on a torch-free runtime reads these (``/
 from __future__ import annotations
 
 import json
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from resnet_service.config import Precision, RuntimeName
-from resnet_service.errors import BundleInvalid
-from resnet_service.images import PreprocessSpec
+from resnet_service.config import Precision
+from resnet_service.core.errors import BundleInvalid
+from resnet_service.core.images import PreprocessSpec
+from resnet_service.core.model_info import Fidelity as Fidelity  # re-exported
+from resnet_service.core.model_info import ModelInfo as ModelInfo  # re-exported
+from resnet_service.core.model_info import QuantizationInfo as QuantizationInfo  # re-exported
+from resnet_service.core.model_info import WeightsSource as WeightsSource  # re-exported
 
 MANIFEST: Final = "bundle.json"
 WEIGHTS: Final = "weights.pt"
@@ -23,44 +26,6 @@ LABELS: Final = "labels.json"
 FORMAT_VERSION: Final = 1
 #: Architectures a bundle may name (the builders live in ``architecture.py``, with torch).
 ARCHITECTURES: Final = ("resnet18", "resnet50")
-
-
-class WeightsSource(StrEnum):
-    """How the served weights were found; reported by /model and in logs."""
-
-    EXPLICIT_PATH = "explicit_path"
-    HUB_CACHE = "hub_cache"
-    DOWNLOAD = "download"
-    BUNDLE = "bundle"
-    RANDOM = "random"
-
-
-class Fidelity(BaseModel):
-    """How closely a built model follows its fp32 torch source on held-out images."""
-
-    images: int = Field(ge=0)
-    top1_agreement: float = Field(ge=0, le=1)
-    max_abs_prob_diff: float = Field(ge=0, le=1)
-    mean_abs_logit_rel_error: float = Field(ge=0)
-    image_source: str
-    fp32_accuracy: float | None = Field(None, description="When the images have labels.")
-    int8_accuracy: float | None = Field(
-        None, description="Accuracy of the built model (int8, or fp32 on another runtime)."
-    )
-
-
-class QuantizationInfo(BaseModel):
-    """How an int8 model was made."""
-
-    method: Literal["static_ptq", "official", "nncf_ptq", "ort_static_qdq"]
-    engine: str
-    qconfig: str
-    calibration_source: str | None = None
-    calibration_images: int = 0
-    calibration_fingerprint: str | None = None
-    source_weights_sha256: str | None = None
-    seconds: float | None = None
-    fidelity: Fidelity | None = None
 
 
 class BundleManifest(BaseModel):
@@ -78,29 +43,6 @@ class BundleManifest(BaseModel):
     random_weights: bool = False
     quantization: QuantizationInfo | None = None
     provenance: dict[str, Any] = Field(default_factory=dict)
-
-
-class ModelInfo(BaseModel):
-    """What is being served and how it was made; shown by ``/model`` and ``info``."""
-
-    name: str
-    architecture: str
-    num_classes: int
-    precision: Precision
-    runtime: RuntimeName = "torch"
-    runtime_version: str = ""
-    weights_source: WeightsSource
-    weights_path: str | None
-    weights_sha256: str
-    weights_matches_published_hash: bool | None
-    random_weights: bool
-    quantization: QuantizationInfo | None
-    fidelity: Fidelity | None = Field(
-        None, description="Agreement with the fp32 torch model (runtimes other than torch)."
-    )
-    int8_cache: str | None
-    provenance: dict[str, Any]
-    load_seconds: float
 
 
 def read_manifest(directory: Path) -> BundleManifest:
@@ -137,7 +79,7 @@ def ensure_writable(directory: Path, what: str) -> None:
     them; a read-only mount does not show in them)."""
     import tempfile
 
-    from resnet_service.errors import CacheUnwritable
+    from resnet_service.core.errors import CacheUnwritable
 
     try:
         directory.mkdir(parents=True, exist_ok=True)

@@ -20,8 +20,8 @@ from typing import Final
 import torch
 from torch import nn
 
-from resnet_service.errors import BundleInvalid
-from resnet_service.images import PreprocessSpec
+from resnet_service.core.errors import BundleInvalid
+from resnet_service.core.images import PreprocessSpec
 from resnet_service.model.architecture import (
     QUANTIZED_ENGINE,
     build_prepared,

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from resnet_service.config import Precision, Settings
-from resnet_service.errors import BundleInvalid, WeightsUnavailable
-from resnet_service.images import PreprocessSpec
+from resnet_service.core.errors import BundleInvalid, WeightsUnavailable
+from resnet_service.core.images import PreprocessSpec
 from resnet_service.model.hub import (
     FP32_URL,
     how_to_provide_weights,

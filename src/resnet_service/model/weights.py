@@ -16,7 +16,7 @@ import torch
 from torchvision.models import ResNet18_Weights
 from torchvision.models.quantization import ResNet18_QuantizedWeights
 
-from resnet_service.errors import WeightsUnavailable
+from resnet_service.core.errors import WeightsUnavailable
 from resnet_service.model.hub import (
     RANDOM_SEED,
     how_to_provide_weights,

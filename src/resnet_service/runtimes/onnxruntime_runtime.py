@@ -14,7 +14,8 @@ from typing import Any, Final
 import numpy as np
 
 from resnet_service.config import Precision, RuntimeName
-from resnet_service.runtimes.base import FloatBatch, import_runtime
+from resnet_service.core.runtime import FloatBatch
+from resnet_service.runtimes.packages import import_runtime
 
 
 def _onnxruntime() -> Any:

@@ -20,8 +20,9 @@ from typing import Any, Final
 import numpy as np
 
 from resnet_service.config import Precision, RuntimeName
-from resnet_service.images import Pixels, PreprocessSpec
-from resnet_service.runtimes.base import FloatBatch, import_runtime
+from resnet_service.core.images import Pixels, PreprocessSpec
+from resnet_service.core.runtime import FloatBatch
+from resnet_service.runtimes.packages import import_runtime
 
 
 def _openvino() -> Any:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from resnet_service.config import Precision, RuntimeName
-from resnet_service.runtimes.base import FloatBatch
+from resnet_service.core.runtime import FloatBatch
 
 
 class TorchRuntime:

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import socket
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any, ClassVar, Final, Literal, Protocol
@@ -43,9 +43,13 @@ from uvicorn.protocols.http.flow_control import CLOSE_HEADER
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from resnet_service.asgi.problems import problem_body
 from resnet_service.server.sockets import accept_queue_length, stop_new_connections
 
 log = logging.getLogger("resnet_service.server")
+
+#: uvicorn's own exit code for a failed start-up.
+_STARTUP_FAILURE: Final = 3
 
 #: After the listener closes, idle keep-alive connections stay open this long, so that a
 #: request a client already sent on one is read and answered (with ``Connection: close``).
@@ -91,9 +95,7 @@ class ConnectionPolicy:
 def _raw_problem(status: int, reason: str, code: str, title: str, detail: str) -> bytes:
     """A whole problem+json response, for answers given below the app (then the connection
     closes): the API keeps one error body even for what never reached it."""
-    body = json.dumps(
-        {"type": "about:blank", "title": title, "status": status, "detail": detail, "code": code}
-    ).encode()
+    body = problem_body(status=status, code=code, title=title, detail=detail)
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/problem+json\r\n"
         f"connection: close\r\ncontent-length: {len(body)}\r\n\r\n"
@@ -270,8 +272,18 @@ def protocol_class(
     return type(f"Bound{base.__name__}", (base,), {"policy": policy})
 
 
+class Peer(Protocol):
+    """Another face served beside HTTP in the same event loop (the gRPC server)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self, grace_s: float) -> None: ...
+
+
 class GracefulServer(uvicorn.Server):
-    """A uvicorn server whose SIGTERM starts a drain and whose shutdown loses no request."""
+    """A uvicorn server whose SIGTERM starts a drain and whose shutdown loses no request; its
+    ``peers`` start before it listens and stop after it drained, before the app's lifespan
+    ends (which stops the classifier they share)."""
 
     def __init__(
         self,
@@ -279,6 +291,7 @@ class GracefulServer(uvicorn.Server):
         policy: ConnectionPolicy,
         *,
         drain_delay_s: float,
+        peers: Sequence[Peer] = (),
         on_signal: Callable[[], None] = lambda: None,
         on_draining: Callable[[], None] = lambda: None,
         on_started: Callable[[], None] = lambda: None,
@@ -286,6 +299,7 @@ class GracefulServer(uvicorn.Server):
         super().__init__(config)
         self.policy = policy
         self.drain_delay_s = drain_delay_s
+        self.peers = list(peers)
         self.drain_started: float | None = None
         self._on_signal = on_signal
         self._on_draining = on_draining
@@ -313,6 +327,12 @@ class GracefulServer(uvicorn.Server):
         return await super().on_tick(counter)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            for peer in self.peers:
+                await peer.start()
+        except OSError as exc:  # a peer's port is taken: fail the start like uvicorn would
+            log.critical("start-up failed: %s", exc)
+            sys.exit(_STARTUP_FAILURE)
         await super().startup(sockets)
         if self.started and not self.should_exit:
             self._on_started()
@@ -336,6 +356,8 @@ class GracefulServer(uvicorn.Server):
             )
             for task in self.server_state.tasks:
                 task.cancel(msg="shutdown grace exceeded")
+        for peer in self.peers:  # HTTP has drained: now the other faces
+            await peer.stop(self.config.timeout_graceful_shutdown or 0)
         if not self.force_exit:
             await self.lifespan.shutdown()
 

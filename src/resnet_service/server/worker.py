@@ -70,14 +70,19 @@ def _die_with_supervisor() -> None:
 
 
 def serve_worker(settings: Settings, plumbing: WorkerPlumbing) -> int:
-    """Load, warm, listen, serve until SIGTERM; returns the exit code."""
-    from resnet_service.api.app import create_app, load_classifier
-    from resnet_service.api.metrics import Metrics
-    from resnet_service.api.state import ReplicaView, ServiceState
-    from resnet_service.errors import ServiceError
-    from resnet_service.serve import uvicorn_config
-    from resnet_service.server.http import ConnectionPolicy, GracefulServer
+    """Load, warm, listen, serve until SIGTERM; returns the exit code.
+
+    The worker builds the service once and puts its faces over it as peers: the HTTP app (the
+    JSON API and OIP REST) and, when enabled, the gRPC server (OIP gRPC), started in the same
+    event loop and stopped after HTTP drained, before the classifier stops."""
+    from resnet_service.core.errors import ServiceError
+    from resnet_service.server.app import create_app
+    from resnet_service.server.http import ConnectionPolicy, GracefulServer, Peer
     from resnet_service.server.sockets import reuseport_listener
+    from resnet_service.server.uvicorn_config import uvicorn_config
+    from resnet_service.service.loading import load_classifier
+    from resnet_service.service.metrics import Metrics
+    from resnet_service.service.state import ReplicaView, ServiceState
 
     metrics = Metrics(worker=plumbing.index)
     try:
@@ -91,10 +96,11 @@ def serve_worker(settings: Settings, plumbing: WorkerPlumbing) -> int:
     replica = ReplicaView(plumbing.replica_state) if plumbing.replica_state else None
     app = create_app(settings, classifier=classifier, metrics=metrics, replica=replica)
     state: ServiceState = app.state.service
+    peers: list[Peer] = []
     if settings.grpc_enabled:
-        from resnet_service.grpc_api.server import GrpcFace
+        from resnet_service.faces.oip.grpc import GrpcFace
 
-        state.faces.append(GrpcFace(state, settings.host, settings.grpc_port))
+        peers.append(GrpcFace(state, settings.host, settings.grpc_port))
     policy = ConnectionPolicy(
         settings.header_timeout_s, settings.max_connections, gate=app.state.head_admission
     )
@@ -107,6 +113,7 @@ def serve_worker(settings: Settings, plumbing: WorkerPlumbing) -> int:
         uvicorn_config(app, settings, policy),
         policy,
         drain_delay_s=settings.drain_delay_s,
+        peers=peers,
         on_signal=on_signal,
         on_draining=lambda: metrics.ready.set(0),
         on_started=plumbing.notify_ready,
@@ -126,7 +133,7 @@ def serve_worker(settings: Settings, plumbing: WorkerPlumbing) -> int:
 def main() -> int:
     """``python -m resnet_service.server.worker`` (started by the supervisor)."""
     _die_with_supervisor()
-    from resnet_service.serve import log_config
+    from resnet_service.server.uvicorn_config import log_config
 
     try:
         settings = load_settings()

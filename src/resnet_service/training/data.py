@@ -9,8 +9,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from resnet_service.errors import InputError, ServiceError
-from resnet_service.images import LOCAL_FILE_LIMITS, PreprocessSpec, decode_rgb
+from resnet_service.core.errors import InputError, ServiceError
+from resnet_service.core.images import LOCAL_FILE_LIMITS, PreprocessSpec, decode_rgb
 from resnet_service.model.datasets import IMAGE_SUFFIXES, image_files
 
 

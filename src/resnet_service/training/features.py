@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms
 
-from resnet_service.images import PreprocessSpec, normalise, preprocess
+from resnet_service.core.images import PreprocessSpec, normalise, preprocess
 
 Augment = Literal["none", "crop", "crop-flip"]
 #: Images per forward pass when filling the cache: bounded memory at 224x224.

@@ -37,7 +37,7 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,8 +45,8 @@ import torch
 from torch import nn
 
 from resnet_service.config import Settings
+from resnet_service.core.images import PreprocessSpec, preprocess
 from resnet_service.cpus import threads_per_worker
-from resnet_service.images import PreprocessSpec, preprocess
 from resnet_service.model.architecture import build_fp32
 from resnet_service.model.bundle import BundleManifest, write_bundle
 from resnet_service.model.datasets import SPLITS_FILE
@@ -63,11 +63,17 @@ from resnet_service.training.features import (
     split_trunk,
 )
 from resnet_service.training.head import StandardizedLinear, fit_head_cv
-from resnet_service.training.loop import LoopConfig, LoopResult, StepStats, evaluate, train_block
+from resnet_service.training.loop import LoopConfig, LoopResult, evaluate, train_block
 from resnet_service.training.probe import ProbeResult, linear_probe
 from resnet_service.training.report import REPORT_JSON as REPORT_JSON
 from resnet_service.training.report import REPORT_PNG as REPORT_PNG
-from resnet_service.training.report import write_report
+from resnet_service.training.report import (
+    Decision,
+    FinetuneReport,
+    HeadSummary,
+    Timings,
+    write_report,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,55 +105,6 @@ class FinetuneConfig:
     seed: int = 0
     name: str | None = None
     progress: bool = True
-
-
-@dataclass(frozen=True)
-class Decision:
-    """One choice the recipe made, in words a user can check against the numbers."""
-
-    what: str
-    choice: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class HeadSummary:
-    """The fitted head before any block training."""
-
-    l2: float
-    cv_accuracy: float | None
-    val_accuracy: float
-    val_accuracy_other_bn: float | None  # the BatchNorm variant that was not kept
-    seconds: float
-
-
-@dataclass(frozen=True)
-class Timings:
-    """Where the wall time went (seconds)."""
-
-    load: float
-    features: float
-    head: float
-    block: float
-    total: float
-
-
-@dataclass
-class FinetuneReport:
-    """How the run chose and what it reached: ``report.json``, and the CLI's summary."""
-
-    val_accuracy: float
-    trained: str
-    recalibrated_bn: bool
-    best_step: int
-    steps_run: int
-    head: HeadSummary
-    probe: ProbeResult | None
-    decisions: list[Decision]
-    timings: Timings
-    time_budget: float
-    history: list[StepStats] = field(default_factory=list)
-    confusion: list[list[int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

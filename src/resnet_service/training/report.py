@@ -10,19 +10,68 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from resnet_service.training.finetune import FinetuneReport
+from resnet_service.training.loop import StepStats
+from resnet_service.training.probe import ProbeResult
 
 log = logging.getLogger(__name__)
 
 REPORT_JSON = "report.json"
 REPORT_PNG = "report.png"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One choice the recipe made, in words a user can check against the numbers."""
+
+    what: str
+    choice: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class HeadSummary:
+    """The fitted head before any block training."""
+
+    l2: float
+    cv_accuracy: float | None
+    val_accuracy: float
+    val_accuracy_other_bn: float | None  # the BatchNorm variant that was not kept
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Where the wall time went (seconds)."""
+
+    load: float
+    features: float
+    head: float
+    block: float
+    total: float
+
+
+@dataclass
+class FinetuneReport:
+    """How the run chose and what it reached: ``report.json``, and the CLI's summary."""
+
+    val_accuracy: float
+    trained: str
+    recalibrated_bn: bool
+    best_step: int
+    steps_run: int
+    head: HeadSummary
+    probe: ProbeResult | None
+    decisions: list[Decision]
+    timings: Timings
+    time_budget: float
+    history: list[StepStats] = field(default_factory=list)
+    confusion: list[list[int]] = field(default_factory=list)
 
 
 def _finite(value: Any) -> Any:

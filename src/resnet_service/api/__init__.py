@@ -1,1 +1,0 @@
-"""The HTTP face of the service: app factory, routes, schemas, problem+json, metrics."""

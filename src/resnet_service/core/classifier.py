@@ -1,0 +1,333 @@
+"""The transport-free core: image bytes (or preprocessed arrays) -> Top-k, shared by every face.
+
+Decoding runs on a bounded pool of plain threads (never the event loop); the model runs on the
+engine thread. The HTTP routes, the Open Inference Protocol faces and the CLI all call
+``classify``/``classify_many``, so the input contract, the limits and the numbers are the same
+everywhere. Admission (``admit``) is by predicted wait, decided before an upload is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+import numpy as np
+
+from resnet_service.config import Settings
+from resnet_service.core.admission import AdmissionPolicy, Ticket, Workload
+from resnet_service.core.engine import EngineObserver, InferenceEngine, Probabilities, Scores
+from resnet_service.core.errors import InvalidParameter, NotReady, Overloaded, ServiceError
+from resnet_service.core.images import (
+    ImageLimits,
+    Pixels,
+    Tensor3,
+    decode_to_pixels,
+    install_bomb_guard,
+    normalise_pixels,
+)
+from resnet_service.core.response_cache import ResponseCache
+from resnet_service.core.runtime import ServedModel
+from resnet_service.cpus import threads_per_worker
+
+log = logging.getLogger(__name__)
+
+#: Decode + preprocess of a typical photo before anything was measured (admission's prior).
+_INITIAL_DECODE_S: Final = 0.005
+
+
+def admission_policy(settings: Settings) -> AdmissionPolicy:
+    """Admission's settings, in seconds."""
+    return AdmissionPolicy(
+        bound_s=settings.queue_bound_ms / 1000,
+        target_s=settings.queue_target_ms / 1000,
+        interval_s=settings.queue_interval_ms / 1000,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """One decoded image (8-bit, model-sized), with its decode time and how long it waited for
+    a decode thread."""
+
+    array: Pixels
+    decode_s: float
+    waited_s: float
+
+
+@dataclass(slots=True)
+class _Slot:
+    """One image's place in the pipeline; ``waited_s`` is set once it was served."""
+
+    waited_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """Where one request's time went, in seconds."""
+
+    decode_s: float
+    queue_s: float
+    inference_s: float
+    total_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """Top-k of one input, best first."""
+
+    indices: list[int]
+    scores: list[float]
+    labels: list[str]
+    batch_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    """One image's Top-k with its timings (and every class's probability, for protocols that
+    return them)."""
+
+    prediction: Prediction
+    timings: Timings
+    probabilities: Probabilities
+    #: Answered from the response cache (no decode, no forward).
+    cached: bool = False
+
+
+class DecodeObserver(EngineObserver, Protocol):
+    """Engine hooks plus the decode stage (implemented by the metrics module)."""
+
+    def decoded(self, seconds: float) -> None: ...
+
+    def cache_lookup(self, hit: bool, cached_bytes: int) -> None: ...
+
+
+def top_k(probabilities: Probabilities, k: int) -> tuple[list[int], list[float]]:
+    """The ``k`` most probable classes, best first; exact ties (frequent with int8 logits) in
+    class-index order, so every face and every run gives the same answer. A stable sort of
+    1000 scores costs ~20 µs, nothing next to decoding."""
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return order.tolist(), probabilities[order].astype(float).tolist()
+
+
+class Classifier:
+    """Owns the decode pool, the inference engine and admission for one served model."""
+
+    def __init__(
+        self, model: ServedModel, settings: Settings, observer: DecodeObserver | None = None
+    ) -> None:
+        self.model = model
+        self.settings = settings
+        self.inference_threads = model.runtime.threads
+        self.decode_threads = settings.decode_threads or threads_per_worker(
+            settings.inference_threads, settings.workers or 1
+        )
+        self.limits = ImageLimits(settings.max_upload_bytes, settings.max_pixels)
+        self.fast = settings.preprocessing == "fast"
+        self.max_top_k = min(settings.max_top_k, model.info.num_classes)
+        spec = model.spec
+        self.input_shape = (3, spec.crop_size, spec.crop_size)
+        self.engine = InferenceEngine(
+            model.runtime,
+            model.info.num_classes,
+            max_batch_size=settings.max_batch_size,
+            max_batch_wait_s=settings.max_batch_wait_ms / 1000,
+            queue_capacity=settings.queue_capacity,
+            input_shape=self.input_shape,
+            observer=observer,
+            normalise=functools.partial(normalise_pixels, spec=spec),
+        )
+        self.workload = Workload(admission_policy(settings), _INITIAL_DECODE_S)
+        self._observer = observer
+        self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
+        # Decodes waiting or running; bounded like the engine queue so memory stays bounded.
+        self._decoding = 0
+        self._decoding_lock = threading.Lock()
+        self._decode_capacity = settings.queue_capacity + self.decode_threads
+        self.cache: ResponseCache | None = None
+        if settings.response_cache_mb > 0:
+            info = model.info
+            self.cache = ResponseCache(
+                int(settings.response_cache_mb * 2**20),
+                f"{info.name}|{info.weights_sha256}|{info.runtime}|{info.precision}|"
+                f"{settings.preprocessing}",
+            )
+
+    def start(self) -> None:
+        """Warm the model up on its thread; returns when ready."""
+        install_bomb_guard()
+        self.engine.start(warmup=True)
+        self.workload.cost_s = self.engine.per_item_s + _INITIAL_DECODE_S
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish queued work (within ``timeout``), then stop the engine and the decode pool."""
+        self.engine.stop(self.settings.shutdown_grace_s if timeout is None else timeout)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.model.runtime.close()
+
+    @property
+    def ready(self) -> bool:
+        return self.engine.ready
+
+    def check_top_k(self, top_k: int | None) -> int:
+        """``top_k`` or the default, within 1..min(max_top_k, classes)."""
+        k = self.settings.default_top_k if top_k is None else top_k
+        k = min(k, self.max_top_k) if top_k is None else k
+        if not 1 <= k <= self.max_top_k:
+            raise InvalidParameter(
+                f"top_k must be between 1 and {self.max_top_k} (the model has "
+                f"{self.model.info.num_classes} classes); got {top_k}"
+            )
+        return k
+
+    def admit(self) -> Ticket:
+        """Admission for one request, decided before its upload is read: ``NotReady`` while
+        the model loads, ``Overloaded`` (with Retry-After) when it would wait too long."""
+        if not self.engine.ready:
+            raise NotReady("the model is not ready (starting up or shutting down)")
+        return self.workload.admit()
+
+    # --- decoding ------------------------------------------------------------------------
+    def _decode_sync(self, data: bytes, submitted: float) -> Decoded:
+        started = time.monotonic()
+        waited = started - submitted
+        if self.workload.stale(waited):  # fresh over stale: see resnet_service.core.admission
+            raise Overloaded(
+                f"this image waited {waited * 1000:.0f} ms for a decoder while the service is "
+                "overloaded, and was dropped in favour of newer requests; retry later",
+                retry_after_s=1,
+            )
+        pixels = decode_to_pixels(data, self.limits, self.model.spec, fast=self.fast)
+        return Decoded(pixels, time.monotonic() - started, waited)
+
+    def _release_decode_slot(self, _: object = None) -> None:
+        with self._decoding_lock:
+            self._decoding -= 1
+
+    async def decode(self, data: bytes) -> Decoded:
+        """Decode on the pool; ``Overloaded`` at once when the pool's backlog is full."""
+        with self._decoding_lock:
+            if self._decoding >= self._decode_capacity:
+                raise Overloaded(
+                    "too many images are waiting to be decoded; retry later",
+                    retry_after_s=self.workload.retry_after_s(),
+                )
+            self._decoding += 1
+        try:
+            future = self._pool.submit(self._decode_sync, data, time.monotonic())
+        except RuntimeError:  # pool shut down
+            self._release_decode_slot()
+            raise NotReady("the service is shutting down") from None
+        # Released when the decode ends *or* is cancelled before it ran (caller gone).
+        future.add_done_callback(self._release_decode_slot)
+        decoded = await asyncio.wrap_future(future)
+        if self._observer:
+            self._observer.decoded(decoded.decode_s)
+        return decoded
+
+    # --- classification ------------------------------------------------------------------
+    async def classify(
+        self, data: bytes, top_k: int | None = None, scope: str = ""
+    ) -> Classification:
+        """Bytes -> Top-k; raises a ``ServiceError`` subclass for anything the caller can fix.
+        ``scope``: whose cached answers this caller may share (see ``response_cache``)."""
+        return await self._classify(data, self.check_top_k(top_k), scope)
+
+    async def classify_array(self, array: Tensor3, top_k: int | None = None) -> Classification:
+        """An already preprocessed CHW float32 array -> Top-k (no decode)."""
+        k = self.check_top_k(top_k)
+        if array.shape != self.input_shape:
+            raise InvalidParameter(
+                f"a preprocessed image must have shape {list(self.input_shape)}; "
+                f"got {list(array.shape)}"
+            )
+        started = time.perf_counter()
+        with self._in_pipeline() as slot:
+            result = await self._infer(array, 0.0, k, started)
+            slot.waited_s = result.timings.queue_s
+            return result
+
+    async def _classify(self, data: bytes, k: int, scope: str = "") -> Classification:
+        started = time.perf_counter()
+        key = None
+        if self.cache is not None:
+            key = self.cache.key(data, scope)
+            found = self.cache.get(key)
+            if self._observer:
+                self._observer.cache_lookup(found is not None, self.cache.bytes)
+            if found is not None:
+                return self._from_cache(found, k, started)
+        with self._in_pipeline() as slot:
+            decoded = await self.decode(data)
+            result = await self._infer(decoded.array, decoded.decode_s, k, started)
+            slot.waited_s = decoded.waited_s + result.timings.queue_s
+        if key is not None and self.cache is not None:
+            self.cache.put(key, result.probabilities)
+        return result
+
+    def _from_cache(self, probabilities: Probabilities, k: int, started: float) -> Classification:
+        timings = Timings(0.0, 0.0, 0.0, time.perf_counter() - started)
+        prediction = self._prediction(probabilities, k, batch_size=1)
+        return Classification(prediction, timings, probabilities, cached=True)
+
+    def _prediction(self, probabilities: Probabilities, k: int, batch_size: int) -> Prediction:
+        indices, values = top_k(probabilities, k)
+        labels = [self.model.labels[i] for i in indices]
+        return Prediction(indices=indices, scores=values, labels=labels, batch_size=batch_size)
+
+    @contextmanager
+    def _in_pipeline(self) -> Iterator[_Slot]:
+        """Counts one image in the pipeline (admission's measure of work) while it runs, and
+        reports how long it queued (admission's measure of a standing queue)."""
+        if not self.engine.ready:
+            raise NotReady("the model is not ready (starting up or shutting down)")
+        self.workload.started()
+        slot = _Slot()
+        try:
+            yield slot
+        finally:
+            self.workload.finished(1, slot.waited_s)
+
+    async def _infer(
+        self, array: Tensor3 | Pixels, decode_s: float, k: int, started: float
+    ) -> Classification:
+        scores: Scores = await self.engine.infer(array, self.settings.request_timeout_s)
+        return Classification(
+            self._prediction(scores.probabilities, k, scores.batch_size),
+            Timings(
+                decode_s=decode_s,
+                queue_s=scores.queue_s,
+                inference_s=scores.inference_s,
+                total_s=time.perf_counter() - started,
+            ),
+            scores.probabilities,
+        )
+
+    async def classify_many(
+        self, images: list[bytes], top_k: int | None = None, scope: str = ""
+    ) -> list[Classification | ServiceError]:
+        """Many images at once: each gets a result or its own error, in order. At most half the
+        queue is in flight per call, so a long list waits its turn instead of being refused,
+        while its images still reach the engine together and share batches."""
+        k = self.check_top_k(top_k)
+        gate = asyncio.Semaphore(max(1, self.settings.queue_capacity // 2))
+
+        async def one(data: bytes) -> Classification:
+            async with gate:
+                return await self._classify(data, k, scope)
+
+        results = await asyncio.gather(*(one(data) for data in images), return_exceptions=True)
+        out: list[Classification | ServiceError] = []
+        for result in results:
+            if isinstance(result, Classification | ServiceError):
+                out.append(result)
+            elif isinstance(result, BaseException):
+                raise result
+        return out

@@ -1,0 +1,375 @@
+"""The inference engine: a bounded queue feeding one model thread that micro-batches.
+
+Contract:
+- the runtime runs only on the engine's own thread (its thread count fixed at start);
+- a lone request runs at once; requests that arrive while a batch runs form the next batch
+  (at most ``max_batch_size``; once two or more are waiting, up to ``max_batch_wait_s`` more);
+- a full queue raises ``Overloaded`` at once, with a Retry-After estimate;
+- work whose deadline passed while queued is dropped with ``DeadlineExceeded``;
+- a failure in a batch reaches every waiter of that batch; outputs are counted against inputs.
+
+Inputs are either preprocessed CHW float32 arrays or 8-bit HWC images (what the decoder
+gives): a batch of images goes to the runtime as 8-bit pixels when it normalises in its graph
+(``PixelRuntime``), else it is normalised here, batched, with ``normalise``.
+
+numpy only: the engine never imports torch (the torch runtime does, behind the seam).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+from typing_extensions import TypeIs
+
+from resnet_service.core.errors import (
+    DeadlineExceeded,
+    InferenceFailed,
+    NotReady,
+    Overloaded,
+    ServiceError,
+)
+from resnet_service.core.images import Pixels
+from resnet_service.core.runtime import FloatBatch, Runtime, pixel_input
+
+log = logging.getLogger(__name__)
+
+#: Extra seconds an async caller waits past its deadline before giving up on the engine.
+_BACKSTOP_S = 5.0
+Probabilities = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class Scores:
+    """Class probabilities of one input, with where its time went."""
+
+    probabilities: Probabilities
+    queue_s: float
+    inference_s: float
+    batch_size: int
+
+
+class EngineObserver(Protocol):
+    """Hooks for metrics; called on the engine thread (keep them cheap)."""
+
+    def batch_done(
+        self, size: int, inference_s: float, queue_waits_s: Sequence[float], queue_depth: int
+    ) -> None: ...
+
+
+@dataclass(slots=True)
+class _Work:
+    array: FloatBatch | Pixels
+    deadline: float
+    enqueued: float = field(default_factory=time.monotonic)
+    future: Future[Scores] = field(default_factory=Future)
+
+
+def _is_pixels(array: FloatBatch | Pixels) -> TypeIs[Pixels]:
+    return array.dtype == np.uint8
+
+
+def softmax(logits: FloatBatch) -> FloatBatch:
+    """Row-wise softmax in float32, stable for large logits."""
+    shifted: FloatBatch = logits - logits.max(axis=1, keepdims=True)
+    np.exp(shifted, out=shifted)
+    shifted /= shifted.sum(axis=1, keepdims=True)
+    return shifted
+
+
+class InferenceEngine:
+    """Micro-batching executor of one runtime on one dedicated thread."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        num_classes: int,
+        *,
+        max_batch_size: int = 16,
+        max_batch_wait_s: float = 0.002,
+        queue_capacity: int = 256,
+        input_shape: tuple[int, int, int] = (3, 224, 224),
+        observer: EngineObserver | None = None,
+        normalise: Callable[[Pixels], FloatBatch] | None = None,
+    ) -> None:
+        self._runtime = runtime
+        self._pixel_runtime = pixel_input(runtime)
+        self._normalise = normalise
+        channels, height, width = input_shape
+        #: The shape of an 8-bit image input (accepted when images can be normalised).
+        self.pixel_shape = (height, width, channels)
+        self._num_classes = num_classes
+        self.max_batch_size = max_batch_size
+        self._max_wait = max_batch_wait_s
+        self._queue: queue.Queue[_Work] = queue.Queue(maxsize=queue_capacity)
+        self.input_shape = input_shape
+        self._observer = observer
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._stopping = threading.Event()
+        self._startup_error: BaseException | None = None
+        self._in_batch = 0
+        #: Smoothed seconds of model time per image (for Retry-After and admission).
+        self.per_item_s = 0.005
+        self.items_run = 0
+
+    # --- lifecycle -----------------------------------------------------------------------
+    def start(self, warmup: bool = True, timeout: float = 300.0) -> None:
+        """Start the model thread; returns once it is warmed up and accepting work."""
+        if self._thread is not None:
+            raise RuntimeError("engine already started")
+        self._thread = threading.Thread(
+            target=self._main, args=(warmup,), name="inference-engine", daemon=True
+        )
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise RuntimeError(f"engine did not warm up within {timeout}s")
+        if self._startup_error is not None:
+            raise RuntimeError("engine failed to start") from self._startup_error
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop accepting work, finish what is queued (within ``timeout``), then end the thread."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("engine thread still busy after %ss; failing what is queued", timeout)
+        self._fail_queued(NotReady("the service is shutting down"))
+
+    @property
+    def ready(self) -> bool:
+        return (
+            self._ready.is_set()
+            and not self._stopping.is_set()
+            and self._startup_error is None
+            and self._thread is not None
+            and self._thread.is_alive()
+        )
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def retry_after_s(self) -> int:
+        """Seconds until the queue has likely drained, from depth and recent service time."""
+        backlog = self._queue.qsize() + self._in_batch + 1
+        return max(1, min(60, math.ceil(backlog * self.per_item_s)))
+
+    # --- submission ----------------------------------------------------------------------
+    def submit(self, array: FloatBatch | Pixels, timeout_s: float = 30.0) -> Future[Scores]:
+        """Queue one CHW float array or HWC uint8 image; the future resolves to its Scores or
+        a ServiceError."""
+        if not self.ready:
+            raise NotReady("the model is not ready (starting up or shutting down)")
+        if not self._accepts(array):
+            raise InferenceFailed(
+                f"expected a float32 array of shape {self.input_shape} or a uint8 image of "
+                f"shape {self.pixel_shape}, got {array.dtype} {array.shape}"
+            )
+        work = _Work(array=array, deadline=time.monotonic() + timeout_s)
+        try:
+            self._queue.put_nowait(work)
+        except queue.Full:
+            raise Overloaded(
+                f"the inference queue is full ({self._queue.maxsize} waiting); retry later",
+                retry_after_s=self.retry_after_s(),
+            ) from None
+        return work.future
+
+    def _accepts(self, array: FloatBatch | Pixels) -> bool:
+        if array.dtype == np.uint8:
+            return array.shape == self.pixel_shape and (
+                self._pixel_runtime is not None or self._normalise is not None
+            )
+        return array.shape == self.input_shape
+
+    async def infer(self, array: FloatBatch | Pixels, timeout_s: float = 30.0) -> Scores:
+        """``submit`` for asyncio callers; cancelling the await drops the queued work."""
+        future = self.submit(array, timeout_s)
+        try:
+            # The engine enforces the deadline; this backstop only fires if its thread is gone.
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s + _BACKSTOP_S)
+        except TimeoutError:
+            raise DeadlineExceeded("no answer from the model within the deadline") from None
+
+    # --- the model thread ----------------------------------------------------------------
+    def _main(self, warmup: bool) -> None:
+        try:
+            self._runtime.bind_thread()
+            if warmup:
+                self._warm_up()
+        except BaseException as exc:  # reported to start()
+            self._startup_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        while True:
+            try:
+                first = self._queue.get(timeout=0.05)
+            except queue.Empty:
+                if self._stopping.is_set():
+                    return
+                continue
+            batch = self._collect(first)
+            try:
+                self._execute(batch)
+            except Exception as exc:  # never let one batch kill the model thread
+                log.exception("engine error on a batch of %d", len(batch))
+                failure = InferenceFailed(f"internal engine error: {type(exc).__name__}: {exc}")
+                for work in batch:
+                    if not work.future.done():
+                        work.future.set_exception(failure)
+
+    def warmup_batch_sizes(self) -> list[int]:
+        """Powers of two up to the max batch, and the max itself."""
+        sizes = [1]
+        while sizes[-1] * 2 < self.max_batch_size:
+            sizes.append(sizes[-1] * 2)
+        if self.max_batch_size > 1:
+            sizes.append(self.max_batch_size)
+        return sizes
+
+    def _warm_input(self, size: int) -> FloatBatch | Pixels:
+        """Zeros shaped like what will be served: images where the runtime takes them."""
+        if self._pixel_runtime is not None:
+            return np.zeros((size, *self.pixel_shape), dtype=np.uint8)
+        return np.zeros((size, *self.input_shape), dtype=np.float32)
+
+    def _warm_up(self) -> None:
+        started = time.perf_counter()
+        for size in self.warmup_batch_sizes():
+            out = self._run(self._warm_input(size))
+            if out.shape != (size, self._num_classes):
+                raise InferenceFailed(
+                    f"model output {out.shape} does not match {self._num_classes} labels"
+                )
+        # Timed once warm: a first call pays for kernel set-up (measured 10x a warm one), and
+        # this is the prior admission starts from.
+        t0 = time.perf_counter()
+        self._run(self._warm_input(1))
+        self.per_item_s = time.perf_counter() - t0
+        log.info(
+            "engine warmed up (%s %s, batch sizes %s, %d threads) in %.2fs",
+            self._runtime.name,
+            self._runtime.precision,
+            self.warmup_batch_sizes(),
+            self._runtime.threads,
+            time.perf_counter() - started,
+        )
+
+    def _collect(self, first: _Work) -> list[_Work]:
+        batch = [first]
+        wait_until = time.monotonic() + self._max_wait
+        while len(batch) < self.max_batch_size:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            remaining = wait_until - time.monotonic()
+            # A lone request never waits; a forming batch waits briefly for stragglers.
+            if len(batch) == 1 or remaining <= 0:
+                break
+            try:
+                batch.append(self._queue.get(timeout=remaining))
+            except queue.Empty:
+                break
+        return batch
+
+    def _live(self, batch: list[_Work], now: float) -> list[_Work]:
+        """The work still wanted: cancelled callers dropped, expired deadlines failed."""
+        live: list[_Work] = []
+        for work in batch:
+            if not work.future.set_running_or_notify_cancel():
+                continue  # the caller gave up (client disconnected)
+            if work.deadline <= now:
+                work.future.set_exception(
+                    DeadlineExceeded("the request's deadline passed while it waited for the model")
+                )
+                continue
+            live.append(work)
+        return live
+
+    def _execute(self, batch: list[_Work]) -> None:
+        now = time.monotonic()
+        live = self._live(batch, now)
+        if not live:
+            return
+        self._in_batch = len(live)
+        started = time.perf_counter()
+        try:
+            probabilities = self._forward(live)
+        except Exception as exc:
+            error = (
+                exc
+                if isinstance(exc, ServiceError)
+                else InferenceFailed(
+                    f"the model failed on a batch of {len(live)}: {type(exc).__name__}: {exc}"
+                )
+            )
+            log.exception("batch of %d failed", len(live))
+            for work in live:
+                work.future.set_exception(error)
+            return
+        finally:
+            self._in_batch = 0
+        elapsed = time.perf_counter() - started
+        self.per_item_s = 0.8 * self.per_item_s + 0.2 * (elapsed / len(live))
+        self.items_run += len(live)
+        waits = [now - work.enqueued for work in live]
+        for row, work in enumerate(live):
+            work.future.set_result(
+                Scores(
+                    probabilities=probabilities[row],
+                    queue_s=waits[row],
+                    inference_s=elapsed,
+                    batch_size=len(live),
+                )
+            )
+        if self._observer:
+            self._observer.batch_done(len(live), elapsed, waits, self._queue.qsize())
+
+    def _run(self, batch: FloatBatch | Pixels) -> FloatBatch:
+        """One forward of a batch that is all images or all preprocessed arrays."""
+        if not _is_pixels(batch):
+            return self._runtime.infer(batch)
+        if self._pixel_runtime is not None:
+            return self._pixel_runtime.infer_pixels(batch)
+        assert self._normalise is not None  # submit accepts images only then
+        return self._runtime.infer(self._normalise(batch))
+
+    def _as_float(self, array: FloatBatch | Pixels) -> FloatBatch:
+        if not _is_pixels(array):
+            return array
+        assert self._normalise is not None
+        return self._normalise(array)
+
+    def _forward(self, live: list[_Work]) -> FloatBatch:
+        arrays = [work.array for work in live]
+        if len({a.dtype for a in arrays}) > 1:  # images beside preprocessed arrays: rare
+            arrays = [self._as_float(a) for a in arrays]
+        logits = self._run(np.stack(arrays))  # type: ignore[arg-type]  # one dtype, either
+        if logits.ndim != 2 or logits.shape != (len(live), self._num_classes):
+            raise InferenceFailed(
+                f"the model returned {logits.shape} outputs for {len(live)} inputs"
+            )
+        return softmax(logits.astype(np.float32, copy=True))
+
+    def _fail_queued(self, error: ServiceError) -> None:
+        while True:
+            try:
+                work = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if work.future.set_running_or_notify_cancel():
+                work.future.set_exception(error)

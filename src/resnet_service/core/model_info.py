@@ -1,0 +1,72 @@
+"""What a served model is, as the core and every face see it: provenance, how it was quantized,
+how closely it follows its fp32 source. Plain data (pydantic), torch-free."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from resnet_service.config import Precision, RuntimeName
+
+
+class WeightsSource(StrEnum):
+    """How the served weights were found; reported by /model and in logs."""
+
+    EXPLICIT_PATH = "explicit_path"
+    HUB_CACHE = "hub_cache"
+    DOWNLOAD = "download"
+    BUNDLE = "bundle"
+    RANDOM = "random"
+
+
+class Fidelity(BaseModel):
+    """How closely a built model follows its fp32 torch source on held-out images."""
+
+    images: int = Field(ge=0)
+    top1_agreement: float = Field(ge=0, le=1)
+    max_abs_prob_diff: float = Field(ge=0, le=1)
+    mean_abs_logit_rel_error: float = Field(ge=0)
+    image_source: str
+    fp32_accuracy: float | None = Field(None, description="When the images have labels.")
+    int8_accuracy: float | None = Field(
+        None, description="Accuracy of the built model (int8, or fp32 on another runtime)."
+    )
+
+
+class QuantizationInfo(BaseModel):
+    """How an int8 model was made."""
+
+    method: Literal["static_ptq", "official", "nncf_ptq", "ort_static_qdq"]
+    engine: str
+    qconfig: str
+    calibration_source: str | None = None
+    calibration_images: int = 0
+    calibration_fingerprint: str | None = None
+    source_weights_sha256: str | None = None
+    seconds: float | None = None
+    fidelity: Fidelity | None = None
+
+
+class ModelInfo(BaseModel):
+    """What is being served and how it was made; shown by ``/model`` and ``info``."""
+
+    name: str
+    architecture: str
+    num_classes: int
+    precision: Precision
+    runtime: RuntimeName = "torch"
+    runtime_version: str = ""
+    weights_source: WeightsSource
+    weights_path: str | None
+    weights_sha256: str
+    weights_matches_published_hash: bool | None
+    random_weights: bool
+    quantization: QuantizationInfo | None
+    fidelity: Fidelity | None = Field(
+        None, description="Agreement with the fp32 torch model (runtimes other than torch)."
+    )
+    int8_cache: str | None
+    provenance: dict[str, Any]
+    load_seconds: float

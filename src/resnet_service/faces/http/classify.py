@@ -1,0 +1,150 @@
+"""The JSON inference routes: thin faces over the classifier (parse, validate, call the core,
+shape the answer). Admission happens in a dependency, before the upload is read."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+
+from resnet_service.asgi.deps import (
+    CacheScopeDep,
+    ClassifierDep,
+    ServiceDep,
+    TicketDep,
+    require_token,
+)
+from resnet_service.core.classifier import Classification
+from resnet_service.core.errors import MissingField, ServiceError
+from resnet_service.faces.http.multipart import FormLimits, uploaded_files
+from resnet_service.faces.http.openapi import multipart_body, problems
+from resnet_service.faces.http.problems import item_error
+from resnet_service.faces.http.schemas import (
+    BatchItemResult,
+    BatchResponse,
+    ClassifyResponse,
+    Prediction,
+    Timings,
+    model_ref,
+)
+from resnet_service.service.state import ServiceState
+
+router = APIRouter(dependencies=[Depends(require_token)])
+
+TopK = Annotated[
+    int | None,
+    Query(ge=1, description="How many classes to return (default 5; at most the class count)."),
+]
+
+
+def predictions_of(result: Classification) -> list[Prediction]:
+    p = result.prediction
+    return [
+        Prediction(label=label, index=index, score=score)
+        for label, index, score in zip(p.labels, p.indices, p.scores, strict=True)
+    ]
+
+
+def timings_of(result: Classification) -> Timings:
+    t = result.timings
+    return Timings(
+        decode_ms=round(t.decode_s * 1000, 3),
+        queue_ms=round(t.queue_s * 1000, 3),
+        inference_ms=round(t.inference_s * 1000, 3),
+        total_ms=round(t.total_s * 1000, 3),
+    )
+
+
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    summary="Top-k labels for one image",
+    description="Multipart field `image` (JPEG, PNG, WebP, BMP or GIF's first frame).",
+    responses=problems(400, 401, 408, 413, 415, 422, 503, 504),
+    openapi_extra=multipart_body("image", many=False),
+)
+async def classify(
+    request: Request,
+    response: Response,
+    service: ServiceDep,
+    classifier: ClassifierDep,
+    ticket: TicketDep,
+    scope: CacheScopeDep,
+    top_k: TopK = None,
+) -> ClassifyResponse:
+    k = classifier.check_top_k(top_k)
+    limits, timeout = FormLimits.single_image(service.settings), service.settings.body_timeout_s
+    async with uploaded_files(request, limits, service.upload_budget, timeout) as files:
+        ticket.uploaded()
+        if not files:
+            raise MissingField("Missing the multipart file field 'image'.")
+        request.state.images = 1
+        result = await classifier.classify(files[0].data, k, scope)
+    if classifier.cache is not None:
+        response.headers["X-Cache"] = "hit" if result.cached else "miss"
+    request.state.timings = result.timings
+    service.metrics.images.labels("ok").inc()
+    return ClassifyResponse(
+        predictions=predictions_of(result),
+        model=model_ref(classifier),
+        timings=timings_of(result),
+        batch_size=result.prediction.batch_size,
+    )
+
+
+@router.post(
+    "/classify/batch",
+    response_model=BatchResponse,
+    summary="Top-k labels for many images; a result or an error per image",
+    description="Repeated multipart field `images` (at most `max_batch_files`, see /model). "
+    "One bad image never fails the others; the good ones share forward passes.",
+    responses=problems(400, 401, 408, 413, 422, 503),
+    openapi_extra=multipart_body("images", many=True),
+)
+async def classify_batch(
+    request: Request,
+    service: ServiceDep,
+    classifier: ClassifierDep,
+    ticket: TicketDep,
+    scope: CacheScopeDep,
+    top_k: TopK = None,
+) -> BatchResponse:
+    started = time.perf_counter()
+    k = classifier.check_top_k(top_k)
+    limits, timeout = FormLimits.batch(service.settings), service.settings.body_timeout_s
+    async with uploaded_files(request, limits, service.upload_budget, timeout) as files:
+        ticket.uploaded()
+        if not files:
+            raise MissingField("Missing the multipart file field 'images' (repeat it per image).")
+        request.state.images = len(files)
+        outcomes = await classifier.classify_many([f.data for f in files], k, scope)
+        names = [f.filename for f in files]
+    results = [
+        _batch_item(service, index, filename, outcome)
+        for index, (filename, outcome) in enumerate(zip(names, outcomes, strict=True))
+    ]
+    failed = sum(1 for r in results if r.error is not None)
+    return BatchResponse(
+        results=results,
+        succeeded=len(results) - failed,
+        failed=failed,
+        model=model_ref(classifier),
+        total_ms=round((time.perf_counter() - started) * 1000, 3),
+    )
+
+
+def _batch_item(
+    service: ServiceState, index: int, filename: str | None, outcome: Classification | ServiceError
+) -> BatchItemResult:
+    if isinstance(outcome, ServiceError):
+        service.metrics.rejections.labels(outcome.code).inc()
+        service.metrics.images.labels("error").inc()
+        return BatchItemResult(index=index, filename=filename, error=item_error(outcome))
+    service.metrics.images.labels("ok").inc()
+    return BatchItemResult(
+        index=index,
+        filename=filename,
+        predictions=predictions_of(outcome),
+        timings=timings_of(outcome),
+    )

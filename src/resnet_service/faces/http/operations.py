@@ -1,0 +1,111 @@
+"""Routes for operators: liveness, readiness, Prometheus metrics and the served model."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from fastapi import APIRouter, Response
+
+from resnet_service.asgi.deps import ClassifierDep, ServiceDep
+from resnet_service.core.errors import NotReady
+from resnet_service.core.model_info import ModelInfo
+from resnet_service.faces.http.openapi import problems
+from resnet_service.faces.http.schemas import Health, ModelResponse, Readiness, model_ref
+
+router = APIRouter()
+
+#: Provenance that names places on the server's disk: not for an unauthenticated route.
+_PRIVATE_PROVENANCE: Final = frozenset({"train_dir", "val_dir", "skipped_files", "options"})
+
+
+def _without_paths(source: str) -> str:
+    """'/srv/data/train (train split)' -> 'train (train split)'; builtin names unchanged."""
+    head, _, note = source.partition(" (")
+    name = head.rstrip("/").rsplit("/", 1)[-1]
+    return f"{name} ({note}" if note else name
+
+
+def _strip_fidelity(fidelity: dict[str, Any]) -> None:
+    if fidelity.get("image_source"):
+        fidelity["image_source"] = _without_paths(fidelity["image_source"])
+
+
+def public_model_info(info: ModelInfo) -> dict[str, Any]:
+    """The model info minus server paths (weights file, caches, training folders)."""
+    public = info.model_dump(exclude={"int8_cache", "weights_path"})
+    public["provenance"] = {
+        k: v for k, v in info.provenance.items() if k not in _PRIVATE_PROVENANCE
+    }
+    quant = public.get("quantization")
+    if quant:
+        if quant.get("calibration_source"):
+            quant["calibration_source"] = _without_paths(quant["calibration_source"])
+        if quant.get("fidelity"):
+            _strip_fidelity(quant["fidelity"])
+    if public.get("fidelity"):
+        _strip_fidelity(public["fidelity"])
+    return public
+
+
+@router.get(
+    "/model", response_model=ModelResponse, summary="The served model", responses=problems(503)
+)
+async def model(service: ServiceDep, classifier: ClassifierDep) -> ModelResponse:
+    settings = service.settings
+    info = classifier.model.info
+    return ModelResponse(
+        **public_model_info(info),
+        labels=classifier.model.labels,
+        settings={
+            "runtime": info.runtime,
+            "inference_threads": classifier.inference_threads,
+            "decode_threads": classifier.decode_threads,
+            "workers": settings.workers or 1,
+            "max_batch_size": settings.max_batch_size,
+            "max_batch_wait_ms": settings.max_batch_wait_ms,
+            "queue_budget_ms": settings.queue_bound_ms,
+            "queue_target_ms": settings.queue_target_ms,
+            "queue_interval_ms": settings.queue_interval_ms,
+            "queue_capacity": settings.queue_capacity,
+            "request_timeout_s": settings.request_timeout_s,
+            "max_upload_bytes": settings.max_upload_bytes,
+            "max_pixels": settings.max_pixels,
+            "default_top_k": min(settings.default_top_k, classifier.max_top_k),
+            "max_top_k": classifier.max_top_k,
+            "max_batch_files": settings.max_batch_files,
+            "max_batch_bytes": settings.max_batch_bytes,
+            "auth_required": settings.auth_token is not None,
+            "preprocessing": settings.preprocessing,
+            "response_cache_mb": settings.response_cache_mb,
+            "grpc_port": settings.grpc_port if settings.grpc_enabled else 0,
+        },
+    )
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
+async def healthz() -> Health:
+    return Health()
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    summary="Readiness: model loaded and warmed in every worker, not draining",
+    responses=problems(503),
+)
+async def readyz(service: ServiceDep) -> Readiness:
+    problem = service.readiness_problem()
+    if problem is not None:
+        raise NotReady(problem, 2)
+    return Readiness(model=model_ref(service.require_classifier()))
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (every worker of the replica)",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}}},
+)
+async def metrics(service: ServiceDep) -> Response:
+    body, content_type = service.metrics.render()
+    return Response(body, media_type=content_type)

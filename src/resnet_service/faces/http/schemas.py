@@ -1,0 +1,151 @@
+"""Response bodies, named by role. These are the public JSON contract (see openapi/)."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from resnet_service.core.classifier import Classifier
+from resnet_service.core.model_info import Fidelity, QuantizationInfo
+
+
+class Prediction(BaseModel):
+    """One class of the Top-k."""
+
+    label: str = Field(description="Human-readable class name.", examples=["tabby"])
+    index: int = Field(ge=0, description="Class index in the model's output.", examples=[281])
+    score: float = Field(ge=0, le=1, description="Softmax probability.", examples=[0.83])
+
+
+class ModelRef(BaseModel):
+    """Which model answered: enough provenance to tell deployments apart."""
+
+    name: str
+    precision: Literal["int8", "fp32"]
+    runtime: Literal["torch", "openvino", "onnxruntime"] = Field(
+        description="The inference runtime that ran the model."
+    )
+    weights_sha256: str = Field(description="First 12 hex digits of the weights' sha256.")
+    random_weights: bool = Field(
+        description="True only in development mode: the predictions are meaningless."
+    )
+
+
+_MODEL_REFS: weakref.WeakKeyDictionary[Classifier, ModelRef] = weakref.WeakKeyDictionary()
+
+
+def model_ref(classifier: Classifier) -> ModelRef:
+    """Which model answers (built once per classifier: its model never changes)."""
+    ref = _MODEL_REFS.get(classifier)
+    if ref is None:
+        info = classifier.model.info
+        ref = _MODEL_REFS[classifier] = ModelRef(
+            name=info.name,
+            precision=info.precision,
+            runtime=info.runtime,
+            weights_sha256=info.weights_sha256[:12],
+            random_weights=info.random_weights,
+        )
+    return ref
+
+
+class Timings(BaseModel):
+    """Where the request's time went, in milliseconds."""
+
+    decode_ms: float = Field(ge=0, description="Decoding and preprocessing the image.")
+    queue_ms: float = Field(ge=0, description="Waiting for the model.")
+    inference_ms: float = Field(ge=0, description="The model's forward pass (whole batch).")
+    total_ms: float = Field(ge=0, description="From the upload being read to the answer.")
+
+
+class ClassifyResponse(BaseModel):
+    """Top-k for one image."""
+
+    predictions: list[Prediction] = Field(description="Best first.")
+    model: ModelRef
+    timings: Timings
+    batch_size: int = Field(ge=1, description="How many images shared the forward pass.")
+
+
+class ItemError(BaseModel):
+    """Why one image of a batch failed (same code and status as /classify would give)."""
+
+    code: str = Field(examples=["unsupported_image_format"])
+    status: int = Field(ge=400, le=599, examples=[415])
+    title: str
+    detail: str
+
+
+class BatchItemResult(BaseModel):
+    """One image of a batch: predictions or an error, never both."""
+
+    index: int = Field(ge=0, description="Position in the request.")
+    filename: str | None
+    predictions: list[Prediction] | None = None
+    timings: Timings | None = None
+    error: ItemError | None = None
+
+
+class BatchResponse(BaseModel):
+    """Results in request order."""
+
+    results: list[BatchItemResult]
+    succeeded: int = Field(ge=0)
+    failed: int = Field(ge=0)
+    model: ModelRef
+    total_ms: float = Field(ge=0)
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, the body of every error response."""
+
+    type: str = Field("about:blank", description="A URI naming the problem type.")
+    title: str
+    status: int = Field(ge=400, le=599)
+    detail: str
+    code: str = Field(description="Stable, machine-readable error code.")
+    instance: str | None = Field(None, description="The request path.")
+    request_id: str | None = None
+    errors: list[dict[str, Any]] | None = Field(
+        None, description="Field-level validation errors (422)."
+    )
+
+
+class ModelResponse(BaseModel):
+    """The served model, its provenance and the settings that shape its behaviour."""
+
+    name: str
+    architecture: str
+    num_classes: int
+    precision: Literal["int8", "fp32"]
+    runtime: Literal["torch", "openvino", "onnxruntime"]
+    runtime_version: str
+    weights_source: str
+    weights_sha256: str
+    weights_matches_published_hash: bool | None
+    random_weights: bool
+    quantization: QuantizationInfo | None
+    fidelity: Fidelity | None = Field(
+        None, description="Agreement with the fp32 torch model (runtimes other than torch)."
+    )
+    provenance: dict[str, Any]
+    load_seconds: float
+    labels: list[str]
+    settings: dict[str, int | float | str | bool] = Field(
+        description="The settings that shape behaviour: threads, batching, limits."
+    )
+
+
+class Health(BaseModel):
+    """Liveness: the process answers."""
+
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    """Readiness: model loaded, warmed and not draining."""
+
+    status: Literal["ready"] = "ready"
+    model: ModelRef

@@ -1,0 +1,215 @@
+"""The Open Inference Protocol's data plane, transport-free (think MLServer's DataPlane): the
+model's metadata and readiness, and inference over the same classifier as ``/classify`` (so
+the same limits, queue, admission, deadlines and numbers).
+
+The model takes one input per request:
+- ``image``: BYTES, shape ``[N]`` or ``[N, 1]``, each element an encoded image (JPEG, PNG...);
+- ``input``: FP32, shape ``[N, 3, H, W]``, images already preprocessed (normalised).
+It returns ``probabilities`` (FP32 ``[N, classes]``); asked with the classification extension
+(``"classification": k``) that output becomes BYTES ``[N, k]`` of ``"score:index:label"``.
+A request fails as a whole when any image fails (the protocol has no per-item errors): the
+message names the element.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+
+from resnet_service import __version__
+from resnet_service.core.classifier import Classification, Classifier, top_k
+from resnet_service.core.errors import InvalidInferRequest, ModelNotFound, ServiceError
+from resnet_service.faces.oip.tensors import (
+    InferRequest,
+    InferResponse,
+    InputTensor,
+    OutputTensor,
+    RequestedOutput,
+)
+
+IMAGE_INPUT: Final = "image"
+TENSOR_INPUT: Final = "input"
+PROBABILITIES: Final = "probabilities"
+MODEL_VERSION: Final = "1"
+SERVER_NAME: Final = "resnet-service"
+EXTENSIONS: Final = ("classification", "binary_tensor_data")
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+class DataPlane:
+    """Metadata, readiness and inference for the one served model."""
+
+    def __init__(self, classifier: Callable[[], Classifier], ready: Callable[[], bool]) -> None:
+        self._classifier = classifier
+        self._ready = ready
+
+    # --- metadata and health -------------------------------------------------------------
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)}
+
+    def server_ready(self) -> bool:
+        return self._ready()
+
+    def model_name(self) -> str:
+        return self._classifier().model.info.name
+
+    def check_model(self, name: str, version: str | None) -> Classifier:
+        """The classifier if ``name``/``version`` is the served model, else ``ModelNotFound``."""
+        classifier = self._classifier()
+        served = classifier.model.info.name
+        if name != served:
+            raise ModelNotFound(f"No model named '{name}'; this server serves '{served}'.")
+        if version not in (None, "", MODEL_VERSION):
+            raise ModelNotFound(f"Model '{name}' has no version '{version}'; it has '1'.")
+        return classifier
+
+    def model_ready(self, name: str, version: str | None) -> bool:
+        self.check_model(name, version)
+        return self._ready()
+
+    def inputs(self, classifier: Classifier) -> list[TensorSpec]:
+        side = classifier.model.spec.crop_size
+        return [
+            TensorSpec(IMAGE_INPUT, "BYTES", (-1,)),
+            TensorSpec(TENSOR_INPUT, "FP32", (-1, 3, side, side)),
+        ]
+
+    def model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
+        classifier = self.check_model(name, version)
+        info = classifier.model.info
+        return {
+            "name": info.name,
+            "versions": [MODEL_VERSION],
+            "platform": f"{info.runtime}_{info.precision}",
+            "inputs": [_tensor_metadata(t) for t in self.inputs(classifier)],
+            "outputs": [
+                {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, info.num_classes]}
+            ],
+        }
+
+    # --- inference -----------------------------------------------------------------------
+    async def infer(self, request: InferRequest) -> InferResponse:
+        classifier = self.check_model(request.model_name, request.model_version)
+        if len(request.inputs) != 1:
+            raise InvalidInferRequest(
+                f"Send exactly one input ('{IMAGE_INPUT}' BYTES or '{TENSOR_INPUT}' FP32); "
+                f"got {len(request.inputs)}."
+            )
+        outputs = self._requested(classifier, request)
+        results = await self._run(classifier, request.inputs[0])
+        return InferResponse(
+            model_name=classifier.model.info.name,
+            model_version=MODEL_VERSION,
+            id=request.id,
+            outputs=[self._output(classifier, wanted, results) for wanted in outputs],
+        )
+
+    def _requested(self, classifier: Classifier, request: InferRequest) -> list[RequestedOutput]:
+        if not request.outputs:
+            return [RequestedOutput(PROBABILITIES, binary=request.binary_output)]
+        for wanted in request.outputs:
+            if wanted.name != PROBABILITIES:
+                raise InvalidInferRequest(
+                    f"Unknown output '{wanted.name}'; the model has '{PROBABILITIES}'."
+                )
+            k = wanted.classification
+            if k is not None and not 1 <= k <= classifier.max_top_k:
+                raise InvalidInferRequest(
+                    f"classification must be between 1 and {classifier.max_top_k}; got {k}."
+                )
+        return request.outputs
+
+    async def _run(self, classifier: Classifier, tensor: InputTensor) -> list[Classification]:
+        limit = classifier.settings.max_batch_files
+        if tensor.name == IMAGE_INPUT:
+            images = _image_elements(tensor, limit)
+            outcomes = await classifier.classify_many(images, 1)
+            for index, outcome in enumerate(outcomes):
+                if isinstance(outcome, ServiceError):
+                    outcome.detail = f"input '{IMAGE_INPUT}' element {index}: {outcome.detail}"
+                    raise outcome
+            return [o for o in outcomes if isinstance(o, Classification)]
+        if tensor.name == TENSOR_INPUT:
+            arrays = _preprocessed(tensor, classifier, limit)
+            return list(await asyncio.gather(*(classifier.classify_array(a, 1) for a in arrays)))
+        raise InvalidInferRequest(
+            f"Unknown input '{tensor.name}'; send '{IMAGE_INPUT}' (BYTES, encoded images) or "
+            f"'{TENSOR_INPUT}' (FP32, preprocessed)."
+        )
+
+    def _output(
+        self, classifier: Classifier, wanted: RequestedOutput, results: list[Classification]
+    ) -> OutputTensor:
+        if wanted.classification is None:
+            probabilities = np.stack([r.probabilities for r in results])
+            return OutputTensor(
+                PROBABILITIES,
+                "FP32",
+                probabilities.shape,
+                array=probabilities,
+                binary=wanted.binary,
+            )
+        k = wanted.classification
+        labels = classifier.model.labels
+        elements = []
+        for result in results:
+            indices, scores = top_k(result.probabilities, k)
+            elements += [
+                f"{s:f}:{i}:{labels[i]}".encode() for i, s in zip(indices, scores, strict=True)
+            ]
+        return OutputTensor(
+            PROBABILITIES, "BYTES", (len(results), k), elements=elements, binary=wanted.binary
+        )
+
+
+def _tensor_metadata(tensor: TensorSpec) -> dict[str, Any]:
+    return {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+
+
+def _image_elements(tensor: InputTensor, limit: int) -> list[bytes]:
+    if tensor.datatype != "BYTES" or tensor.elements is None:
+        raise InvalidInferRequest(
+            f"Input '{IMAGE_INPUT}' is BYTES (encoded images); got {tensor.datatype}."
+        )
+    shape = tensor.shape
+    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 1:
+        raise InvalidInferRequest(
+            f"Input '{IMAGE_INPUT}' has shape [N] or [N, 1] with N >= 1; got {list(shape)}."
+        )
+    if shape[0] > limit:
+        raise InvalidInferRequest(f"At most {limit} images per request; got {shape[0]}.")
+    if len(tensor.elements) != shape[0]:
+        raise InvalidInferRequest(
+            f"Input '{IMAGE_INPUT}' has shape {list(shape)} but {len(tensor.elements)} elements."
+        )
+    return tensor.elements
+
+
+def _preprocessed(tensor: InputTensor, classifier: Classifier, limit: int) -> list[Any]:
+    side = classifier.model.spec.crop_size
+    if tensor.datatype != "FP32" or tensor.array is None:
+        raise InvalidInferRequest(
+            f"Input '{TENSOR_INPUT}' is FP32 (preprocessed images); got {tensor.datatype}."
+        )
+    if tensor.array.ndim != 4 or tensor.array.shape[1:] != (3, side, side):
+        raise InvalidInferRequest(
+            f"Input '{TENSOR_INPUT}' has shape [N, 3, {side}, {side}]; got "
+            f"{list(tensor.array.shape)}."
+        )
+    if not 1 <= tensor.array.shape[0] <= limit:
+        raise InvalidInferRequest(
+            f"Between 1 and {limit} images per request; got {tensor.array.shape[0]}."
+        )
+    if not np.isfinite(tensor.array).all():
+        raise InvalidInferRequest(f"Input '{TENSOR_INPUT}' holds NaN or infinite values.")
+    return list(tensor.array)

@@ -1,0 +1,145 @@
+"""The HTTP app: where the faces that speak HTTP (the JSON API with its page and operations,
+and OIP REST) are put together over one service. Nothing happens at import time.
+
+``create_app(settings, classifier=...)`` serves a classifier that is already warm: that is how
+``serve``'s worker processes run (they load the model *before* they listen). Without one, the
+lifespan loads and warms the model in the background, so /healthz and /readyz answer during
+start-up (in-process tests, ``uvicorn --factory`` for development).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from resnet_service import __version__
+from resnet_service.asgi.middleware import (
+    OIP_INFER_ROUTE,
+    AdmissionMiddleware,
+    HeadAdmission,
+    RequestContextMiddleware,
+    RequestRecorder,
+)
+from resnet_service.config import Settings, SettingsError, load_settings
+from resnet_service.core.classifier import Classifier
+from resnet_service.core.errors import ServiceError
+from resnet_service.faces.http import classify, openapi, operations, page, problems
+from resnet_service.faces.oip import errors as oip_errors
+from resnet_service.faces.oip import rest as oip_rest
+from resnet_service.service.loading import announce_ready, load_classifier
+from resnet_service.service.metrics import Metrics
+from resnet_service.service.state import ReplicaView, ServiceState
+
+log = logging.getLogger(__name__)
+
+#: uvicorn's own exit code for a failed start-up.
+EXIT_STARTUP_FAILED = 3
+
+DESCRIPTION = """\
+Fast CPU image classification with an int8 ResNet18.
+
+Send an image as multipart field `image` to `POST /classify`, or many as repeated `images` to
+`POST /classify/batch`. Errors are RFC 9457 `application/problem+json` with a stable `code`.
+"""
+
+
+async def _load_in_background(state: ServiceState, exit_on_failure: bool) -> None:
+    try:
+        state.classifier = await asyncio.to_thread(load_classifier, state.settings, state.metrics)
+    except Exception as exc:
+        detail = exc.detail if isinstance(exc, ServiceError) else f"{type(exc).__name__}: {exc}"
+        state.startup_error = detail
+        log.critical("start-up failed: %s", detail)
+        if exit_on_failure:
+            logging.shutdown()
+            os._exit(EXIT_STARTUP_FAILED)
+        return
+    announce_ready(state)
+
+
+def _lifespan(state: ServiceState, exit_on_startup_failure: bool) -> Any:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader: asyncio.Task[None] | None = None
+        if state.classifier is None:
+            state.metrics.ready.set(0)
+            loader = asyncio.create_task(_load_in_background(state, exit_on_startup_failure))
+        else:
+            announce_ready(state)
+        try:
+            yield
+        finally:
+            state.draining = True
+            state.metrics.ready.set(0)
+            if loader is not None and not loader.done():
+                await asyncio.shield(loader)  # the thread cannot be cancelled; wait for it
+            if state.classifier is not None:
+                # The server has already finished the requests in flight; flush what is queued.
+                await asyncio.to_thread(state.classifier.stop, state.settings.shutdown_grace_s)
+            state.metrics.close()
+            log.info("stopped")
+
+    return lifespan
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    classifier: Classifier | None = None,
+    metrics: Metrics | None = None,
+    replica: ReplicaView | None = None,
+    exit_on_startup_failure: bool = True,
+) -> FastAPI:
+    """Build the service. Without a ``classifier``, a model that cannot be loaded ends the
+    process (exit code 3, the message says how to fix it); tests turn that off."""
+    settings = settings or load_settings()
+    state = ServiceState(
+        settings=settings, metrics=metrics or Metrics(), classifier=classifier, replica=replica
+    )
+    app = FastAPI(
+        title="resnet-service",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=_lifespan(state, exit_on_startup_failure),
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.service = state
+    # Two faces over one service: the JSON API (with the page and operations) and OIP REST.
+    problems.install(app, prefixes={oip_rest.PREFIX + "/": oip_errors.framework_error})
+    openapi.install(app, settings, schemas=[oip_rest.InferenceRequest])
+    app.include_router(classify.router)
+    app.include_router(operations.router)
+    app.include_router(oip_rest.router)
+    page.install(app)
+    # Refusals from the head are written in the shape of the face that owns the route.
+    shapes = {OIP_INFER_ROUTE: oip_errors.ERROR_SHAPE}
+    # Starlette wraps in reverse order: the request context is outermost, admission inside it.
+    recorder = RequestRecorder(state.metrics)
+    app.add_middleware(AdmissionMiddleware, service=state, shapes=shapes)
+    app.add_middleware(RequestContextMiddleware, recorder=recorder)
+    #: For the HTTP protocol layer (``server.http``): admission before the ASGI stack.
+    app.state.head_admission = HeadAdmission(state, recorder, shapes)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """``uvicorn --factory resnet_service.server.app:create_app_from_env``: one process, settings
+    from the environment (development; ``resnet-service serve`` is the production server)."""
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        log.critical("%s", exc)
+        raise SystemExit(EXIT_STARTUP_FAILED) from None
+    return create_app(settings)
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI spec from the default settings (never this machine's environment)."""
+    return create_app(Settings.model_construct()).openapi()

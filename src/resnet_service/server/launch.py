@@ -1,0 +1,144 @@
+"""``resnet-service serve``: a supervisor with one or more worker processes, each with its own
+engine and its own listening socket (see ``server/``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import logging.config
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Final
+
+from pydantic import SecretStr
+
+from resnet_service.config import ENV_PREFIX, Settings
+from resnet_service.cpus import resolve_workers
+from resnet_service.server.http import IDLE_LINGER_S
+from resnet_service.server.sockets import PortInUse, check_port_free, reserve_port
+from resnet_service.server.supervisor import Supervisor
+from resnet_service.server.uvicorn_config import log_config
+from resnet_service.server.worker import ARTIFACT_ENV, EXIT_STARTUP_FAILED
+
+log = logging.getLogger("resnet_service.server.launch")
+
+#: Seconds beyond drain delay + grace + linger before the supervisor kills stragglers.
+_STOP_MARGIN_S: Final = 5.0
+
+
+def settings_as_env(settings: Settings) -> dict[str, str]:
+    """The settings that were set (from the environment, flags, or resolved by the supervisor)
+    as RESNET_SERVICE_* variables, for child processes. Defaults stay defaults there, so a
+    child can still tell a choice from a default (a built model's runtime wins over the
+    default runtime, not over an explicit one)."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump(exclude_unset=True).items():
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        env[f"{ENV_PREFIX}{name.upper()}"] = str(value)
+    return env
+
+
+class StartupError(Exception):
+    """``serve`` cannot start; the message says what to fix."""
+
+
+def preflight(env: dict[str, str]) -> str | None:
+    """Build (or verify) what the workers will load, once, in a child process (torch, when it
+    builds, lives and dies there): a start-up error is said once, and workers only load.
+    Returns the built model's folder for torch-free runtimes."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "resnet_service", "preflight"],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise StartupError(f"preflight failed (exit {proc.returncode}); see the message above")
+    artifact: str | None = json.loads(proc.stdout.strip().splitlines()[-1]).get("artifact")
+    return artifact
+
+
+def _run_dir() -> Path:
+    """Per-run scratch space (metrics of every worker, the replica state); removed on exit."""
+    try:
+        return Path(tempfile.mkdtemp(prefix="resnet-service-"))
+    except OSError as exc:
+        raise StartupError(
+            f"cannot create a run directory in {tempfile.gettempdir()} ({exc.strerror}); "
+            "point TMPDIR at a writable place (on Kubernetes: an emptyDir at /tmp)"
+        ) from None
+
+
+def run_server(settings: Settings) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit code."""
+    settings = settings.model_copy(update={"workers": resolve_workers(settings.workers)})
+    logging.config.dictConfig(log_config(settings.log_level))
+    try:
+        check_port_free(settings.host, settings.port)
+        if settings.grpc_enabled:
+            check_port_free(settings.host, settings.grpc_port)
+        rundir = _run_dir()
+    except (PortInUse, StartupError) as exc:
+        log.critical("%s", exc)
+        return EXIT_STARTUP_FAILED
+    try:
+        return _serve(settings, rundir)
+    except StartupError as exc:
+        log.critical("%s", exc)
+        return EXIT_STARTUP_FAILED
+    finally:
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
+def _serve(settings: Settings, rundir: Path) -> int:
+    reservation = reserve_port(settings.host, settings.port)
+    grpc_reservation = (
+        reserve_port(settings.host, settings.grpc_port) if settings.grpc_enabled else None
+    )
+    try:
+        port = reservation.getsockname()[1]
+        grpc_port = grpc_reservation.getsockname()[1] if grpc_reservation else settings.grpc_port
+        settings = settings.model_copy(update={"port": port, "grpc_port": grpc_port})
+        metrics_dir = rundir / "metrics"
+        metrics_dir.mkdir()
+        env = {
+            **os.environ,
+            **settings_as_env(settings),
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        }
+        artifact = preflight(env)
+        if artifact is not None:
+            env[ARTIFACT_ENV] = artifact
+        log.info("serving on http://%s:%d with %d worker(s)", settings.host, port, settings.workers)
+        stop_timeout = (
+            settings.drain_delay_s + settings.shutdown_grace_s + IDLE_LINGER_S + _STOP_MARGIN_S
+        )
+        return Supervisor(settings.workers, env, rundir, stop_timeout).run()
+    finally:
+        reservation.close()
+        if grpc_reservation is not None:
+            grpc_reservation.close()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--grpc-port", dest="grpc_port", type=int, help="0 = any free port")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes, each with CPUs/N torch threads (0 = one per CPU)",
+    )
+    parser.add_argument("--drain-delay", dest="drain_delay_s", type=float)
+    parser.add_argument("--shutdown-grace", dest="shutdown_grace_s", type=float)
