@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 WORKERS ?= 0  # 0 = one worker process per usable CPU
 
-.PHONY: install test-deps run test test-fast lint format typecheck openapi bench bench-quick bench-peers bench-http robustness check clean
+.PHONY: install test-deps run test test-fast lint lint-deploy format typecheck openapi bench bench-quick bench-peers bench-http robustness check clean
 
 install: $(BIN)/resnet-service
 
@@ -30,12 +30,16 @@ test-fast: install
 	$(BIN)/pytest -m "not slow and not browser"
 
 lint: install
-	$(BIN)/ruff check src bench/resnet_bench tests scripts
-	$(BIN)/ruff format --check src bench/resnet_bench tests scripts
+	$(BIN)/ruff check src bench/resnet_bench tests scripts tools
+	$(BIN)/ruff format --check src bench/resnet_bench tests scripts tools
 
 format: install
-	$(BIN)/ruff check --fix src bench/resnet_bench tests scripts
-	$(BIN)/ruff format src bench/resnet_bench tests scripts
+	$(BIN)/ruff check --fix src bench/resnet_bench tests scripts tools
+	$(BIN)/ruff format src bench/resnet_bench tests scripts tools
+
+# The Kubernetes manifests, KServe and the Dockerfile, offline (kubectl kustomize, schemas, hadolint).
+lint-deploy: install
+	$(BIN)/python -m tools.deploy_lint
 
 typecheck: install
 	$(BIN)/mypy

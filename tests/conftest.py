@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from resnet_service.config import Settings, load_settings
+from resnet_service.config import Settings
 from resnet_service.core.runtime import ServedModel
 from resnet_service.model.torch_path import load_model
-from tests.helpers import write_weights
+from tests.harness import make_settings, write_weights
 
 
 @pytest.fixture(autouse=True)
@@ -34,20 +34,6 @@ def weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("model_cache")
-
-
-def make_settings(weights_file: Path, cache: Path, **overrides: object) -> Settings:
-    """Settings for in-process tests: the torch runtime unless a test names another (the
-    model fixtures below are torch modules; served end-to-end tests use the product default)."""
-    base: dict[str, object] = {
-        "runtime": "torch",
-        "weights_path": weights_file,
-        "model_cache_dir": cache,
-        "allow_downloads": False,
-        "inference_threads": 1,
-    }
-    base.update(overrides)
-    return load_settings(**base)
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,7 @@ from typing import Any, Final
 
 import httpx
 import numpy as np
+import psutil
 import torch
 
 from resnet_bench import loadgen
@@ -322,18 +323,14 @@ class StartedServer:
 
 
 def _group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a process group, from /proc."""
+    """Live (non-zombie) processes of a process group."""
     members: list[int] = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for process in psutil.process_iter():
         try:
-            stat = (entry / "stat").read_text()
-        except OSError:
+            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                members.append(process.pid)
+        except (psutil.Error, ProcessLookupError):
             continue
-        state, _ppid, group = stat.rsplit(")", 1)[1].split()[:3]
-        if int(group) == pgid and state != "Z":
-            members.append(int(entry.name))
     return members
 
 
@@ -355,9 +352,18 @@ def stop_group(process: subprocess.Popen[bytes], grace: float = STOP_GRACE_S) ->
             log.warning("process group %d outlived %.0f s: SIGKILL", process.pid, grace)
             with suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
+            _wait_gone(process, 10)
             break
         time.sleep(0.1)
     process.wait(10)
+
+
+def _wait_gone(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """After SIGKILL: until the kernel has taken every member down (or ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while _group_members(process.pid) and time.monotonic() < deadline:
+        process.poll()
+        time.sleep(0.02)
 
 
 def wait_until(

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
 from resnet_bench import loadgen
 from resnet_bench.images import bench_images
@@ -222,12 +223,10 @@ def _workers_state(pid: int) -> dict[str, int]:
     threads = fds = 0
     for child in process_children(pid):
         try:
-            fds += len(os.listdir(f"/proc/{child}/fd"))
-            status = Path(f"/proc/{child}/status").read_text()
-            threads += int(
-                next(ln.split()[1] for ln in status.splitlines() if ln.startswith("Threads"))
-            )
-        except (OSError, StopIteration):
+            process = psutil.Process(child)
+            fds += process.num_fds()
+            threads += process.num_threads()
+        except psutil.Error:
             continue
     return {"threads": threads, "fds": fds}
 

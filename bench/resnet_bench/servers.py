@@ -1,4 +1,5 @@
-"""Start servers under test as real processes; read their memory from /proc."""
+"""Start servers under test as real processes; read their process trees, CPU and memory
+(psutil; peak RSS from ``/proc``, which psutil does not report)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 
 def free_port() -> int:
@@ -31,29 +33,26 @@ class Running:
 
 
 def process_children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (Linux /proc)."""
-    out: list[int] = []
+    """Direct children of ``pid``."""
     try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            text = (task / "children").read_text().split()
-            out.extend(int(c) for c in text)
-    except OSError:
+        return [child.pid for child in psutil.Process(pid).children()]
+    except psutil.Error:
         return []
-    return out
 
 
-def _tree(pid: int) -> list[int]:
-    pids, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        pids.append(current)
-        todo.extend(process_children(current))
-    return pids
-
-
-def _status_kb(pid: int, field: str) -> int:
+def _tree(pid: int) -> list[psutil.Process]:
+    """``pid`` and all its descendants that are still alive."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _status_kb(process: psutil.Process, field: str) -> int:
+    """A ``/proc/PID/status`` field psutil does not expose (peak RSS ``VmHWM``, ``RssAnon``)."""
+    try:
+        for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     except OSError:
@@ -61,30 +60,25 @@ def _status_kb(pid: int, field: str) -> int:
     return 0
 
 
-def _pss_kb(pid: int) -> int:
+def _pss_bytes(process: psutil.Process) -> int:
     """Proportional set size: shared pages (the runtime's libraries, mapped weights) divided
     among the processes that map them, so a tree's sum is what it really occupies."""
     try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+        return int(process.memory_full_info().pss)
+    except psutil.Error:
+        return 0
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds used so far by the process tree (Linux /proc)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for p in _tree(pid):
+    """User + system CPU seconds used so far by the process tree."""
+    total = 0.0
+    for process in _tree(pid):
         try:
-            # Fields after the command (which may hold spaces): utime, stime are 12th, 13th.
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            times = process.cpu_times()
+        except psutil.Error:
             continue
-        total += int(fields[11]) + int(fields[12])
-    return total / ticks
+        total += times.user + times.system
+    return total
 
 
 def memory_mb(pid: int) -> dict[str, float]:
@@ -93,13 +87,13 @@ def memory_mb(pid: int) -> dict[str, float]:
 
     Processes that do no work (the supervisor) count too: they are part of what the deployment
     costs. RSS sums count each shared library once per process; PSS does not."""
-    pids = _tree(pid)
+    tree = _tree(pid)
     return {
-        "processes": len(pids),
-        "peak_rss_mb": round(sum(_status_kb(p, "VmHWM") for p in pids) / 1024, 1),
-        "rss_mb": round(sum(_status_kb(p, "VmRSS") for p in pids) / 1024, 1),
-        "rss_anon_mb": round(sum(_status_kb(p, "RssAnon") for p in pids) / 1024, 1),
-        "pss_mb": round(sum(_pss_kb(p) for p in pids) / 1024, 1),
+        "processes": len(tree),
+        "peak_rss_mb": round(sum(_status_kb(p, "VmHWM") for p in tree) / 1024, 1),
+        "rss_mb": round(sum(_status_kb(p, "VmRSS") for p in tree) / 1024, 1),
+        "rss_anon_mb": round(sum(_status_kb(p, "RssAnon") for p in tree) / 1024, 1),
+        "pss_mb": round(sum(_pss_bytes(p) for p in tree) / 2**20, 1),
     }
 
 

@@ -272,7 +272,15 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
-    from resnet_bench.runner import BenchOptions, run_benchmark, speed_settings
+    try:  # a separate distribution (bench/), not in the serving image
+        from resnet_bench.runner import BenchOptions, run_benchmark, speed_settings
+    except ImportError:
+        print(
+            "resnet-service bench: the benchmark harness is not installed; from a checkout: "
+            "pip install -e ./bench (make install does).",
+            file=sys.stderr,
+        )
+        return 2
 
     opts = BenchOptions(
         out_dir=args.out,

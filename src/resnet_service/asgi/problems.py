@@ -25,6 +25,7 @@ HTTP_STATUS: Final[dict[str, int]] = {
     errors.InputError.code: 400,
     errors.EmptyUpload.code: 400,
     errors.MalformedRequest.code: 400,
+    errors.DatasetError.code: 400,
     errors.InvalidInferRequest.code: 400,
     errors.Unauthorized.code: 401,
     errors.ModelNotFound.code: 404,

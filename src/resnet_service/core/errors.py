@@ -95,6 +95,13 @@ class Unauthorized(ServiceError):
     title = "Unauthorized"
 
 
+class DatasetError(InputError):
+    """Training data that cannot be used (fine-tuning); the message says what to fix."""
+
+    code = "dataset_invalid"
+    title = "Dataset invalid"
+
+
 # --- capacity --------------------------------------------------------------------------------
 class RetryLater(ServiceError):
     """Try again later (or elsewhere); ``retry_after_s`` estimates when."""

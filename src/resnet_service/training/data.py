@@ -9,16 +9,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from resnet_service.core.errors import InputError, ServiceError
+from resnet_service.core.errors import DatasetError, InputError
 from resnet_service.core.images import LOCAL_FILE_LIMITS, PreprocessSpec, decode_rgb
 from resnet_service.model.datasets import IMAGE_SUFFIXES, image_files
-
-
-class DatasetError(ServiceError):
-    """The training data cannot be used; the message says what to fix."""
-
-    code = "dataset_invalid"
-    title = "Dataset invalid"
 
 
 @dataclass(frozen=True, slots=True)

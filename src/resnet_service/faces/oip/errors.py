@@ -23,6 +23,7 @@ GRPC_STATUS: Final[dict[str, grpc.StatusCode]] = {
     errors.InputError.code: _INVALID,
     errors.EmptyUpload.code: _INVALID,
     errors.MalformedRequest.code: _INVALID,
+    errors.DatasetError.code: _INVALID,
     errors.InvalidInferRequest.code: _INVALID,
     errors.RequestTimeout.code: _INVALID,
     errors.UploadTooLarge.code: _INVALID,

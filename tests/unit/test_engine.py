@@ -21,6 +21,7 @@ from resnet_service.core.errors import DeadlineExceeded, InferenceFailed, NotRea
 from resnet_service.core.images import Pixels, PreprocessSpec, normalise_pixels
 from resnet_service.core.runtime import FloatBatch, ServedModel
 from resnet_service.runtimes.torch_runtime import TorchRuntime
+from tests.harness import wait_until
 
 CLASSES = 10
 
@@ -176,8 +177,9 @@ def test_full_queue_raises_overloaded_at_once(gated: GatedRuntime) -> None:
 def test_expired_work_is_dropped(engine: InferenceEngine, gated: GatedRuntime) -> None:
     first = hold_engine(engine, gated)
     doomed = engine.submit(image(), timeout_s=0.05)
+    expired_at = time.monotonic() + 0.05
     alive = engine.submit(image(), timeout_s=30)
-    time.sleep(0.1)
+    wait_until(lambda: time.monotonic() > expired_at, 5, "the short deadline to pass")
     gated.gate.set()
     first.result(5)
     with pytest.raises(DeadlineExceeded):
@@ -216,7 +218,7 @@ def test_stop_finishes_queued_work_then_refuses(
     queued = [engine.submit(image(i)) for i in range(3)]
     stopper = threading.Thread(target=engine.stop, kwargs={"timeout": 10})
     stopper.start()
-    time.sleep(0.05)
+    wait_until(lambda: not engine.ready, 5, "the engine to stop accepting work")
     with pytest.raises(NotReady):
         engine.submit(image())
     gated.gate.set()
@@ -228,7 +230,11 @@ def test_stop_finishes_queued_work_then_refuses(
 async def test_cancelled_waiters_are_skipped(engine: InferenceEngine, gated: GatedRuntime) -> None:
     first = hold_engine(engine, gated)
     task = asyncio.create_task(engine.infer(image()))
-    await asyncio.sleep(0.01)
+    for _ in range(1000):  # until the waiter is queued (one event-loop turn, normally)
+        if engine.queue_depth:
+            break
+        await asyncio.sleep(0)
+    assert engine.queue_depth == 1
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

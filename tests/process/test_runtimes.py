@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 
 from resnet_service.config import Precision, RuntimeName, Settings
@@ -22,9 +23,7 @@ from resnet_service.model.artifacts import ARTIFACT_MANIFEST, read_artifact
 from resnet_service.model.hub import sha256_file
 from resnet_service.model.opening import find_or_build, open_served_model
 from resnet_service.runtimes.registry import open_runtime
-from tests.conftest import make_settings
-from tests.helpers import fp32_model, jpeg_of
-from tests.server import Server, serve
+from tests.harness import ROOT, Server, fp32_model, jpeg_of, make_settings, serve
 
 RUNTIMES: list[RuntimeName] = ["openvino", "onnxruntime"]
 
@@ -117,13 +116,13 @@ import asyncio, os, sys
 from resnet_service.core.classifier import Classifier
 from resnet_service.config import load_settings
 from resnet_service.model.opening import open_served_model
-from tests.helpers import jpeg_of
+from tests.harness import jpeg_of
 settings = load_settings(**{k: v for k, v in (a.split("=", 1) for a in sys.argv[1:])})
 classifier = Classifier(open_served_model(settings), settings)
 classifier.start()
 asyncio.run(classifier.classify(jpeg_of("coffee")))
-status = open(f"/proc/{os.getpid()}/status").read()
-print(next(line.split()[1] for line in status.splitlines() if line.startswith("Threads")))
+import psutil
+print(psutil.Process().num_threads())
 classifier.stop()
 """
 
@@ -142,7 +141,7 @@ def os_threads(weights: Path, cache: Path, runtime: str, threads: int) -> int:
         capture_output=True,
         text=True,
         check=True,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=ROOT,
     )
     return int(proc.stdout.strip().splitlines()[-1])
 
@@ -180,8 +179,8 @@ def test_served_by_a_worker_without_torch(runtime_server: tuple[str, Server]) ->
     runtime, server = runtime_server
     (worker,) = server.worker_pids()
     assert f"(runtime {runtime}; torch not imported)" in server.output()
-    maps = Path(f"/proc/{worker}/maps").read_text()
-    assert "libtorch" not in maps  # no torch library in the process at all
+    mapped = {m.path for m in psutil.Process(worker).memory_maps()}
+    assert not any("libtorch" in path for path in mapped)  # no torch library at all
     status = Path(f"/proc/{worker}/status").read_text()
     peak_mb = (
         int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmHWM"))) / 1024

@@ -24,8 +24,16 @@ from resnet_service.config import Settings
 from resnet_service.core.errors import InputError
 from resnet_service.core.images import decode_and_preprocess
 from resnet_service.server.app import create_app
-from tests.conftest import make_settings
-from tests.helpers import LIMITS, SPEC, encode, jpeg_of, mode_image
+from tests.harness import (
+    DEFAULT_RUNTIME,
+    LIMITS,
+    SPEC,
+    encode,
+    jpeg_of,
+    make_settings,
+    mode_image,
+    until,
+)
 
 SEEDS = [
     jpeg_of("coffee", (64, 48)),
@@ -74,7 +82,7 @@ def test_a_decompression_bomb_is_refused_from_its_header() -> None:
 # --- the multipart reader, through the app in-process ---------------------------------------
 @pytest.fixture(scope="module")
 def app_settings(weights_file: Path, model_cache: Path) -> Settings:
-    return make_settings(weights_file, model_cache)
+    return make_settings(weights_file, model_cache, DEFAULT_RUNTIME)
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +101,9 @@ def client(app_settings: Settings, loop: asyncio.AbstractEventLoop) -> Iterator[
     async def start() -> httpx.AsyncClient:
         await lifespan.__aenter__()
         state = app.state.service
-        while state.readiness_problem() is not None:
-            assert state.startup_error is None, state.startup_error
-            await asyncio.sleep(0.05)
+        loaded = lambda: state.readiness_problem() is None or state.startup_error  # noqa: E731
+        await until(loaded, 60, "the model to load")
+        assert state.startup_error is None, state.startup_error
         return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
 
     http = loop.run_until_complete(start())

@@ -24,8 +24,7 @@ import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
 from resnet_service.core.images import decode_and_preprocess
-from tests.helpers import LIMITS, SPEC, jpeg_of
-from tests.server import Server, serve, wait_until
+from tests.harness import LIMITS, SPEC, Server, jpeg_of, serve, wait_until
 
 pytestmark = pytest.mark.slow
 Client = Any  # tritonclient's http or grpc InferenceServerClient (same interface)

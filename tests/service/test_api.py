@@ -15,10 +15,10 @@ from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
 from resnet_service.config import Settings
+from resnet_service.runtimes.registry import runtime_version
 from resnet_service.server.app import create_app
 from resnet_service.service.state import ServiceState
-from tests.conftest import make_settings
-from tests.helpers import encode, jpeg_of, photo
+from tests.harness import DEFAULT_RUNTIME, encode, jpeg_of, make_settings, photo, until
 
 Client = httpx.AsyncClient
 
@@ -34,10 +34,8 @@ async def running(
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             if wait_ready:
-                for _ in range(600):
-                    if state.readiness_problem() is None or state.startup_error:
-                        break
-                    await asyncio.sleep(0.05)
+                loaded = lambda: state.readiness_problem() is None or state.startup_error  # noqa: E731
+                await until(loaded, 30, "the model to load")
                 assert state.readiness_problem() is None, state.startup_error
             yield client, app
 
@@ -45,7 +43,7 @@ async def running(
 @pytest.fixture
 def settings_for(weights_file: Path, model_cache: Path) -> Callable[..., Settings]:
     def build(**overrides: Any) -> Settings:
-        return make_settings(weights_file, model_cache, **overrides)
+        return make_settings(weights_file, model_cache, DEFAULT_RUNTIME, **overrides)
 
     return build
 
@@ -137,9 +135,11 @@ async def test_model_route(client: Client) -> None:
     assert body["num_classes"] == 1000
     assert len(body["labels"]) == 1000
     assert body["precision"] == "int8"
-    assert body["quantization"]["fidelity"]["images"] == 16
-    assert body["runtime"] == "torch"
-    assert body["runtime_version"].startswith("2.")
+    assert body["runtime"] == DEFAULT_RUNTIME
+    # Built runtimes report fidelity against torch fp32; torch's own int8 in its quantization.
+    fidelity = body["fidelity"] or body["quantization"]["fidelity"]
+    assert fidelity["images"] == 16
+    assert body["runtime_version"] == runtime_version(DEFAULT_RUNTIME)
     assert body["settings"]["inference_threads"] == 1
     assert body["settings"]["max_top_k"] == 1000
     assert body["settings"]["queue_budget_ms"] == 15_000  # half the 30 s deadline
@@ -187,7 +187,7 @@ async def test_metrics_parse_and_count(client: Client) -> None:
     assert rejections["unsupported_image_format"] == 1
     info = families["resnet_service_model_info"].samples[0]
     assert info.labels["precision"] == "int8"
-    assert info.labels["runtime"] == "torch"
+    assert info.labels["runtime"] == DEFAULT_RUNTIME
     assert info.value == 1
 
 
@@ -358,10 +358,7 @@ async def test_not_ready_during_start_up(
             await client.post("/classify", files=image_file(jpeg_of("coffee"))), 503, "not_ready"
         )
         state: ServiceState = app.state.service
-        for _ in range(600):
-            if state.readiness_problem() is None:
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: state.readiness_problem() is None, 30, "the model to load")
         assert (await client.get("/readyz")).status_code == 200
 
 
@@ -371,10 +368,7 @@ async def test_startup_failure_is_reported(tmp_path: Path) -> None:
     settings = load_settings(model_cache_dir=tmp_path, allow_downloads=False)
     async with running(settings, wait_ready=False) as (client, app):
         state: ServiceState = app.state.service
-        for _ in range(200):
-            if state.startup_error:
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: state.startup_error, 10, "the start-up to fail")
         body = assert_problem(await client.get("/readyz"), 503, "not_ready")
         assert "RESNET_SERVICE_WEIGHTS_PATH" in body["detail"]
 

@@ -14,8 +14,7 @@ from resnet_service.core.classifier import Classification, Classifier
 from resnet_service.core.errors import InvalidParameter, NotReady, Overloaded, UnsupportedImage
 from resnet_service.core.images import decode_and_preprocess
 from resnet_service.core.runtime import ServedModel
-from tests.helpers import LIMITS, SPEC, jpeg_of
-from tests.server import wait_until
+from tests.harness import LIMITS, SPEC, jpeg_of, wait_until
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import importlib.util
 import inspect
 import json
 import subprocess
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from resnet_bench.images import bench_images
 from resnet_bench.runner import MAIN_IMAGE
 from resnet_service.model.torch_path import imagenet_labels
 from resnet_service.model.weights import WeightsSource, load_state_dict_file, random_weights
+from tests.harness import wait_until
 
 
 def _properties(text: str) -> dict[str, str]:
@@ -139,11 +139,7 @@ def test_stop_group_outlasts_a_leader_that_exits_first() -> None:
     the group is stopped only when no member is left, by SIGKILL if one ignores SIGTERM."""
     script = "sleep 30 & (trap '' TERM; exec sleep 30) & exec sleep 30"
     process = subprocess.Popen(["sh", "-c", script], start_new_session=True)
-    for _ in range(100):
-        if len(peers._group_members(process.pid)) == 3:
-            break
-        time.sleep(0.02)
-    assert len(peers._group_members(process.pid)) == 3
+    wait_until(lambda: len(peers._group_members(process.pid)) == 3, 5, "three group members")
     peers.stop_group(process, grace=0.5)
     assert peers._group_members(process.pid) == []
     assert process.returncode is not None

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.server import serve
+from tests.harness import ROOT, serve
 
 pytestmark = pytest.mark.slow
 
-SPEC = Path(__file__).resolve().parents[1] / "openapi" / "openapi.json"
+SPEC = ROOT / "openapi" / "openapi.json"
 
 
 def test_the_live_server_conforms_to_its_spec(

@@ -34,8 +34,7 @@ import pytest
 
 from resnet_bench import loadgen
 from resnet_bench.servers import free_port, stop_process_group
-from tests.helpers import jpeg_of
-from tests.server import Server, is_ready, wait_until
+from tests.harness import Server, is_ready, jpeg_of, wait_until
 
 pytestmark = pytest.mark.slow
 HOST = "127.0.0.1"

@@ -30,11 +30,12 @@ from sklearn.preprocessing import StandardScaler
 from torchvision.models import resnet18
 
 from resnet_service.cli import main
+from resnet_service.core.errors import DatasetError
 from resnet_service.core.images import LOCAL_FILE_LIMITS, PreprocessSpec, decode_and_preprocess
 from resnet_service.model.bundle import instantiate, read_labels, read_manifest, read_weights
-from resnet_service.training.data import DatasetError, load_image_folder, stratified_split
+from resnet_service.training.data import load_image_folder, stratified_split
 from resnet_service.training.finetune import spec_for
-from tests.server import serve
+from tests.harness import serve
 
 FP32_MIN_ACCURACY = 0.90
 INT8_MIN_ACCURACY = 0.88

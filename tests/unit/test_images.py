@@ -32,7 +32,7 @@ from resnet_service.core.images import (
     sniff_format,
     to_rgb,
 )
-from tests.helpers import LIMITS, PHOTOS, SPEC, encode, fp32_model, jpeg_of, mode_image, photo
+from tests.harness import LIMITS, PHOTOS, SPEC, encode, fp32_model, jpeg_of, mode_image, photo
 
 REFERENCE = ResNet18_Weights.IMAGENET1K_V1.transforms()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from resnet_service.cli import main
-from tests.helpers import jpeg_of
+from tests.harness import jpeg_of
 
 
 def model_args(weights: Path, cache: Path) -> list[str]:

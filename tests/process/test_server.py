@@ -12,8 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import jpeg_of
-from tests.server import serve, wait_until
+from tests.harness import jpeg_of, serve, wait_until
 
 pytestmark = pytest.mark.slow
 

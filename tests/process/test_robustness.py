@@ -26,8 +26,7 @@ import pytest
 
 from resnet_bench import loadgen
 from resnet_bench.servers import free_port, metric_sum, stop_process_group
-from tests.helpers import jpeg_of
-from tests.server import Server, is_ready, serve, wait_until
+from tests.harness import ROOT, Server, is_ready, jpeg_of, serve, until, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +45,11 @@ def classify_payload(port: int, size: tuple[int, int] = (500, 375)) -> bytes:
 
 def metric(server: Server, family: str, **labels: str) -> float:
     return metric_sum(server.url, family, **labels)
+
+
+def served(server: Server, route: str = "/classify") -> float:
+    """Requests the replica has answered on ``route`` so far (any status)."""
+    return metric(server, "resnet_service_requests", route=route)
 
 
 def header_only_probe(port: int, timeout: float = 1.0) -> bytes:
@@ -81,7 +85,8 @@ def test_overload_is_refused_from_the_headers_and_recovers(two_workers: Server) 
     async def flood() -> tuple[loadgen.LoadResult, list[bytes]]:
         load = asyncio.create_task(loadgen.open_loop(HOST, server.port, payload, 10 * rps, 3.0))
         probes: list[bytes] = []
-        await asyncio.sleep(1.0)
+        refused = lambda: metric(server, "resnet_service_rejections", reason="overloaded") > 0  # noqa: E731
+        await until(refused, 10, "the flood to be shed", blocking=True)
         for _ in range(10):
             probes.append(await asyncio.to_thread(header_only_probe, server.port))
             await asyncio.sleep(0.1)
@@ -214,7 +219,8 @@ def test_a_killed_worker_is_replaced_and_its_gauges_leave(two_workers: Server) -
 
     async def scenario() -> loadgen.LoadResult:
         load = asyncio.create_task(loadgen.closed_loop(HOST, server.port, payload, 8, 8.0))
-        await asyncio.sleep(2.0)
+        before = served(server)
+        await until(lambda: served(server) >= before + 32, 30, "load", blocking=True)
         os.kill(victim, signal.SIGKILL)
         return await load
 
@@ -258,7 +264,7 @@ def test_sigterm_under_load_answers_every_request(
                     HOST, server.port, payload, 32, 60.0, timeout_s=20, stop=stopped
                 )
             )
-            await asyncio.sleep(1.5)
+            await until(lambda: served(server) >= 64, 30, "load", blocking=True)
             signalled = time.monotonic()
             if target == "supervisor":
                 server.terminate()
@@ -405,7 +411,7 @@ def sandbox(tmp_path: Path, can_mount: None) -> tuple[Path, dict[str, str]]:
 
 
 def _frozen(*extra: Path) -> list[Path]:
-    project = Path(__file__).resolve().parents[1]
+    project = ROOT
     return [project, Path.home(), *extra]
 
 
@@ -435,7 +441,7 @@ def test_a_read_only_cache_holding_the_model_just_works(
     sandbox: tuple[Path, dict[str, str]], weights_file: Path, model_cache: Path, tmp_path: Path
 ) -> None:
     from resnet_service.model.opening import find_or_build
-    from tests.conftest import make_settings
+    from tests.harness import make_settings
 
     # The default runtime's model, as a slim image ships it.
     find_or_build(make_settings(weights_file, model_cache, runtime="openvino"))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from resnet_service.server.app import openapi_document
+from tests.harness import ROOT
 
-SPEC = Path(__file__).resolve().parents[1] / "openapi" / "openapi.json"
+SPEC = ROOT / "openapi" / "openapi.json"
 
 
 def test_committed_spec_matches_the_app() -> None:
@@ -43,9 +43,8 @@ def test_generated_grpc_modules_match_the_proto() -> None:
     """Like the OpenAPI spec: the committed gRPC modules are what the proto generates."""
     import subprocess
     import sys
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "gen_grpc.py"
+    script = ROOT / "scripts" / "gen_grpc.py"
     proc = subprocess.run(
         [sys.executable, str(script), "--check"], capture_output=True, text=True, check=False
     )

@@ -15,8 +15,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, Route, sync_playwright
 
-from tests.helpers import jpeg_of
-from tests.server import Server, serve
+from tests.harness import ROOT, Server, jpeg_of, serve
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -30,7 +29,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+ARTIFACTS = ROOT / "artifacts"
 FAKE_HEIC = b"\x00\x00\x00\x18ftypheic" + b"\x00" * 256
 TIMEOUT_MS = 30_000  # two shared cores: a batch can wait behind other work
 

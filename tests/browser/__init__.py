@@ -1,0 +1,1 @@
+"""The upload page in a real headless Chromium against a real server."""

@@ -1,0 +1,1 @@
+"""The deployment files: Kubernetes manifests, KServe, the Dockerfile (through tools/deploy_lint.py)."""
