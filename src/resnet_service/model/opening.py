@@ -38,7 +38,7 @@ from resnet_service.runtimes.registry import open_runtime, runtime_version
 log = logging.getLogger(__name__)
 
 #: Bump when the export or quantization recipe changes: old cache entries stop matching.
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 
 
 class Prepared(BaseModel):
