@@ -6,12 +6,13 @@ import asyncio
 import multiprocessing as mp
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.synchronize import Event
 from typing import Any
 
 import numpy as np
 
-from resnet_bench.loadgen import LoadResult
+from resnet_bench.loadgen import LoadResult, LoadSummary
 from resnet_service.config import Settings
 from resnet_service.core.images import LOCAL_FILE_LIMITS as _LIMITS
 from resnet_service.core.images import (
@@ -63,9 +64,20 @@ def _decode_infer_worker(
     results.put((count, time.perf_counter() - began))
 
 
+@dataclass(frozen=True)
+class Ceiling:
+    """What ``processes`` independent decode+infer loops of ``threads`` threads each did."""
+
+    layout: str
+    processes: int
+    threads: int
+    images: int
+    images_per_s: float
+
+
 def process_ceiling(
     settings: Settings, image: bytes, processes: int, threads: int, duration: float
-) -> dict[str, Any]:
+) -> Ceiling:
     """Images/s of ``processes`` independent decode+infer loops with ``threads`` each."""
     ctx = mp.get_context("spawn")
     ready, results = ctx.Queue(), ctx.Queue()
@@ -87,18 +99,18 @@ def process_ceiling(
         proc.join(30)
     total = sum(c for c, _ in counts)
     elapsed = max(e for _, e in counts)
-    return {
-        "layout": f"{processes} process(es) x {threads} thread(s), decode+infer, batch 1",
-        "processes": processes,
-        "threads": threads,
-        "images": total,
-        "images_per_s": round(total / elapsed, 2),
-    }
+    return Ceiling(
+        layout=f"{processes} process(es) x {threads} thread(s), decode+infer, batch 1",
+        processes=processes,
+        threads=threads,
+        images=total,
+        images_per_s=round(total / elapsed, 2),
+    )
 
 
 def engine_in_process(
     settings: Settings, image: bytes, concurrencies: list[int], duration: float
-) -> list[dict[str, Any]]:
+) -> list[LoadSummary]:
     """The service's own core (decode pool + micro-batching engine) driven by asyncio
     callers, no HTTP: what the HTTP layer costs is the difference to the service."""
     from resnet_service.core.classifier import Classifier
@@ -125,7 +137,7 @@ def engine_in_process(
 
     try:
         return [
-            {**asyncio.run(run(c)).summary(), "layout": "engine in-process"} for c in concurrencies
+            LoadSummary.of(asyncio.run(run(c)), layout="engine in-process") for c in concurrencies
         ]
     finally:
         classifier.stop(timeout=10)

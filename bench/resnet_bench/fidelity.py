@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,32 @@ from resnet_service.config import RuntimeName, Settings
 
 log = logging.getLogger(__name__)
 PER_CLASS = 60
+
+
+@dataclass(frozen=True)
+class RuntimeFidelity:
+    """One runtime's int8 model against its fp32 torch source on the validation split."""
+
+    images: int
+    top1_agreement: float
+    fp32_accuracy: float
+    int8_accuracy: float
+    mean_abs_logit_rel_error: float
+
+
+@dataclass(frozen=True)
+class TrainedBundle:
+    """The fine-tuned fp32 model every runtime quantized."""
+
+    val_accuracy: float
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """Each int8 runtime's fidelity on the digits, and the model they all quantized."""
+
+    bundle: TrainedBundle
+    runtimes: dict[str, RuntimeFidelity]
 
 
 def write_digits(root: Path, per_class: int = PER_CLASS) -> Path:
@@ -56,7 +83,7 @@ def _cli(args: list[str]) -> dict[str, Any]:
 
 def digits_fidelity(
     settings: Settings, runtimes: tuple[RuntimeName, ...], workdir: Path
-) -> dict[str, Any]:
+) -> Fidelity:
     """Fine-tune on the digits, quantize with each runtime, report agreement and accuracy."""
     data = write_digits(workdir / "digits")
     bundle, cache = workdir / "digits-bundle", workdir / "digits-cache"
@@ -75,7 +102,7 @@ def digits_fidelity(
             *common,
         ]
     )
-    out: dict[str, Any] = {"bundle": {"val_accuracy": trained["val_accuracy"]}, "runtimes": {}}
+    out = Fidelity(TrainedBundle(trained["val_accuracy"]), runtimes={})
     for runtime in runtimes:
         built = _cli(
             [
@@ -88,15 +115,12 @@ def digits_fidelity(
             ]
         )
         fidelity = built.get("fidelity") or built["quantization"]["fidelity"]
-        out["runtimes"][runtime] = {
-            key: fidelity[key]
-            for key in (
-                "images",
-                "top1_agreement",
-                "fp32_accuracy",
-                "int8_accuracy",
-                "mean_abs_logit_rel_error",
-            )
-        }
-        log.info("%s int8 on digits: %s", runtime, out["runtimes"][runtime])
+        out.runtimes[runtime] = RuntimeFidelity(
+            images=fidelity["images"],
+            top1_agreement=fidelity["top1_agreement"],
+            fp32_accuracy=fidelity["fp32_accuracy"],
+            int8_accuracy=fidelity["int8_accuracy"],
+            mean_abs_logit_rel_error=fidelity["mean_abs_logit_rel_error"],
+        )
+        log.info("%s int8 on digits: %s", runtime, asdict(out.runtimes[runtime]))
     return out

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from resnet_bench.images import bench_images
+from resnet_bench.jsonable import to_json
 from resnet_bench.runner import (
     MAIN_IMAGE,
     closed_loop_load,
@@ -90,7 +91,7 @@ def measure(settings: Settings, rounds: int, seconds: float, concurrency: int) -
             with serving(settings, workers, log_file, http_parser=parser, event_loop=loop) as srv:
                 closed_loop_load(srv.port, "/classify", "image", image, concurrency, 2.0)  # warm-up
                 row = closed_loop_load(srv.port, "/classify", "image", image, concurrency, seconds)
-            results.append({"stack": stack, **row})
+            results.append({"stack": stack, **to_json(row)})
     return {
         "machine": machine_info(usable_cpus()),
         "runtime": settings.runtime,

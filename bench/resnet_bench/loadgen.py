@@ -26,6 +26,8 @@ from typing import Final
 
 import numpy as np
 
+from resnet_bench.jsonable import OMITTED_WHEN_NONE, to_json
+
 MAX_OPEN_LOOP_CONNECTIONS = 512
 _CLIENT_ERRORS: Final = (
     OSError,
@@ -128,27 +130,79 @@ class LoadResult:
         return np.array(values) * 1000 if values else np.array([np.nan])
 
     def summary(self) -> dict[str, float | int | str | dict[str, int] | None]:
-        lat = self.latency_ms(200)
-        non_200 = sum(v for k, v in self.statuses.items() if k != 200)
-        return {
-            "mode": self.mode,
-            "concurrency": self.concurrency,
-            "rate": self.rate,
-            "requests": len(self.latencies),
-            "ok": self.ok,
-            "non_200": non_200,
-            "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
-            "errors": self.errors,
-            "failures": dict(self.failures),
-            "codes": dict(self.codes),
-            "elapsed_s": round(self.elapsed_s, 3),
-            "rps": round(self.ok / self.elapsed_s, 2) if self.elapsed_s else 0.0,
-            "p50_ms": _pct(lat, 50),
-            "p90_ms": _pct(lat, 90),
-            "p99_ms": _pct(lat, 99),
-            "mean_ms": round(float(lat.mean()), 2),
-            "client_cpu_s": round(self.client_cpu_s, 3),
-        }
+        """The summary as JSON (what robustness.json and the tests read)."""
+        figures: dict[str, float | int | str | dict[str, int] | None] = to_json(
+            LoadSummary.of(self)
+        )
+        return figures
+
+
+@dataclass(frozen=True)
+class LoadSummary:
+    """One load's figures: counts by outcome, throughput of the 200s, their latency
+    percentiles, the client's own CPU; and, when the caller says so, what it sent."""
+
+    mode: str
+    concurrency: int | None
+    rate: float | None
+    requests: int
+    ok: int
+    non_200: int
+    statuses: dict[str, int]
+    errors: int
+    failures: dict[str, int]
+    codes: dict[str, int]
+    elapsed_s: float
+    rps: float
+    #: NaN when no request answered 200 (as numpy's percentile of nothing).
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    client_cpu_s: float
+    #: Labels the caller adds: the image sent, the route, the layout under load. Each is in
+    #: the JSON only when set, as the reports always wrote them.
+    image: str | None = field(default=None, metadata=OMITTED_WHEN_NONE)
+    route: str | None = field(default=None, metadata=OMITTED_WHEN_NONE)
+    layout: str | None = field(default=None, metadata=OMITTED_WHEN_NONE)
+
+    @classmethod
+    def of(
+        cls,
+        result: LoadResult,
+        *,
+        image: str | None = None,
+        route: str | None = None,
+        layout: str | None = None,
+    ) -> LoadSummary:
+        lat = result.latency_ms(200)
+        return cls(
+            mode=result.mode,
+            concurrency=result.concurrency,
+            rate=result.rate,
+            requests=len(result.latencies),
+            ok=result.ok,
+            non_200=sum(v for k, v in result.statuses.items() if k != 200),
+            statuses={str(k): v for k, v in sorted(result.statuses.items())},
+            errors=result.errors,
+            failures=dict(result.failures),
+            codes=dict(result.codes),
+            elapsed_s=round(result.elapsed_s, 3),
+            rps=round(result.ok / result.elapsed_s, 2) if result.elapsed_s else 0.0,
+            p50_ms=_pct(lat, 50),
+            p90_ms=_pct(lat, 90),
+            p99_ms=_pct(lat, 99),
+            mean_ms=round(float(lat.mean()), 2),
+            client_cpu_s=round(result.client_cpu_s, 3),
+            image=image,
+            route=route,
+            layout=layout,
+        )
+
+
+def at(levels: Sequence[LoadSummary], concurrency: int) -> LoadSummary:
+    """The level run at ``concurrency``."""
+    return next(level for level in levels if level.concurrency == concurrency)
 
 
 def _pct(values: np.ndarray, q: float) -> float:

@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
@@ -81,20 +81,37 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-def memory_mb(pid: int) -> dict[str, float]:
+@dataclass(frozen=True)
+class Memory:
+    """A process tree's memory after the load, in MB."""
+
+    processes: int
+    peak_rss_mb: float
+    rss_mb: float
+    rss_anon_mb: float
+    pss_mb: float
+
+
+def tree_memory(pid: int) -> Memory:
     """Peak and current RSS (and its anonymous part) summed over the process tree, in MB, and
     the tree's current PSS.
 
     Processes that do no work (the supervisor) count too: they are part of what the deployment
     costs. RSS sums count each shared library once per process; PSS does not."""
     tree = _tree(pid)
-    return {
-        "processes": len(tree),
-        "peak_rss_mb": round(sum(_status_kb(p, "VmHWM") for p in tree) / 1024, 1),
-        "rss_mb": round(sum(_status_kb(p, "VmRSS") for p in tree) / 1024, 1),
-        "rss_anon_mb": round(sum(_status_kb(p, "RssAnon") for p in tree) / 1024, 1),
-        "pss_mb": round(sum(_pss_bytes(p) for p in tree) / 2**20, 1),
-    }
+    return Memory(
+        processes=len(tree),
+        peak_rss_mb=round(sum(_status_kb(p, "VmHWM") for p in tree) / 1024, 1),
+        rss_mb=round(sum(_status_kb(p, "VmRSS") for p in tree) / 1024, 1),
+        rss_anon_mb=round(sum(_status_kb(p, "RssAnon") for p in tree) / 1024, 1),
+        pss_mb=round(sum(_pss_bytes(p) for p in tree) / 2**20, 1),
+    )
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """``tree_memory`` as JSON, for the reports that merge it with other figures."""
+    figures: dict[str, float] = asdict(tree_memory(pid))
+    return figures
 
 
 @contextmanager

@@ -290,7 +290,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         runtimes=tuple(args.runtimes or (("torch", "openvino") if args.quick else RUNTIMES)),
     )
     result = run_benchmark(speed_settings(settings), opts)
-    log.info("wrote %s (%.0fs)", args.out / "bench.json", result["seconds"])
+    log.info("wrote %s (%.0fs)", args.out / "bench.json", result.seconds)
     return 0
 
 

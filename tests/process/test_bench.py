@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from resnet_bench.fidelity import Fidelity, RuntimeFidelity, TrainedBundle
+from resnet_bench.results import InterleavedRounds
+from resnet_bench.runner import BenchOptions, choose_default, choose_layout
 from resnet_service.cli import main
 
 pytestmark = pytest.mark.slow
@@ -100,44 +103,34 @@ def test_http_stack_ab_takes_medians_of_interleaved_rounds() -> None:
     assert report["p99_ratio"] == round(320 / 420, 3)
 
 
+def _rounds(median_rps: dict[str, float]) -> InterleavedRounds:
+    return InterleavedRounds(16, 3, {name: [rps] for name, rps in median_rps.items()}, median_rps)
+
+
+def _fidelity(agreement: float) -> RuntimeFidelity:
+    return RuntimeFidelity(100, agreement, 0.9, 0.9, 0.01)
+
+
 def test_default_runtime_is_the_fastest_median_among_those_meeting_the_fidelity_bar() -> None:
-    from resnet_bench.runner import BenchOptions, choose_default
-
-    def service(rps: float) -> dict[str, object]:
-        return {"closed_loop": [{"concurrency": 16, "rps": rps}]}
-
-    result: dict[str, object] = {
-        # One sample each would pick torch...
-        "service_by_runtime": {
-            "torch": service(118),
-            "openvino": service(115),
-            "onnxruntime": service(140),
+    # One sample each would pick torch...
+    samples = {"torch": 118.0, "openvino": 115.0, "onnxruntime": 140.0}
+    fidelity = Fidelity(
+        TrainedBundle(0.95),
+        {
+            "torch": _fidelity(0.99),
+            "openvino": _fidelity(0.983),
+            "onnxruntime": _fidelity(0.95),  # below the bar: never the default
         },
-        "fidelity": {
-            "runtimes": {
-                "torch": {"top1_agreement": 0.99},
-                "openvino": {"top1_agreement": 0.983},
-                "onnxruntime": {"top1_agreement": 0.95},  # below the bar: never the default
-            }
-        },
-    }
+    )
     opts = BenchOptions(out_dir=Path("unused"))
-    assert choose_default(result, opts) == "torch"
+    assert choose_default(samples, fidelity, None, opts) == "torch"
     # ...the interleaved rounds' medians decide when they ran.
-    result["runtime_choice"] = {"median_rps": {"torch": 110.0, "openvino": 140.0}}
-    assert choose_default(result, opts) == "openvino"
+    choice = _rounds({"torch": 110.0, "openvino": 140.0})
+    assert choose_default(samples, fidelity, choice, opts) == "openvino"
 
 
 def test_default_layout_is_the_faster_median_when_rounds_ran() -> None:
-    from resnet_bench.runner import BenchOptions, choose_layout
-
-    result: dict[str, object] = {
-        "service": {
-            "workers_2": {"closed_loop": [{"concurrency": 16, "rps": 121.0}]},
-            "workers_1": {"closed_loop": [{"concurrency": 16, "rps": 127.3}]},
-        }
-    }
-    opts = BenchOptions(out_dir=Path("unused"))
-    assert choose_layout(result, opts) == "workers_1"
-    result["layout_choice"] = {"median_rps": {"workers_2": 140.0, "workers_1": 104.0}}
-    assert choose_layout(result, opts) == "workers_2"
+    samples = {"workers_2": 121.0, "workers_1": 127.3}
+    assert choose_layout(samples, None) == "workers_1"
+    choice = _rounds({"workers_2": 140.0, "workers_1": 104.0})
+    assert choose_layout(samples, choice) == "workers_2"

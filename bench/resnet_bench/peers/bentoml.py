@@ -24,17 +24,10 @@ import torch
 
 from resnet_bench.images import BenchImage
 from resnet_bench.loadgen import multipart_request
-from resnet_bench.peers import (
-    READY_TIMEOUT_S,
-    PeerOptions,
-    Probe,
-    ServerResult,
-    StartedServer,
-    drive,
-    ensure_peer_venv,
-    stop_group,
-    wait_until,
-)
+from resnet_bench.peers.load import Probe, ServerResult, drive
+from resnet_bench.peers.options import PeerOptions
+from resnet_bench.peers.processes import READY_TIMEOUT_S, StartedServer, stop_group, wait_until
+from resnet_bench.peers.venv import ensure_peer_venv
 from resnet_bench.servers import free_port, memory_mb
 from resnet_service.cpus import usable_cpus
 from resnet_service.model.torch_path import imagenet_labels
@@ -42,7 +35,6 @@ from resnet_service.model.weights import ResolvedWeights
 
 BENTOML_VERSION: Final = "1.4.40"
 REQUIREMENTS: Final = ("torch==2.14.1", "torchvision==0.29.1", f"bentoml=={BENTOML_VERSION}")
-DEFAULT_VENV: Final = Path("bench/results/peers/.venv-bentoml")
 MAX_BATCH_SIZE: Final = 8  # the service's own micro-batch cap: the same batching budget
 
 #: The service, as BentoML's docs write an image classifier (a template: the worker count,
