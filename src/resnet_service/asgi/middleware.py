@@ -37,6 +37,7 @@ from resnet_service.asgi.problems import (
     PROBLEM_JSON,
     PROBLEM_SHAPE,
     ErrorShape,
+    error_headers,
     problem_body,
 )
 from resnet_service.core.admission import Ticket
@@ -149,7 +150,7 @@ def _refusal(shape: ErrorShape, scope: Scope, request_id: str, exc: RetryLater) 
     headers = [
         (b"content-type", shape.content_type),
         (b"content-length", str(len(body)).encode()),
-        (b"retry-after", str(exc.retry_after_s).encode()),
+        *((name.lower().encode(), value.encode()) for name, value in error_headers(exc).items()),
         (b"x-request-id", request_id.encode()),
     ]
     return Refusal(503, headers, body)
