@@ -68,13 +68,15 @@ RUN groupadd --system --gid 10001 app \
     --shell /usr/sbin/nologin app
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /models /models
-# RESNET_SERVICE_HOST: the default (127.0.0.1) is unreachable from outside a container.
+# RESNET_SERVICE_HOST: the default (127.0.0.1) is unreachable from outside a container;
+# LOG_FORMAT json: one JSON object a line for the cluster's log pipeline.
 ENV HOME=/tmp \
     TMPDIR=/tmp \
     TORCH_HOME=/models/torch \
     RESNET_SERVICE_MODEL_CACHE_DIR=/models/cache \
     RESNET_SERVICE_HOST=0.0.0.0 \
-    RESNET_SERVICE_PORT=8000
+    RESNET_SERVICE_PORT=8000 \
+    RESNET_SERVICE_LOG_FORMAT=json
 # An empty, root-owned working directory: `python -m` puts it first on sys.path, so it must
 # not be a writable place such as /tmp.
 WORKDIR /app
@@ -103,7 +105,8 @@ ENV HOME=/tmp \
     RESNET_SERVICE_RUNTIME=openvino \
     RESNET_SERVICE_PRECISION=int8 \
     RESNET_SERVICE_HOST=0.0.0.0 \
-    RESNET_SERVICE_PORT=8000
+    RESNET_SERVICE_PORT=8000 \
+    RESNET_SERVICE_LOG_FORMAT=json
 WORKDIR /app
 USER 10001:10001
 EXPOSE 8000 8001

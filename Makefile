@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 WORKERS ?= 0  # 0 = one worker process per usable CPU
 
-.PHONY: install test-deps run test test-fast lint lint-deploy format typecheck openapi bench bench-quick bench-peers bench-http robustness check clean
+.PHONY: install test-deps run test test-fast lint lint-deploy format typecheck openapi bench bench-quick bench-peers bench-http bench-tracing robustness check clean
 
 install: $(BIN)/resnet-service
 
@@ -64,6 +64,11 @@ bench-peers: install
 # (~3 min); writes bench/httpstack.json.
 bench-http: install
 	$(BIN)/python -m resnet_bench.httpstack --out bench
+
+# Tracing off, on (every request, exported to a local OTLP receiver) and off again at 16 clients,
+# interleaved rounds (~3 min); writes bench/tracing.json.
+bench-tracing: install
+	$(BIN)/python -m resnet_bench.tracing --out bench
 
 # Overload, soak, kill -9, SIGTERM and fuzzing at full size (~30 min); writes bench/robustness.json.
 robustness: install

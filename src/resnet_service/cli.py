@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from resnet_service import __version__
+from resnet_service import __version__, logs
 from resnet_service.config import RUNTIMES, Settings, SettingsError, load_settings
 from resnet_service.core.errors import ServiceError
 
@@ -308,37 +308,8 @@ def cmd_openapi(args: argparse.Namespace, settings: Settings) -> int:
 
 
 # --- parser -------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="resnet-service",
-        description="Fast CPU image classification with an int8 ResNet18.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    predict = sub.add_parser("predict", help="classify image files; one JSON line per file")
-    predict.add_argument("files", nargs="+", type=Path, metavar="FILE")
-    predict.add_argument("-k", "--top-k", type=int, default=None)
-    _add_model_flags(predict)
-    predict.set_defaults(handler=cmd_predict)
-
-    quantize = sub.add_parser(
-        "quantize",
-        help="build and cache the int8 model for --runtime (ahead of serving); print fidelity",
-    )
-    quantize.add_argument(
-        "--out",
-        type=Path,
-        help="also copy the int8 model here (torch: a bundle; openvino/onnxruntime: a folder "
-        "to serve with --artifact)",
-    )
-    _add_model_flags(quantize)
-    quantize.set_defaults(handler=cmd_quantize)
-
-    info = sub.add_parser("info", help="show the model that would be served")
-    _add_model_flags(info)
-    info.set_defaults(handler=cmd_info)
-
+def _add_finetune(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``finetune DATA_DIR``: the recipe's options, each with the default it reports."""
     ft = sub.add_parser(
         "finetune",
         help="train a classifier for your own classes (an ImageFolder) into a bundle",
@@ -407,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(ft)
     ft.set_defaults(handler=cmd_finetune)
 
+
+def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench = sub.add_parser(
         "bench", help="measure ceiling, service and naive baseline; write JSON, table, chart"
     )
@@ -418,6 +391,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_flags(bench)
     bench.set_defaults(handler=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="resnet-service",
+        description="Fast CPU image classification with an int8 ResNet18.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    predict = sub.add_parser("predict", help="classify image files; one JSON line per file")
+    predict.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    predict.add_argument("-k", "--top-k", type=int, default=None)
+    _add_model_flags(predict)
+    predict.set_defaults(handler=cmd_predict)
+
+    quantize = sub.add_parser(
+        "quantize",
+        help="build and cache the int8 model for --runtime (ahead of serving); print fidelity",
+    )
+    quantize.add_argument(
+        "--out",
+        type=Path,
+        help="also copy the int8 model here (torch: a bundle; openvino/onnxruntime: a folder "
+        "to serve with --artifact)",
+    )
+    _add_model_flags(quantize)
+    quantize.set_defaults(handler=cmd_quantize)
+
+    info = sub.add_parser("info", help="show the model that would be served")
+    _add_model_flags(info)
+    info.set_defaults(handler=cmd_info)
+
+    _add_finetune(sub)
+    _add_bench(sub)
 
     serve = sub.add_parser("serve", help="run the HTTP service")
     from resnet_service.server.launch import add_arguments
@@ -445,11 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"resnet-service: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(settings.log_level, settings.log_format, embedded_ok=True)
     handler: Handler = args.handler
     try:
         return handler(args, settings)

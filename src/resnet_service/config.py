@@ -258,6 +258,18 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
     )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="text: lines for a terminal; json: one JSON object a line (timestamp, "
+        "level, logger, message, worker, request and trace ids, model, version), the "
+        "container image's default.",
+    )
+    tracing: bool = Field(
+        False,
+        description="Send OpenTelemetry traces over OTLP/HTTP, configured by the standard "
+        "OTEL_* variables (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, "
+        "OTEL_TRACES_SAMPLER...); OTEL_SDK_DISABLED=true turns it off again.",
+    )
 
     @field_validator("weights_path", "bundle_path", "calibration_dir", "artifact_path")
     @classmethod

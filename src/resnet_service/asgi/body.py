@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from starlette.requests import ClientDisconnect, Request
 
 from resnet_service.core.errors import MalformedRequest, RequestTimeout, UploadTooLarge
+from resnet_service.core.tracing import child_span
 from resnet_service.service.upload_budget import UploadBudget
 
 
@@ -43,11 +44,12 @@ async def request_body(
         )
     chunks: list[bytes] = []
     try:
-        async for chunk in body_chunks(request, idle_timeout_s):
-            if sum(len(c) for c in chunks) + len(chunk) > max_bytes:
-                raise UploadTooLarge(f"The request body exceeds {max_bytes} bytes.")
-            budget.take(len(chunk))
-            chunks.append(chunk)
+        with child_span("read upload"):
+            async for chunk in body_chunks(request, idle_timeout_s):
+                if sum(len(c) for c in chunks) + len(chunk) > max_bytes:
+                    raise UploadTooLarge(f"The request body exceeds {max_bytes} bytes.")
+                budget.take(len(chunk))
+                chunks.append(chunk)
         if not chunks:
             raise MalformedRequest("The request body is empty.")
         yield b"".join(chunks)

@@ -29,6 +29,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from opentelemetry import trace
+from opentelemetry.trace import Span
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -41,7 +43,10 @@ from resnet_service.asgi.problems import (
     problem_body,
 )
 from resnet_service.core.admission import Ticket
+from resnet_service.core.classifier import Classifier
 from resnet_service.core.errors import RetryLater
+from resnet_service.logs import request_id_var
+from resnet_service.service import tracing
 from resnet_service.service.metrics import Metrics
 from resnet_service.service.state import ServiceState
 
@@ -128,6 +133,7 @@ class AdmissionGate:
     def __init__(self, service: ServiceState, shapes: Mapping[str, ErrorShape]) -> None:
         self.service = service
         self.shapes = shapes
+        self.tracing = tracing.wanted(service.settings)
 
     def decide(self, scope: Scope, state: dict[str, Any]) -> Refusal | None:
         """None when admitted or not subject to admission; else the refusal to send."""
@@ -135,14 +141,38 @@ class AdmissionGate:
         classifier = self.service.classifier
         if route is None or classifier is None:  # still loading: the route answers not_ready
             return None
+        if self.tracing:
+            return self._decide_traced(scope, state, route, classifier)
         try:
             state["ticket"] = classifier.admit()
         except RetryLater as exc:
-            state["route"] = route
-            state["error_code"] = exc.code
-            shape = self.shapes.get(route, PROBLEM_SHAPE)
-            return _refusal(shape, scope, state["request_id"], exc)
+            return self._refuse(scope, state, route, exc)
         return None
+
+    def _decide_traced(
+        self, scope: Scope, state: dict[str, Any], route: str, classifier: Classifier
+    ) -> Refusal | None:
+        with tracing.admission_span() as span:
+            try:
+                ticket = state["ticket"] = classifier.admit()
+            except RetryLater as exc:
+                span.set_attributes({"admission.decision": "refused", "error.type": exc.code})
+                span.set_attribute("admission.shedding", classifier.workload.shedding)
+                return self._refuse(scope, state, route, exc)
+            span.set_attributes(
+                {
+                    "admission.decision": "admitted",
+                    "admission.predicted_wait_ms": round(ticket.predicted_wait_s * 1000, 3),
+                    "admission.shedding": classifier.workload.shedding,
+                }
+            )
+        return None
+
+    def _refuse(self, scope: Scope, state: dict[str, Any], route: str, exc: RetryLater) -> Refusal:
+        state["route"] = route
+        state["error_code"] = exc.code
+        shape = self.shapes.get(route, PROBLEM_SHAPE)
+        return _refusal(shape, scope, state["request_id"], exc)
 
 
 def _refusal(shape: ErrorShape, scope: Scope, request_id: str, exc: RetryLater) -> Refusal:
@@ -173,7 +203,14 @@ class HeadAdmission:
             return None  # the common probes and pages: not a dictionary look-up more
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = request_id_from(scope, self.recorder.ids)
-        refusal = self.gate.decide(scope, state)
+        if not self.gate.tracing:
+            refusal = self.gate.decide(scope, state)
+        else:  # the request's span starts here; RequestContextMiddleware carries it on
+            span = state["span"] = request_span(scope, state)
+            with trace.use_span(span, end_on_exit=False):
+                refusal = self.gate.decide(scope, state)
+                if refusal is not None:
+                    finish_request_span(span, scope, state, refusal.status)
         if refusal is not None:
             self.recorder.record(scope, state, refusal.status, 0.0)
         return refusal
@@ -210,6 +247,26 @@ class AdmissionMiddleware:
                 ticket.release()
 
 
+def request_span(scope: Scope, state: dict[str, Any]) -> Span:
+    """The request's SERVER span, continuing the caller's ``traceparent`` (tracing on)."""
+    headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+    method = method_label(scope["method"])
+    attributes = {
+        "http.request.method": method,
+        "url.path": scope.get("path", "")[:256],
+        "request.id": state["request_id"],
+    }
+    return tracing.start_request(f"{method} {scope.get('path', '')[:64]}", headers, attributes)
+
+
+def finish_request_span(span: Span, scope: Scope, state: dict[str, Any], status: int) -> None:
+    """Name the span by its route template (bounded), say the status, end it."""
+    route = getattr(scope.get("route"), "path", None) or state.get("route") or "unmatched"
+    span.update_name(f"{method_label(scope['method'])} {route}")
+    span.set_attributes({"http.route": route, "http.response.status_code": status})
+    tracing.finish_request(span, state.get("error_code"), failed=status >= 500)
+
+
 class RefusalLog:
     """At most one access-log line a second for refusals, saying how many it stands for."""
 
@@ -230,8 +287,10 @@ class RequestRecorder:
     """Counts and logs one finished request (metrics, access log); shared by the ASGI
     middleware and the protocol-layer refusals."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, json_lines: bool = False) -> None:
         self.metrics = metrics
+        #: The access line as a JSON log record's fields (json logs) or as its message (text).
+        self.json_lines = json_lines
         self.refusals = RefusalLog()
         self.ids = RequestIds()
         # Label children by their (bounded) label values: ``labels()`` takes a lock and
@@ -271,16 +330,17 @@ class RequestRecorder:
             if count is None:
                 return
             state["refusals_logged_as_one"] = count
-        _log(scope, state, route, status, elapsed)
+        _log(scope, state, route, status, elapsed, self.json_lines)
 
 
 class RequestContextMiddleware:
     """Wraps every HTTP request: id in and out, in-flight gauge, counters, access log line."""
 
-    def __init__(self, app: ASGIApp, recorder: RequestRecorder) -> None:
+    def __init__(self, app: ASGIApp, recorder: RequestRecorder, tracing: bool = False) -> None:
         self.app = app
         self.recorder = recorder
         self.metrics = recorder.metrics
+        self.tracing = tracing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -292,25 +352,42 @@ class RequestContextMiddleware:
         state["request_id"] = request_id
         started = time.perf_counter()
         status = 500
-        status_started = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status, status_started
+            nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                status_started = True
+                state["status_started"] = True
                 MutableHeaders(scope=message).append("X-Request-ID", request_id)
             await send(message)
 
         self.metrics.in_flight.inc()
+        token = request_id_var.set(request_id)
+        span = (state.get("span") or request_span(scope, state)) if self.tracing else None
         try:
-            await self.app(scope, receive, send_with_id)
+            if span is None:
+                await self._call(scope, receive, send_with_id, state, request_id)
+            else:
+                with trace.use_span(span, end_on_exit=False):
+                    await self._call(scope, receive, send_with_id, state, request_id)
+        finally:
+            request_id_var.reset(token)
+            self.metrics.in_flight.dec()
+            if span is not None:
+                finish_request_span(span, scope, state, status)
+            self.recorder.record(scope, state, status, time.perf_counter() - started)
+
+    async def _call(
+        self, scope: Scope, receive: Receive, send: Send, state: dict[str, Any], request_id: str
+    ) -> None:
+        try:
+            await self.app(scope, receive, send)
         except Exception:
             # Never for bad input; answered here (not by Starlette's outer error middleware)
             # so a 500 still carries the request id and is counted and logged.
             access_log.exception("unhandled error, request %s", request_id)
             state["error_code"] = "internal_error"
-            if status_started:
+            if state.get("status_started"):
                 raise
             body = problem_body(
                 status=500,
@@ -320,13 +397,12 @@ class RequestContextMiddleware:
                 instance=scope.get("path"),
                 request_id=request_id,
             )
-            await send_problem(send_with_id, body, 500)
-        finally:
-            self.metrics.in_flight.dec()
-            self.recorder.record(scope, state, status, time.perf_counter() - started)
+            await send_problem(send, body, 500)
 
 
-def _log(scope: Scope, state: dict[str, Any], route: str, status: int, elapsed: float) -> None:
+def _log(
+    scope: Scope, state: dict[str, Any], route: str, status: int, elapsed: float, fields: bool
+) -> None:
     line: dict[str, Any] = {
         "event": "request",
         "request_id": state["request_id"],
@@ -348,4 +424,9 @@ def _log(scope: Scope, state: dict[str, Any], route: str, status: int, elapsed: 
         line["error_code"] = code
     if (count := state.get("refusals_logged_as_one")) is not None:
         line["refusals"] = count
-    access_log.info(json.dumps(line))
+    if (span := state.get("span")) is not None:
+        line["trace_id"] = trace.format_trace_id(span.get_span_context().trace_id)
+    if fields:
+        access_log.info("request", extra=line)
+    else:
+        access_log.info(json.dumps(line))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from resnet_service.core import errors
+from resnet_service.service import tracing
 
 PROBLEM_JSON: Final = "application/problem+json"
 INTERNAL_DETAIL: Final = "The server failed unexpectedly; the request id identifies it in the logs."
@@ -90,6 +91,8 @@ def problem_body(
         body["instance"] = instance
     if request_id is not None:
         body["request_id"] = request_id
+    if (trace_id := tracing.trace_id()) is not None:
+        body["trace_id"] = trace_id
     if extra:
         body.update(extra)
     return json.dumps(body).encode()

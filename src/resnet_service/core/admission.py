@@ -153,7 +153,7 @@ class Workload:
                 f"{wait * 1000:.0f} ms (bound {bound * 1000:.0f} ms); retry later or elsewhere",
                 retry_after_s=self.retry_after_s(),
             )
-        return Ticket(self)
+        return Ticket(self, wait)
 
     def stale(self, waited_s: float) -> bool:
         """Whether work that has waited ``waited_s`` should be refused instead of started
@@ -242,8 +242,10 @@ class Ticket:
     """One admitted request: counts as waiting work while its upload is read, and as one
     answered request when it is released."""
 
-    def __init__(self, workload: Workload) -> None:
+    def __init__(self, workload: Workload, predicted_wait_s: float = 0.0) -> None:
         self._workload = workload
+        #: The wait admission predicted for it (reported on its trace span).
+        self.predicted_wait_s = predicted_wait_s
         self._uploading = True
         self._open = True
         workload.uploading += 1

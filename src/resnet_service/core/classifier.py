@@ -35,9 +35,13 @@ from resnet_service.core.images import (
 )
 from resnet_service.core.response_cache import ResponseCache
 from resnet_service.core.runtime import ServedModel
+from resnet_service.core.tracing import child_span
 from resnet_service.cpus import threads_per_worker
 
 log = logging.getLogger(__name__)
+
+#: The version of the model a replica serves (one version, until a model repository).
+MODEL_VERSION: Final = "1"
 
 #: Decode + preprocess of a typical photo before anything was measured (admission's prior).
 _INITIAL_DECODE_S: Final = 0.005
@@ -143,6 +147,12 @@ class Classifier:
             input_shape=self.input_shape,
             observer=observer,
             normalise=functools.partial(normalise_pixels, spec=spec),
+            trace_attributes={
+                "model.name": model.info.name,
+                "model.version": MODEL_VERSION,
+                "runtime": model.info.runtime,
+                "precision": model.info.precision,
+            },
         )
         self.workload = Workload(admission_policy(settings), _INITIAL_DECODE_S)
         self._observer = observer
@@ -265,7 +275,8 @@ class Classifier:
             if found is not None:
                 return self._from_cache(found, k, started)
         with self._in_pipeline() as slot:
-            decoded = await self.decode(data)
+            with child_span("decode"):
+                decoded = await self.decode(data)
             result = await self._infer(decoded.array, decoded.decode_s, k, started)
             slot.waited_s = decoded.waited_s + result.timings.queue_s
         if key is not None and self.cache is not None:

@@ -23,7 +23,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -41,6 +41,7 @@ from resnet_service.core.errors import (
 )
 from resnet_service.core.images import Pixels
 from resnet_service.core.runtime import FloatBatch, Runtime, pixel_input
+from resnet_service.core.tracing import Traced, record_batch, traced_now
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ class _Work:
     deadline: float
     enqueued: float = field(default_factory=time.monotonic)
     future: Future[Scores] = field(default_factory=Future)
+    #: The request span to link the batch to, when tracing records it.
+    traced: Traced | None = None
 
 
 def _is_pixels(array: FloatBatch | Pixels) -> TypeIs[Pixels]:
@@ -101,6 +104,7 @@ class InferenceEngine:
         input_shape: tuple[int, int, int] = (3, 224, 224),
         observer: EngineObserver | None = None,
         normalise: Callable[[Pixels], FloatBatch] | None = None,
+        trace_attributes: Mapping[str, str] | None = None,
     ) -> None:
         self._runtime = runtime
         self._pixel_runtime = pixel_input(runtime)
@@ -114,6 +118,8 @@ class InferenceEngine:
         self._queue: queue.Queue[_Work] = queue.Queue(maxsize=queue_capacity)
         self.input_shape = input_shape
         self._observer = observer
+        #: What every batch span says about the model (name, version, runtime).
+        self._trace_attributes = dict(trace_attributes or {"runtime": runtime.name})
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._stopping = threading.Event()
@@ -176,7 +182,7 @@ class InferenceEngine:
                 f"expected a float32 array of shape {self.input_shape} or a uint8 image of "
                 f"shape {self.pixel_shape}, got {array.dtype} {array.shape}"
             )
-        work = _Work(array=array, deadline=time.monotonic() + timeout_s)
+        work = _Work(array=array, deadline=time.monotonic() + timeout_s, traced=traced_now())
         try:
             self._queue.put_nowait(work)
         except queue.Full:
@@ -306,6 +312,8 @@ class InferenceEngine:
         if not live:
             return
         self._in_batch = len(live)
+        traced = [work.traced for work in live if work.traced is not None]
+        started_ns = time.time_ns() if traced else 0
         started = time.perf_counter()
         try:
             probabilities = self._forward(live)
@@ -318,12 +326,16 @@ class InferenceEngine:
                 )
             )
             log.exception("batch of %d failed", len(live))
+            if traced:
+                self._trace(traced, started_ns, len(live), error.code)
             for work in live:
                 work.future.set_exception(error)
             return
         finally:
             self._in_batch = 0
         elapsed = time.perf_counter() - started
+        if traced:
+            self._trace(traced, started_ns, len(live))
         self.per_item_s = 0.8 * self.per_item_s + 0.2 * (elapsed / len(live))
         self.items_run += len(live)
         waits = [now - work.enqueued for work in live]
@@ -338,6 +350,11 @@ class InferenceEngine:
             )
         if self._observer:
             self._observer.batch_done(len(live), elapsed, waits, self._queue.qsize())
+
+    def _trace(
+        self, traced: list[Traced], started_ns: int, size: int, error: str | None = None
+    ) -> None:
+        record_batch(traced, started_ns, time.time_ns(), size, self._trace_attributes, error)
 
     def _run(self, batch: FloatBatch | Pixels) -> FloatBatch:
         """One forward of a batch that is all images or all preprocessed arrays."""

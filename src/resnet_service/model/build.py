@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from resnet_service import logs
 from resnet_service.config import RuntimeName, Settings
 from resnet_service.core.errors import (
     ArtifactBuildFailed,
@@ -128,6 +129,8 @@ def _export_openvino(
 ) -> None:
     import nncf
     import openvino as ov
+
+    logs.adopt("nncf")  # NNCF installs its own stderr handler on import
 
     example = torch.zeros(1, 3, spec_side, spec_side)
     with warnings.catch_warnings():
@@ -264,6 +267,7 @@ def build_artifact(
     holdout: ImageFiles,
 ) -> ArtifactManifest:
     """Export (and quantize), measure fidelity, write the artifact atomically into ``folder``."""
+    logs.adopt("torch")  # torch installed its own stderr handler on import
     from resnet_service.runtimes.registry import open_runtime, runtime_version
 
     runtime, precision = settings.runtime, settings.precision

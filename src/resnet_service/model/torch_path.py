@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torchvision.models import ResNet18_Weights
 
+from resnet_service import logs
 from resnet_service.config import Settings
 from resnet_service.core.errors import BundleInvalid
 from resnet_service.core.runtime import ServedModel
@@ -196,6 +197,7 @@ def _load_bundle(
 
 def load_model(settings: Settings) -> ServedModel:
     """Resolve, build (or load from cache) and return the model the settings ask for."""
+    logs.adopt("torch")  # torch installed its own stderr handler on import
     started = time.perf_counter()
     threads = threads_per_worker(settings.inference_threads, settings.workers or 1)
     # Building runs a forward pass here: keep torch's pools to the worker's share of CPUs.

@@ -14,9 +14,10 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Final
 
 from fastapi import FastAPI
+from fastapi.telemetry import TelemetryConfig
 
 from resnet_service import __version__
 from resnet_service.asgi.middleware import (
@@ -32,6 +33,7 @@ from resnet_service.core.errors import ServiceError
 from resnet_service.faces.http import classify, openapi, operations, page, problems
 from resnet_service.faces.oip import errors as oip_errors
 from resnet_service.faces.oip import rest as oip_rest
+from resnet_service.service import tracing
 from resnet_service.service.loading import announce_ready, load_classifier
 from resnet_service.service.metrics import Metrics
 from resnet_service.service.state import ReplicaView, ServiceState
@@ -40,6 +42,14 @@ log = logging.getLogger(__name__)
 
 #: uvicorn's own exit code for a failed start-up.
 EXIT_STARTUP_FAILED = 3
+
+NO_FASTAPI_TELEMETRY: Final[TelemetryConfig] = {
+    "tracing": False,
+    "metrics": False,
+    "logs": False,
+    "operation_spans": False,
+    "auto_configure": False,
+}
 
 DESCRIPTION = """\
 Fast CPU image classification with an int8 ResNet18.
@@ -109,6 +119,10 @@ def create_app(
         lifespan=_lifespan(state, exit_on_startup_failure),
         docs_url="/docs",
         redoc_url=None,
+        # FastAPI's own telemetry off: our request span starts in the protocol layer (where
+        # admission decides, before any ASGI code) and is the same for gRPC; FastAPI's would
+        # be a second SERVER span under it, and we export metrics and logs our own way.
+        telemetry=NO_FASTAPI_TELEMETRY,
     )
     app.state.service = state
     # Two faces over one service: the JSON API (with the page and operations) and OIP REST.
@@ -121,9 +135,11 @@ def create_app(
     # Refusals from the head are written in the shape of the face that owns the route.
     shapes = {OIP_INFER_ROUTE: oip_errors.ERROR_SHAPE}
     # Starlette wraps in reverse order: the request context is outermost, admission inside it.
-    recorder = RequestRecorder(state.metrics)
+    recorder = RequestRecorder(state.metrics, json_lines=settings.log_format == "json")
     app.add_middleware(AdmissionMiddleware, service=state, shapes=shapes)
-    app.add_middleware(RequestContextMiddleware, recorder=recorder)
+    app.add_middleware(
+        RequestContextMiddleware, recorder=recorder, tracing=tracing.wanted(settings)
+    )
     #: For the HTTP protocol layer (``server.http``): admission before the ASGI stack.
     app.state.head_admission = HeadAdmission(state, recorder, shapes)
     return app

@@ -8,24 +8,30 @@ import json
 import logging
 import logging.config
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
-from typing import Final
+from typing import IO, Final
 
 from pydantic import SecretStr
 
+from resnet_service import logs
 from resnet_service.config import ENV_PREFIX, Settings
 from resnet_service.cpus import resolve_workers
 from resnet_service.server.http import IDLE_LINGER_S
 from resnet_service.server.sockets import PortInUse, check_port_free, reserve_port
 from resnet_service.server.supervisor import Supervisor
-from resnet_service.server.uvicorn_config import log_config
 from resnet_service.server.worker import ARTIFACT_ENV, EXIT_STARTUP_FAILED
 
 log = logging.getLogger("resnet_service.server.launch")
+preflight_log = logging.getLogger("resnet_service.preflight")
+#: Terminal colour codes and the glyphs of progress bars, dropped from relayed lines.
+_ANSI: Final = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_BAR_CHARS: Final = frozenset("━─╸╺ ")
 
 #: Seconds beyond drain delay + grace + linger before the supervisor kills stragglers.
 _STOP_MARGIN_S: Final = 5.0
@@ -52,21 +58,46 @@ class StartupError(Exception):
     """``serve`` cannot start; the message says what to fix."""
 
 
-def preflight(env: dict[str, str]) -> str | None:
+def preflight(env: dict[str, str], json_logs: bool = False) -> str | None:
     """Build (or verify) what the workers will load, once, in a child process (torch, when it
     builds, lives and dies there): a start-up error is said once, and workers only load.
-    Returns the built model's folder for torch-free runtimes."""
-    proc = subprocess.run(
+    Returns the built model's folder for torch-free runtimes. With ``json_logs``, what the
+    builders write on their own (NNCF's progress bars and notes) is relayed as log records,
+    so that the replica's every line stays JSON."""
+    proc = subprocess.Popen(
         [sys.executable, "-m", "resnet_service", "preflight"],
         env=env,
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE if json_logs else None,
         text=True,
-        check=False,
     )
-    if proc.returncode != 0:
-        raise StartupError(f"preflight failed (exit {proc.returncode}); see the message above")
-    artifact: str | None = json.loads(proc.stdout.strip().splitlines()[-1]).get("artifact")
+    relay = None
+    if json_logs:
+        assert proc.stderr is not None
+        relay = threading.Thread(target=_relay, args=(proc.stderr,), daemon=True)
+        relay.start()
+    assert proc.stdout is not None
+    out = proc.stdout.read()  # the last line is the preflight's JSON answer
+    code = proc.wait()
+    if relay is not None:
+        relay.join(10)
+    if code != 0:
+        raise StartupError(f"preflight failed (exit {code}); see the message above")
+    artifact: str | None = json.loads(out.strip().splitlines()[-1]).get("artifact")
     return artifact
+
+
+def _relay(stream: IO[str]) -> None:
+    """The preflight's stderr, line by line: JSON records as they are, anything else (a
+    library's own output) as a record of ours."""
+    for line in stream:
+        text = _ANSI.sub("", line).strip()
+        if not text or set(text) <= _BAR_CHARS:
+            continue
+        if text.startswith("{"):
+            sys.stderr.write(line if line.endswith("\n") else line + "\n")
+            continue
+        preflight_log.info("%s", text)
 
 
 def _run_dir() -> Path:
@@ -83,7 +114,7 @@ def _run_dir() -> Path:
 def run_server(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code."""
     settings = settings.model_copy(update={"workers": resolve_workers(settings.workers)})
-    logging.config.dictConfig(log_config(settings.log_level))
+    logs.configure(settings.log_level, settings.log_format)
     try:
         check_port_free(settings.host, settings.port)
         if settings.grpc_enabled:
@@ -117,7 +148,7 @@ def _serve(settings: Settings, rundir: Path) -> int:
             **settings_as_env(settings),
             "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
         }
-        artifact = preflight(env)
+        artifact = preflight(env, json_logs=settings.log_format == "json")
         if artifact is not None:
             env[ARTIFACT_ENV] = artifact
         log.info("serving on http://%s:%d with %d worker(s)", settings.host, port, settings.workers)

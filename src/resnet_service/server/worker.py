@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Final
 
 from resnet_service.config import Settings, SettingsError, load_settings
+from resnet_service.logs import WORKER_ENV
 
 log = logging.getLogger("resnet_service.worker")
 
 NOTIFY_FD_ENV: Final = "RESNET_WORKER_NOTIFY_FD"
 REPLICA_STATE_ENV: Final = "RESNET_WORKER_REPLICA_STATE"
-INDEX_ENV: Final = "RESNET_WORKER_INDEX"
+INDEX_ENV: Final = WORKER_ENV  # the log lines name their worker by it too
 ARTIFACT_ENV: Final = "RESNET_WORKER_ARTIFACT"
 EXIT_STARTUP_FAILED: Final = 3
 READY_MESSAGE: Final = b"ready\n"
@@ -80,10 +81,12 @@ def serve_worker(settings: Settings, plumbing: WorkerPlumbing) -> int:
     from resnet_service.server.http import ConnectionPolicy, GracefulServer, Peer
     from resnet_service.server.sockets import reuseport_listener
     from resnet_service.server.uvicorn_config import uvicorn_config
+    from resnet_service.service import tracing
     from resnet_service.service.loading import load_classifier
     from resnet_service.service.metrics import Metrics
     from resnet_service.service.state import ReplicaView, ServiceState
 
+    provider = tracing.configure(settings, plumbing.index)
     metrics = Metrics(worker=plumbing.index)
     try:
         classifier = load_classifier(settings, metrics, plumbing.artifact)
@@ -126,21 +129,24 @@ def serve_worker(settings: Settings, plumbing: WorkerPlumbing) -> int:
         classifier.model.info.runtime,
         "imported" if "torch" in sys.modules else "not imported",
     )
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:
+        tracing.shutdown(provider)
     return 0
 
 
 def main() -> int:
     """``python -m resnet_service.server.worker`` (started by the supervisor)."""
     _die_with_supervisor()
-    from resnet_service.server.uvicorn_config import log_config
+    from resnet_service import logs
 
     try:
         settings = load_settings()
     except SettingsError as exc:
         print(f"resnet-service worker: {exc}", file=sys.stderr)
         return EXIT_STARTUP_FAILED
-    logging.config.dictConfig(log_config(settings.log_level))
+    logs.configure(settings.log_level, settings.log_format)
     return serve_worker(settings, WorkerPlumbing.from_env())
 
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from resnet_service import logs
 from resnet_service.config import Settings
-from resnet_service.core.classifier import Classifier
+from resnet_service.core.classifier import MODEL_VERSION, Classifier
 from resnet_service.service.metrics import Metrics
 from resnet_service.service.state import ServiceState
 
@@ -39,4 +40,5 @@ def announce_ready(state: ServiceState) -> None:
         str(info.random_weights).lower(),
     ).set(1)
     state.metrics.ready.set(1)
+    logs.set_model(info.name, MODEL_VERSION)
     log.info("ready: %s (%s, %s)", info.name, info.precision, info.runtime)

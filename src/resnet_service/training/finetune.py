@@ -44,6 +44,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from resnet_service import logs
 from resnet_service.config import Settings
 from resnet_service.core.images import PreprocessSpec, preprocess
 from resnet_service.cpus import threads_per_worker
@@ -355,6 +356,7 @@ def _final_predictions(
 
 def finetune(config: FinetuneConfig, settings: Settings) -> FinetuneResult:
     """Train, choose on validation, write a bundle with its report (see the module doc)."""
+    logs.adopt("torch")  # torch installed its own stderr handler on import
     with _torch_threads(threads_per_worker(settings.inference_threads, 1)):
         return _finetune(config, settings)
 

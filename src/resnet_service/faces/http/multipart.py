@@ -19,6 +19,7 @@ from starlette.requests import ClientDisconnect, Request
 from resnet_service.asgi.body import body_chunks
 from resnet_service.config import Settings
 from resnet_service.core.errors import MalformedRequest, MissingField, TooManyFiles, UploadTooLarge
+from resnet_service.core.tracing import child_span
 from resnet_service.service.upload_budget import UploadBudget
 
 #: RFC 2046: a boundary is 1 to 70 characters.
@@ -166,7 +167,9 @@ async def uploaded_files(
     (408) instead of holding the connection and its memory."""
     held = [0]
     try:
-        yield await _read_form(request, limits, budget, held, idle_timeout_s)
+        with child_span("read upload"):
+            files = await _read_form(request, limits, budget, held, idle_timeout_s)
+        yield files
     finally:
         budget.give_back(held[0])
 

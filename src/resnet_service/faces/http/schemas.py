@@ -108,6 +108,9 @@ class Problem(BaseModel):
     code: str = Field(description="Stable, machine-readable error code.")
     instance: str | None = Field(None, description="The request path.")
     request_id: str | None = None
+    trace_id: str | None = Field(
+        None, description="The OpenTelemetry trace id of the request, when tracing is on."
+    )
     errors: list[dict[str, Any]] | None = Field(
         None, description="Field-level validation errors (422)."
     )

@@ -21,7 +21,7 @@ from typing import Any, Final
 import numpy as np
 
 from resnet_service import __version__
-from resnet_service.core.classifier import Classification, Classifier, top_k
+from resnet_service.core.classifier import MODEL_VERSION, Classification, Classifier, top_k
 from resnet_service.core.errors import InvalidInferRequest, ModelNotFound, ServiceError
 from resnet_service.faces.oip.tensors import (
     InferRequest,
@@ -34,7 +34,6 @@ from resnet_service.faces.oip.tensors import (
 IMAGE_INPUT: Final = "image"
 TENSOR_INPUT: Final = "input"
 PROBABILITIES: Final = "probabilities"
-MODEL_VERSION: Final = "1"
 SERVER_NAME: Final = "resnet-service"
 EXTENSIONS: Final = ("classification", "binary_tensor_data")
 

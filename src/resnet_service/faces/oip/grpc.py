@@ -22,7 +22,10 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
+from opentelemetry import trace
+from opentelemetry.trace import Span
 
+from resnet_service.core.admission import Ticket
 from resnet_service.core.errors import InvalidInferRequest, RetryLater, ServiceError
 from resnet_service.faces.oip.dataplane import DataPlane
 from resnet_service.faces.oip.errors import grpc_status
@@ -36,6 +39,7 @@ from resnet_service.faces.oip.tensors import (
     deserialize_bytes,
     fp32_from_raw,
 )
+from resnet_service.service import tracing
 from resnet_service.service.auth import check_bearer
 from resnet_service.service.state import ServiceState
 
@@ -116,6 +120,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     def __init__(self, service: ServiceState) -> None:
         self.service = service
         self.plane = DataPlane(service.require_classifier, self._ready)
+        self.tracing = tracing.wanted(service.settings)
 
     def _ready(self) -> bool:
         return self.service.readiness_problem() is None
@@ -124,8 +129,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         self, name: str, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]
     ) -> T:
         started, status, code = time.perf_counter(), grpc.StatusCode.OK, None
+        span = self._span(name, context) if self.tracing else None
         try:
-            return await work()
+            if span is None:
+                return await work()
+            with trace.use_span(span, end_on_exit=False):
+                return await work()
         except ServiceError as exc:
             status, code = grpc_status(exc), exc.code
             if isinstance(exc, RetryLater):
@@ -134,6 +143,34 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             raise  # abort raises; this keeps type checkers informed
         finally:
             self._count(name, status, code, time.perf_counter() - started)
+            if span is not None:
+                span.set_attribute("rpc.grpc.status_code", status.value[0])
+                failed = status not in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT)
+                tracing.finish_request(span, code, failed and status != grpc.StatusCode.NOT_FOUND)
+
+    def _admit(self) -> Ticket:
+        classifier = self.service.require_classifier()
+        if not self.tracing:
+            return classifier.admit()
+        with tracing.admission_span() as span:
+            try:
+                ticket = classifier.admit()
+            except RetryLater as exc:
+                span.set_attributes({"admission.decision": "refused", "error.type": exc.code})
+                raise
+            span.set_attributes(
+                {
+                    "admission.decision": "admitted",
+                    "admission.predicted_wait_ms": round(ticket.predicted_wait_s * 1000, 3),
+                }
+            )
+            return ticket
+
+    def _span(self, name: str, context: grpc.aio.ServicerContext) -> Span:
+        """The RPC's SERVER span, continuing a ``traceparent`` sent as metadata."""
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        attributes = {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": name}
+        return tracing.start_request(f"{SERVICE}/{name}", metadata, attributes)
 
     def _count(self, name: str, status: grpc.StatusCode, code: str | None, seconds: float) -> None:
         metrics = self.service.metrics
@@ -178,7 +215,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         async def work() -> Any:
             self._authorize(context)
-            with self.service.require_classifier().admit() as ticket:
+            with self._admit() as ticket:
                 ticket.uploaded()  # a unary RPC arrives whole
                 parsed = parse_request(request)
                 response = await self.plane.infer(parsed)

@@ -1,0 +1,155 @@
+"""``make bench-tracing``: what OpenTelemetry tracing costs the service, and that off is free.
+
+Three configurations of the same replica at 16 clients, rounds interleaved (off, on, off
+again, ...) so that a noisy neighbour hurts all alike: tracing off (the default), tracing on
+(every request sampled, spans exported over OTLP/HTTP to a receiver here that accepts and
+drops them), and off once more, whose ratio to the first off is the noise floor that "off is
+within noise" is judged against. Writes ``bench/tracing.json``.
+
+    python -m resnet_bench.tracing --out bench [--rounds 3] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Final
+
+from resnet_bench.images import bench_images
+from resnet_bench.jsonable import to_json
+from resnet_bench.runner import MAIN_IMAGE, closed_loop_load, machine_info, serving, speed_settings
+from resnet_service.config import Settings
+from resnet_service.cpus import usable_cpus
+
+log = logging.getLogger(__name__)
+
+#: Configuration name -> tracing on. "off-again" measures the noise between equal servers.
+CONFIGS: Final = {"off": False, "on": True, "off-again": False}
+
+
+@dataclass
+class Sink:
+    """Counts the OTLP export requests it accepted (and drops their spans)."""
+
+    url: str = ""
+    exports: int = 0
+    exported_bytes: int = 0
+
+
+@contextmanager
+def otlp_sink() -> Iterator[Sink]:
+    """A local OTLP/HTTP endpoint that answers 200 to every export."""
+    sink = Sink()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            size = int(self.headers.get("Content-Length", "0"))
+            self.rfile.read(size)
+            sink.exports += 1
+            sink.exported_bytes += size
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    sink.url = f"http://127.0.0.1:{server.server_address[1]}"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield sink
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians per configuration and the two ratios that matter."""
+    medians = {
+        name: {
+            "rps": [r["rps"] for r in rounds if r["config"] == name],
+            "median_rps": round(
+                statistics.median(r["rps"] for r in rounds if r["config"] == name), 1
+            ),
+            "median_p99_ms": round(
+                statistics.median(r["p99_ms"] for r in rounds if r["config"] == name), 1
+            ),
+        }
+        for name in CONFIGS
+    }
+    off, on, again = (medians[n]["median_rps"] for n in CONFIGS)
+    return {
+        "configs": medians,
+        "on_over_off_throughput": round(on / off, 3),
+        "on_over_off_p99": round(
+            medians["on"]["median_p99_ms"] / medians["off"]["median_p99_ms"], 3
+        ),
+        "noise_off_again_over_off": round(again / off, 3),
+    }
+
+
+def measure(settings: Settings, rounds: int, seconds: float, concurrency: int) -> dict[str, Any]:
+    workers = usable_cpus()
+    image = bench_images([MAIN_IMAGE])[MAIN_IMAGE]
+    workdir = Path(tempfile.mkdtemp(prefix="resnet-tracing-"))
+    results: list[dict[str, Any]] = []
+    with otlp_sink() as sink:
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = sink.url  # inherited by the servers
+        for i in range(rounds):
+            for name, traced in CONFIGS.items():
+                log.info("round %d: tracing %s", i + 1, name)
+                log_file = workdir / f"{name}.log"
+                with serving(settings, workers, log_file, tracing=traced) as srv:
+                    closed_loop_load(srv.port, "/classify", "image", image, concurrency, 2.0)
+                    row = closed_loop_load(
+                        srv.port, "/classify", "image", image, concurrency, seconds
+                    )
+                results.append({"config": name, **to_json(row)})
+        exports = {"exports": sink.exports, "exported_bytes": sink.exported_bytes}
+    return {
+        "machine": machine_info(usable_cpus()),
+        "runtime": settings.runtime,
+        "workers": workers,
+        "concurrency": concurrency,
+        "seconds_per_round": seconds,
+        "sampler": "parentbased_always_on (every request traced)",
+        "otlp": exports,
+        "rounds": results,
+        **summarise(results),
+    }
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--concurrency", type=int, default=16)
+    args = parser.parse_args()
+    report = measure(speed_settings(Settings()), args.rounds, args.seconds, args.concurrency)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "tracing.json").write_text(json.dumps(report, indent=2))
+    for name, fig in report["configs"].items():
+        print(
+            f"tracing {name:9s} {fig['median_rps']:7.1f} req/s  p99 {fig['median_p99_ms']:7.1f} ms"
+        )
+    print(
+        f"on/off throughput {report['on_over_off_throughput']}  p99 {report['on_over_off_p99']}"
+        f"  noise (off again/off) {report['noise_off_again_over_off']}"
+    )
+
+
+if __name__ == "__main__":
+    main()
