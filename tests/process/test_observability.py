@@ -166,7 +166,11 @@ def test_sixteen_traced_requests_and_the_batches_that_served_them(
         request_ids: dict[str, str] = {}
         for _header, trace_id, parent in callers:
             found = request_spans(spans, trace_id)
-            assert len(found) == 1, [(s.name, s.kind, s.span_id, s.parent_span_id) for s in spans if s.trace_id == trace_id]
+            assert len(found) == 1, [
+                (s.name, s.kind, s.span_id, s.parent_span_id)
+                for s in spans
+                if s.trace_id == trace_id
+            ]
             (request,) = found
             assert request.parent_span_id == parent, "the caller's trace is continued"
             assert request.name == "POST /classify"
