@@ -9,6 +9,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -211,6 +212,48 @@ def test_an_error_is_on_its_span_and_its_problem_names_the_trace(
         (span,) = request_spans(receiver.snapshot(), trace_id)
         assert span.attributes["error.type"] == "unsupported_image_format"
         assert span.status_code != 2  # STATUS_CODE_ERROR is for the service's faults (5xx)
+
+
+def test_a_refusal_is_an_error_on_its_span_with_its_admission_decision(
+    receiver: Receiver, weights_file: Path, model_cache: Path, tmp_path: Path
+) -> None:
+    """A worker that refuses while one upload is in progress (a 1 ms deadline bound), held
+    there by a stalled upload: the refused request's span is an ERROR with its code."""
+    env = {
+        **traced_env(receiver),
+        "RESNET_SERVICE_QUEUE_BUDGET_MS": "1",
+        "RESNET_SERVICE_BODY_TIMEOUT_S": "60",
+    }
+    photo = jpeg_of("coffee")
+    with (
+        serve(tmp_path, *model_args(weights_file, model_cache), env=env) as server,
+        socket.create_connection(("127.0.0.1", server.port)) as stalled,
+    ):
+        stalled.sendall(
+            b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n"
+        )  # admitted, never finished
+
+        def refused() -> tuple[httpx.Response, str]:
+            header, trace_id, _ = new_traceparent()
+            response = httpx.post(
+                f"{server.url}/classify", files={"image": photo}, headers={"traceparent": header}
+            )
+            return response, trace_id
+
+        wait_until(lambda: refused()[0].status_code == 503, 10, "a refusal", server)
+        response, trace_id = refused()
+        assert response.status_code == 503
+        assert response.json()["trace_id"] == trace_id  # the caller's trace, in the body
+        wait_until(lambda: request_spans(receiver.snapshot(), trace_id), 30, "its span", server)
+        spans = receiver.snapshot()
+        (span,) = request_spans(spans, trace_id)
+        assert span.attributes["error.type"] == "overloaded"
+        assert span.attributes["http.response.status_code"] == 503
+        assert span.status_code == 2  # STATUS_CODE_ERROR: the service refused it
+        (admission,) = [s for s in spans if s.parent_span_id == span.span_id]
+        assert admission.name == "admission"
+        assert admission.attributes["admission.decision"] == "refused"
 
 
 def test_oip_rest_and_grpc_continue_the_callers_trace(
