@@ -10,24 +10,14 @@ median of the rounds per stack and the ratio, and writes ``bench/httpstack.json`
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import statistics
-import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Final
 
-from resnet_bench.images import bench_images
-from resnet_bench.jsonable import to_json
-from resnet_bench.runner import (
-    MAIN_IMAGE,
-    closed_loop_load,
-    machine_info,
-    serving,
-    speed_settings,
-)
+from resnet_bench import interleaved
+from resnet_bench.interleaved import interleaved_rounds
+from resnet_bench.runner import machine_info
 from resnet_service.config import Settings
 from resnet_service.cpus import usable_cpus
 
@@ -80,22 +70,12 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def measure(settings: Settings, rounds: int, seconds: float, concurrency: int) -> dict[str, Any]:
-    workers = usable_cpus()
-    image = bench_images([MAIN_IMAGE])[MAIN_IMAGE]
-    workdir = Path(tempfile.mkdtemp(prefix="resnet-httpstack-"))
-    results: list[dict[str, Any]] = []
-    for i in range(rounds):
-        for stack, (parser, loop) in STACKS.items():
-            log.info("round %d: %s", i + 1, stack)
-            log_file = workdir / f"{stack}.log"
-            with serving(settings, workers, log_file, http_parser=parser, event_loop=loop) as srv:
-                closed_loop_load(srv.port, "/classify", "image", image, concurrency, 2.0)  # warm-up
-                row = closed_loop_load(srv.port, "/classify", "image", image, concurrency, seconds)
-            results.append({"stack": stack, **to_json(row)})
+    configs = {name: {"http_parser": p, "event_loop": loop} for name, (p, loop) in STACKS.items()}
+    results = interleaved_rounds(settings, configs, rounds, seconds, concurrency, "stack")
     return {
         "machine": machine_info(usable_cpus()),
         "runtime": settings.runtime,
-        "workers": workers,
+        "workers": usable_cpus(),
         "concurrency": concurrency,
         "seconds_per_round": seconds,
         "rounds": results,
@@ -104,16 +84,7 @@ def measure(settings: Settings, rounds: int, seconds: float, concurrency: int) -
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("bench"))
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--concurrency", type=int, default=16)
-    args = parser.parse_args()
-    report = measure(speed_settings(Settings()), args.rounds, args.seconds, args.concurrency)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "httpstack.json").write_text(json.dumps(report, indent=2))
+    report = interleaved.main(__doc__ or "", measure, "httpstack.json")
     for stack, fig in report["stacks"].items():
         print(f"{stack:18s} {fig['median_rps']:7.1f} req/s  p99 {fig['median_p99_ms']:7.1f} ms")
     print(f"throughput ratio {report['throughput_ratio']}  p99 ratio {report['p99_ratio']}")

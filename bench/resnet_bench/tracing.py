@@ -11,23 +11,19 @@ within noise" is judged against. Writes ``bench/tracing.json``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import statistics
-import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any, Final
 
-from resnet_bench.images import bench_images
-from resnet_bench.jsonable import to_json
-from resnet_bench.runner import MAIN_IMAGE, closed_loop_load, machine_info, serving, speed_settings
+from resnet_bench import interleaved
+from resnet_bench.interleaved import interleaved_rounds
+from resnet_bench.runner import machine_info
 from resnet_service.config import Settings
 from resnet_service.cpus import usable_cpus
 
@@ -100,27 +96,15 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def measure(settings: Settings, rounds: int, seconds: float, concurrency: int) -> dict[str, Any]:
-    workers = usable_cpus()
-    image = bench_images([MAIN_IMAGE])[MAIN_IMAGE]
-    workdir = Path(tempfile.mkdtemp(prefix="resnet-tracing-"))
-    results: list[dict[str, Any]] = []
+    configs = {name: {"tracing": traced} for name, traced in CONFIGS.items()}
     with otlp_sink() as sink:
         os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = sink.url  # inherited by the servers
-        for i in range(rounds):
-            for name, traced in CONFIGS.items():
-                log.info("round %d: tracing %s", i + 1, name)
-                log_file = workdir / f"{name}.log"
-                with serving(settings, workers, log_file, tracing=traced) as srv:
-                    closed_loop_load(srv.port, "/classify", "image", image, concurrency, 2.0)
-                    row = closed_loop_load(
-                        srv.port, "/classify", "image", image, concurrency, seconds
-                    )
-                results.append({"config": name, **to_json(row)})
+        results = interleaved_rounds(settings, configs, rounds, seconds, concurrency, "config")
         exports = {"exports": sink.exports, "exported_bytes": sink.exported_bytes}
     return {
         "machine": machine_info(usable_cpus()),
         "runtime": settings.runtime,
-        "workers": workers,
+        "workers": usable_cpus(),
         "concurrency": concurrency,
         "seconds_per_round": seconds,
         "sampler": "parentbased_always_on (every request traced)",
@@ -131,16 +115,7 @@ def measure(settings: Settings, rounds: int, seconds: float, concurrency: int) -
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("bench"))
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--concurrency", type=int, default=16)
-    args = parser.parse_args()
-    report = measure(speed_settings(Settings()), args.rounds, args.seconds, args.concurrency)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "tracing.json").write_text(json.dumps(report, indent=2))
+    report = interleaved.main(__doc__ or "", measure, "tracing.json")
     for name, fig in report["configs"].items():
         print(
             f"tracing {name:9s} {fig['median_rps']:7.1f} req/s  p99 {fig['median_p99_ms']:7.1f} ms"
