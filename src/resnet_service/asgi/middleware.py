@@ -43,7 +43,6 @@ from resnet_service.asgi.problems import (
     problem_body,
 )
 from resnet_service.core.admission import Ticket
-from resnet_service.core.classifier import Classifier
 from resnet_service.core.errors import RetryLater
 from resnet_service.logs import request_id_var
 from resnet_service.service import tracing
@@ -141,31 +140,10 @@ class AdmissionGate:
         classifier = self.service.classifier
         if route is None or classifier is None:  # still loading: the route answers not_ready
             return None
-        if self.tracing:
-            return self._decide_traced(scope, state, route, classifier)
         try:
-            state["ticket"] = classifier.admit()
+            state["ticket"] = tracing.admit(classifier) if self.tracing else classifier.admit()
         except RetryLater as exc:
             return self._refuse(scope, state, route, exc)
-        return None
-
-    def _decide_traced(
-        self, scope: Scope, state: dict[str, Any], route: str, classifier: Classifier
-    ) -> Refusal | None:
-        with tracing.admission_span() as span:
-            try:
-                ticket = state["ticket"] = classifier.admit()
-            except RetryLater as exc:
-                span.set_attributes({"admission.decision": "refused", "error.type": exc.code})
-                span.set_attribute("admission.shedding", classifier.workload.shedding)
-                return self._refuse(scope, state, route, exc)
-            span.set_attributes(
-                {
-                    "admission.decision": "admitted",
-                    "admission.predicted_wait_ms": round(ticket.predicted_wait_s * 1000, 3),
-                    "admission.shedding": classifier.workload.shedding,
-                }
-            )
         return None
 
     def _refuse(self, scope: Scope, state: dict[str, Any], route: str, exc: RetryLater) -> Refusal:

@@ -24,8 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
 
 from opentelemetry import trace
@@ -35,13 +34,16 @@ from opentelemetry.util.types import AttributeValue
 
 from resnet_service import __version__
 from resnet_service.config import Settings
+from resnet_service.core.admission import Ticket
+from resnet_service.core.classifier import Classifier
+from resnet_service.core.errors import RetryLater
+from resnet_service.core.tracing import TRACER
 
 if TYPE_CHECKING:  # the SDK is imported only when tracing is on
     from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger(__name__)
 
-TRACER_NAME: Final = "resnet_service"
 DEFAULT_SERVICE_NAME: Final = "resnet-service"
 
 
@@ -88,9 +90,6 @@ def _endpoint() -> str:
 
 
 # --- spans every face writes ----------------------------------------------------------------
-TRACER: Final = trace.get_tracer(TRACER_NAME)
-
-
 def start_request(
     name: str, carrier: Mapping[str, str], attributes: Mapping[str, AttributeValue]
 ) -> Span:
@@ -111,11 +110,23 @@ def finish_request(span: Span, error_code: str | None, failed: bool) -> None:
     span.end()
 
 
-@contextmanager
-def admission_span() -> Iterator[Span]:
-    """The ``admission`` child of the current request span (the caller says the decision)."""
+def admit(classifier: Classifier) -> Ticket:
+    """``classifier.admit()`` inside an ``admission`` child of the current request span, which
+    says the decision, the predicted wait and whether a standing queue is being shed."""
     with TRACER.start_as_current_span("admission") as span:
-        yield span
+        span.set_attribute("admission.shedding", classifier.workload.shedding)
+        try:
+            ticket = classifier.admit()
+        except RetryLater as exc:
+            span.set_attributes({"admission.decision": "refused", "error.type": exc.code})
+            raise
+        span.set_attributes(
+            {
+                "admission.decision": "admitted",
+                "admission.predicted_wait_ms": round(ticket.predicted_wait_s * 1000, 3),
+            }
+        )
+        return ticket
 
 
 def trace_id() -> str | None:

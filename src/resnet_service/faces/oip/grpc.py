@@ -47,6 +47,16 @@ log = logging.getLogger(__name__)
 
 SERVICE: Final = "inference.GRPCInferenceService"
 _MESSAGE_OVERHEAD: Final = 1 << 20
+#: Statuses that are the service's failure (ERROR on the span), as a 5xx is over HTTP; what
+#: the caller got wrong (invalid argument, not found, unauthenticated) is not.
+_SERVICE_FAULTS: Final = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
 T = TypeVar("T")
 
 
@@ -145,26 +155,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             self._count(name, status, code, time.perf_counter() - started)
             if span is not None:
                 span.set_attribute("rpc.grpc.status_code", status.value[0])
-                failed = status not in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT)
-                tracing.finish_request(span, code, failed and status != grpc.StatusCode.NOT_FOUND)
+                tracing.finish_request(span, code, failed=status in _SERVICE_FAULTS)
 
     def _admit(self) -> Ticket:
         classifier = self.service.require_classifier()
-        if not self.tracing:
-            return classifier.admit()
-        with tracing.admission_span() as span:
-            try:
-                ticket = classifier.admit()
-            except RetryLater as exc:
-                span.set_attributes({"admission.decision": "refused", "error.type": exc.code})
-                raise
-            span.set_attributes(
-                {
-                    "admission.decision": "admitted",
-                    "admission.predicted_wait_ms": round(ticket.predicted_wait_s * 1000, 3),
-                }
-            )
-            return ticket
+        return tracing.admit(classifier) if self.tracing else classifier.admit()
 
     def _span(self, name: str, context: grpc.aio.ServicerContext) -> Span:
         """The RPC's SERVER span, continuing a ``traceparent`` sent as metadata."""
