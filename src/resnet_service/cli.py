@@ -84,7 +84,12 @@ def cmd_preflight(args: argparse.Namespace, settings: Settings) -> int:
     """Build (or verify) what serving workers will load; used by ``serve`` before its workers."""
     from resnet_service.model.opening import prepare
 
-    _emit(prepare(settings).model_dump(mode="json"))
+    try:
+        prepared = prepare(settings)
+    except ServiceError as exc:
+        _emit({"error": exc.detail})  # the last line: the parent's reason (a repository index)
+        raise
+    _emit(prepared.model_dump(mode="json"))
     return 0
 
 

@@ -52,6 +52,32 @@ class Settings(BaseSettings):
         description="A built OpenVINO or ONNX Runtime model folder (`quantize --runtime R --out "
         "DIR`) to serve as it is: its runtime and precision apply, no weights are needed.",
     )
+    model_repository: Path | None = Field(
+        None,
+        description="A model repository: DIR/<model>/<version>/ holds a bundle, a built model or "
+        "a model.json naming weights, with an optional DIR/<model>/config.json (version policy, "
+        "runtime, precision, batching). Several models and versions per replica; instead of "
+        "weights_path, bundle_path and artifact_path.",
+    )
+    repository_control: Literal["none", "poll", "explicit"] = Field(
+        "none",
+        description="How the repository changes while serving: none (read at start), poll "
+        "(new or removed version directories are noticed every repository_poll_s), explicit "
+        "(the OIP repository extension loads and unloads; needs admin_token).",
+    )
+    repository_poll_s: float = Field(
+        2.0, gt=0, le=3600, description="How often `poll` looks at the repository."
+    )
+    default_model: str | None = Field(
+        None,
+        description="The model of requests that name none (and of /model); default: the only "
+        "model, or the first by name.",
+    )
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Bearer token of the repository control routes (/v2/repository/...); they "
+        "are off without it.",
+    )
     model_cache_dir: Path = Field(
         default_factory=_default_cache_dir,
         description="Where quantized (int8) models are cached, keyed by the fp32 weights' "
@@ -271,7 +297,9 @@ class Settings(BaseSettings):
         "OTEL_TRACES_SAMPLER...); OTEL_SDK_DISABLED=true turns it off again.",
     )
 
-    @field_validator("weights_path", "bundle_path", "calibration_dir", "artifact_path")
+    @field_validator(
+        "weights_path", "bundle_path", "calibration_dir", "artifact_path", "model_repository"
+    )
     @classmethod
     def _must_exist(cls, value: Path | None) -> Path | None:
         if value is not None and not value.exists():
@@ -298,7 +326,34 @@ class Settings(BaseSettings):
         given = [f for f in ("weights_path", "bundle_path", "artifact_path") if getattr(self, f)]
         if len(given) > 1:
             raise ValueError(f"give one of weights_path, bundle_path, artifact_path (got {given})")
+        if self.model_repository is not None and given:
+            raise ValueError(
+                f"model_repository names every model; leave {', '.join(given)} unset "
+                "(put that model in the repository instead)"
+            )
+        if self.repository_control != "none" and self.model_repository is None:
+            raise ValueError("repository_control needs a model_repository")
+        if self.repository_control == "explicit" and self.admin_token is None:
+            raise ValueError(
+                "repository_control=explicit needs admin_token (the control routes' token)"
+            )
         return self
+
+    def as_env(self) -> dict[str, str]:
+        """The settings that were set (from the environment, flags, or resolved by the
+        supervisor) as RESNET_SERVICE_* variables, for child processes. Defaults stay
+        defaults there, so a child can still tell a choice from a default (a built model's
+        runtime wins over the default runtime, not over an explicit one)."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump(exclude_unset=True).items():
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            env[f"{ENV_PREFIX}{name.upper()}"] = str(value)
+        return env
 
 
 class SettingsError(Exception):

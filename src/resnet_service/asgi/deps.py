@@ -4,10 +4,11 @@ thread-pool hop per request."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 
 from resnet_service.config import Settings
 from resnet_service.core.admission import Ticket
@@ -32,12 +33,42 @@ async def get_settings(service: ServiceDep) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-async def get_classifier(service: ServiceDep) -> Classifier:
-    """The loaded classifier, or ``NotReady`` (503) while the model loads."""
-    return service.require_classifier()
+ModelQuery = Annotated[
+    str | None,
+    Query(
+        max_length=64,
+        description="The model to use (GET /models lists them); default: the default model.",
+    ),
+]
+VersionQuery = Annotated[
+    str | None,
+    Query(max_length=16, description="The model's version; default: its highest ready one."),
+]
+
+
+async def get_classifier(
+    request: Request, service: ServiceDep, model: ModelQuery = None, version: VersionQuery = None
+) -> Classifier:
+    """The classifier the request names (``?model=&version=``): the one admission chose at the
+    head when it did, so a request is answered by the version that admitted it; ``NotReady``
+    (503) while loading, ``ModelNotFound`` (404) for what this replica does not serve."""
+    chosen: Classifier | None = getattr(request.state, "classifier", None)
+    return chosen if chosen is not None else service.require_classifier(model, version)
 
 
 ClassifierDep = Annotated[Classifier, Depends(get_classifier)]
+
+
+async def get_oip_classifier(request: Request, service: ServiceDep) -> Classifier:
+    """The same for OIP, whose path names the model (``/v2/models/{name}[/versions/{v}]``)."""
+    chosen: Classifier | None = getattr(request.state, "classifier", None)
+    if chosen is not None:
+        return chosen
+    params = request.path_params
+    return service.require_classifier(params.get("model_name"), params.get("model_version"))
+
+
+OipClassifierDep = Annotated[Classifier, Depends(get_oip_classifier)]
 
 
 async def require_token(request: Request, settings: SettingsDep) -> None:
@@ -57,9 +88,8 @@ async def get_cache_scope(request: Request, settings: SettingsDep) -> str:
 CacheScopeDep = Annotated[str, Depends(get_cache_scope)]
 
 
-async def admission_ticket(request: Request, classifier: ClassifierDep) -> AsyncIterator[Ticket]:
-    """The request's admission ticket: taken by ``AdmissionMiddleware`` before routing (it
-    refuses cheaply under overload); taken here only if the model finished loading in between."""
+@contextmanager
+def _ticket(request: Request, classifier: Classifier) -> Iterator[Ticket]:
     ticket: Ticket | None = getattr(request.state, "ticket", None)
     if ticket is not None:
         yield ticket
@@ -68,4 +98,19 @@ async def admission_ticket(request: Request, classifier: ClassifierDep) -> Async
         yield own
 
 
+async def admission_ticket(request: Request, classifier: ClassifierDep) -> AsyncIterator[Ticket]:
+    """The request's admission ticket: taken by ``AdmissionMiddleware`` before routing (it
+    refuses cheaply under overload); taken here only if the model finished loading in between."""
+    with _ticket(request, classifier) as ticket:
+        yield ticket
+
+
+async def oip_admission_ticket(
+    request: Request, classifier: OipClassifierDep
+) -> AsyncIterator[Ticket]:
+    with _ticket(request, classifier) as ticket:
+        yield ticket
+
+
 TicketDep = Annotated[Ticket, Depends(admission_ticket)]
+OipTicketDep = Annotated[Ticket, Depends(oip_admission_ticket)]

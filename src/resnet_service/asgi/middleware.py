@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
+from urllib.parse import parse_qs, unquote
 
 from opentelemetry import trace
 from opentelemetry.trace import Span
@@ -43,7 +44,7 @@ from resnet_service.asgi.problems import (
     problem_body,
 )
 from resnet_service.core.admission import Ticket
-from resnet_service.core.errors import RetryLater
+from resnet_service.core.errors import RetryLater, ServiceError
 from resnet_service.logs import request_id_var
 from resnet_service.service import tracing
 from resnet_service.service.metrics import Metrics
@@ -59,7 +60,7 @@ _SINGLE_IMAGE_ROUTES: Final = frozenset({"/classify"})
 _METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 #: Inference routes admitted by predicted wait (exact paths; OIP paths by pattern).
 _ADMITTED_PATHS: Final = frozenset({"/classify", "/classify/batch"})
-_OIP_INFER: Final = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$")
+_OIP_INFER: Final = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
 OIP_INFER_ROUTE: Final = "/v2/models/{model_name}/infer"
 _REFUSAL_LOG_INTERVAL_S: Final = 1.0
 
@@ -115,6 +116,22 @@ def admitted_route(scope: Scope) -> str | None:
     return OIP_INFER_ROUTE if _OIP_INFER.match(path) else None
 
 
+def requested_model(scope: Scope, route: str) -> tuple[str | None, str | None]:
+    """The model and version a request names: OIP in its path, the JSON API in its query
+    (``?model=NAME&version=V``); (None, None) for the default model."""
+    if route == OIP_INFER_ROUTE:
+        match = _OIP_INFER.match(scope["path"])
+        return (
+            (unquote(match[1]), unquote(match[2]) if match[2] else None) if match else (None, None)
+        )
+    query: bytes = scope.get("query_string", b"")
+    if b"model" not in query and b"version" not in query:
+        return None, None  # the common case: no parsing
+    params = parse_qs(query.decode("latin-1"))
+    model, version = params.get("model", [None])[-1], params.get("version", [None])[-1]
+    return model or None, version or None
+
+
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """A whole 503 answer, decided from the head: what either layer sends as it is."""
@@ -137,9 +154,13 @@ class AdmissionGate:
     def decide(self, scope: Scope, state: dict[str, Any]) -> Refusal | None:
         """None when admitted or not subject to admission; else the refusal to send."""
         route = admitted_route(scope)
-        classifier = self.service.classifier
-        if route is None or classifier is None:  # still loading: the route answers not_ready
+        if route is None:
             return None
+        try:
+            classifier = self.service.require_classifier(*requested_model(scope, route))
+        except ServiceError:
+            return None  # unknown model, still loading: the route answers that
+        state["classifier"] = classifier  # the route serves the version admission chose
         try:
             state["ticket"] = tracing.admit(classifier) if self.tracing else classifier.admit()
         except RetryLater as exc:

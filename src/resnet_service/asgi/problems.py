@@ -30,6 +30,8 @@ HTTP_STATUS: Final[dict[str, int]] = {
     errors.InvalidInferRequest.code: 400,
     errors.Unauthorized.code: 401,
     errors.ModelNotFound.code: 404,
+    errors.ControlOff.code: 403,
+    errors.ModelLoadFailed.code: 400,
     errors.RequestTimeout.code: 408,
     errors.UploadTooLarge.code: 413,
     errors.ImageTooLarge.code: 413,

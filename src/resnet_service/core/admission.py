@@ -112,6 +112,8 @@ class Workload:
         self.uploading = 0
         self.processing = 0
         self.completed = 0
+        #: Admitted requests not yet ended (what an unloading model version waits for).
+        self.open = 0
         #: True while a standing queue is being shed (the bound is then the target).
         self.shedding = False
         self._busy_total = 0.0
@@ -224,6 +226,7 @@ class Workload:
     def answered(self) -> None:
         """One admitted request ended (its ticket is released)."""
         self._window.answered += 1
+        self.open -= 1
 
     def busy_s(self, now: float) -> float:
         return self._busy_total + (now - self._busy_since if self.processing else 0.0)
@@ -249,6 +252,7 @@ class Ticket:
         self._uploading = True
         self._open = True
         workload.uploading += 1
+        workload.open += 1
 
     def uploaded(self) -> None:
         """The body is read: from now on its images count, not the request."""

@@ -40,7 +40,7 @@ from resnet_service.cpus import threads_per_worker
 
 log = logging.getLogger(__name__)
 
-#: The version of the model a replica serves (one version, until a model repository).
+#: The version of a model served without a repository (a repository names its own).
 MODEL_VERSION: Final = "1"
 
 #: Decode + preprocess of a typical photo before anything was measured (admission's prior).
@@ -125,10 +125,19 @@ class Classifier:
     """Owns the decode pool, the inference engine and admission for one served model."""
 
     def __init__(
-        self, model: ServedModel, settings: Settings, observer: DecodeObserver | None = None
+        self,
+        model: ServedModel,
+        settings: Settings,
+        observer: DecodeObserver | None = None,
+        *,
+        name: str | None = None,
+        version: str = MODEL_VERSION,
     ) -> None:
         self.model = model
         self.settings = settings
+        #: The name and version requests reach it by (a repository's folder names).
+        self.name = name or model.info.name
+        self.version = version
         self.inference_threads = model.runtime.threads
         self.decode_threads = settings.decode_threads or threads_per_worker(
             settings.inference_threads, settings.workers or 1
@@ -148,8 +157,8 @@ class Classifier:
             observer=observer,
             normalise=functools.partial(normalise_pixels, spec=spec),
             trace_attributes={
-                "model.name": model.info.name,
-                "model.version": MODEL_VERSION,
+                "model.name": self.name,
+                "model.version": version,
                 "runtime": model.info.runtime,
                 "precision": model.info.precision,
             },
@@ -185,6 +194,11 @@ class Classifier:
     @property
     def ready(self) -> bool:
         return self.engine.ready
+
+    @property
+    def idle(self) -> bool:
+        """No admitted request and no image in its pipeline: safe to stop."""
+        return self.workload.open <= 0 and self.workload.processing <= 0
 
     def check_top_k(self, top_k: int | None) -> int:
         """``top_k`` or the default, within 1..min(max_top_k, classes)."""

@@ -95,6 +95,21 @@ class Unauthorized(ServiceError):
     title = "Unauthorized"
 
 
+class ControlOff(ServiceError):
+    """A repository control request where control is not enabled (no admin token, or a
+    load/unload outside ``explicit`` mode)."""
+
+    code = "repository_control_off"
+    title = "Repository control is off"
+
+
+class ModelLoadFailed(ServiceError):
+    """A model asked to load could not be (its version failed to build or load)."""
+
+    code = "model_load_failed"
+    title = "Model load failed"
+
+
 class DatasetError(InputError):
     """Training data that cannot be used (fine-tuning); the message says what to fix."""
 

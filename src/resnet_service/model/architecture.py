@@ -48,7 +48,18 @@ def quiet_quantization_warnings() -> Iterator[None]:
         warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor")
         warnings.filterwarnings("ignore", message=r"TypedStorage is deprecated")
         warnings.filterwarnings("ignore", message=r"Please use quant_min and quant_max")
+        # Loading a bundle calibrated for a VNNI host (its skeleton names its qconfig).
+        warnings.filterwarnings("ignore", message=r"Default qconfig of oneDNN backend")
         yield
+
+
+def host_qconfig() -> str:
+    """The qconfig for this CPU: oneDNN's 8-bit activations where it has VNNI (exact u8 x s8
+    dot products), else the x86 qconfig's 7-bit activations: without VNNI the AVX2 kernels sum
+    u8 x s8 pairs into saturating int16 (``vpmaddubsw``), which 8-bit activations overflow;
+    torch warns exactly about that."""
+    vnni = getattr(torch.cpu, "_is_vnni_supported", None)
+    return "onednn" if vnni is None or vnni() else "x86"
 
 
 def select_quantized_engine() -> None:

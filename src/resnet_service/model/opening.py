@@ -10,6 +10,7 @@ its runtime.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import time
 from collections.abc import Iterator
@@ -108,16 +109,32 @@ def find_or_build(settings: Settings) -> Path:
     with needs_torch(f"building the {settings.runtime} {settings.precision} model"):
         from resnet_service.model.build import build_artifact, labels_of
 
-    build_artifact(
-        settings,
-        source,
-        labels_of(source),
-        folder,
-        key,
-        (calibration, fingerprint) if fingerprint else None,
-        holdout,
-    )
+    with _build_lock(folder):  # workers loading one new version build it once
+        if find_cached(folder, source.weights_sha256) is not None:
+            return folder
+        build_artifact(
+            settings,
+            source,
+            labels_of(source),
+            folder,
+            key,
+            (calibration, fingerprint) if fingerprint else None,
+            holdout,
+        )
     return folder
+
+
+@contextmanager
+def _build_lock(folder: Path) -> Iterator[None]:
+    """One builder per cache entry across processes (an flock beside the entry): the second
+    waits, then finds the first one's build."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def effective(settings: Settings) -> Settings:

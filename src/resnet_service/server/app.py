@@ -32,10 +32,12 @@ from resnet_service.core.classifier import Classifier
 from resnet_service.core.errors import ServiceError
 from resnet_service.faces.http import classify, openapi, operations, page, problems
 from resnet_service.faces.oip import errors as oip_errors
+from resnet_service.faces.oip import repository as oip_repository
 from resnet_service.faces.oip import rest as oip_rest
 from resnet_service.service import tracing
-from resnet_service.service.loading import announce_ready, load_classifier
+from resnet_service.service.loading import announce_ready, load_classifier, serve_one
 from resnet_service.service.metrics import Metrics
+from resnet_service.service.repository import open_repository
 from resnet_service.service.state import ReplicaView, ServiceState
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,13 @@ Send an image as multipart field `image` to `POST /classify`, or many as repeate
 
 async def _load_in_background(state: ServiceState, exit_on_failure: bool) -> None:
     try:
-        state.classifier = await asyncio.to_thread(load_classifier, state.settings, state.metrics)
+        if state.settings.model_repository is not None:
+            reconciler = open_repository(state)
+            await asyncio.to_thread(reconciler.reconcile)
+            reconciler.start()
+        else:
+            classifier = await asyncio.to_thread(load_classifier, state.settings, state.metrics)
+            serve_one(state, classifier)
     except Exception as exc:
         detail = exc.detail if isinstance(exc, ServiceError) else f"{type(exc).__name__}: {exc}"
         state.startup_error = detail
@@ -70,17 +78,26 @@ async def _load_in_background(state: ServiceState, exit_on_failure: bool) -> Non
             logging.shutdown()
             os._exit(EXIT_STARTUP_FAILED)
         return
-    announce_ready(state)
+    if state.classifier is not None:
+        announce_ready(state)
+
+
+async def stop_models(state: ServiceState) -> None:
+    """Stop following the repository, then flush and stop every loaded version."""
+    if state.repository is not None:
+        await asyncio.to_thread(state.repository.stop)
+    grace = state.settings.shutdown_grace_s
+    await asyncio.gather(*(asyncio.to_thread(c.stop, grace) for c in state.models.classifiers()))
 
 
 def _lifespan(state: ServiceState, exit_on_startup_failure: bool) -> Any:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader: asyncio.Task[None] | None = None
-        if state.classifier is None:
+        if not state.models.names():
             state.metrics.ready.set(0)
             loader = asyncio.create_task(_load_in_background(state, exit_on_startup_failure))
-        else:
+        elif state.classifier is not None:
             announce_ready(state)
         try:
             yield
@@ -89,9 +106,8 @@ def _lifespan(state: ServiceState, exit_on_startup_failure: bool) -> Any:
             state.metrics.ready.set(0)
             if loader is not None and not loader.done():
                 await asyncio.shield(loader)  # the thread cannot be cancelled; wait for it
-            if state.classifier is not None:
-                # The server has already finished the requests in flight; flush what is queued.
-                await asyncio.to_thread(state.classifier.stop, state.settings.shutdown_grace_s)
+            # The server has already finished the requests in flight; flush what is queued.
+            await stop_models(state)
             state.metrics.close()
             log.info("stopped")
 
@@ -105,13 +121,18 @@ def create_app(
     metrics: Metrics | None = None,
     replica: ReplicaView | None = None,
     exit_on_startup_failure: bool = True,
+    state: ServiceState | None = None,
 ) -> FastAPI:
-    """Build the service. Without a ``classifier``, a model that cannot be loaded ends the
-    process (exit code 3, the message says how to fix it); tests turn that off."""
-    settings = settings or load_settings()
-    state = ServiceState(
-        settings=settings, metrics=metrics or Metrics(), classifier=classifier, replica=replica
-    )
+    """Build the service over ``state`` (a worker's, its models loaded) or a new one. Without
+    a ``classifier`` or loaded models, the lifespan loads them in the background, and a model
+    that cannot be loaded ends the process (exit code 3, the message says how to fix it);
+    tests turn that off."""
+    if state is None:
+        settings = settings or load_settings()
+        state = ServiceState(settings=settings, metrics=metrics or Metrics(), replica=replica)
+        if classifier is not None:
+            serve_one(state, classifier)
+    settings = state.settings
     app = FastAPI(
         title="resnet-service",
         version=__version__,
@@ -131,6 +152,7 @@ def create_app(
     app.include_router(classify.router)
     app.include_router(operations.router)
     app.include_router(oip_rest.router)
+    app.include_router(oip_repository.router)
     page.install(app)
     # Refusals from the head are written in the shape of the face that owns the route.
     shapes = {OIP_INFER_ROUTE: oip_errors.ERROR_SHAPE}

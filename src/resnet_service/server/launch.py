@@ -4,54 +4,32 @@ engine and its own listening socket (see ``server/``)."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import logging.config
 import os
-import re
 import shutil
-import subprocess
-import sys
 import tempfile
-import threading
 from pathlib import Path
-from typing import IO, Final
-
-from pydantic import SecretStr
+from typing import Final
 
 from resnet_service import logs
-from resnet_service.config import ENV_PREFIX, Settings
+from resnet_service.config import Settings
 from resnet_service.cpus import resolve_workers
 from resnet_service.server.http import IDLE_LINGER_S
 from resnet_service.server.sockets import PortInUse, check_port_free, reserve_port
 from resnet_service.server.supervisor import Supervisor
 from resnet_service.server.worker import ARTIFACT_ENV, EXIT_STARTUP_FAILED
+from resnet_service.service.building import BuildFailed, build_in_child
 
 log = logging.getLogger("resnet_service.server.launch")
-preflight_log = logging.getLogger("resnet_service.preflight")
-#: Terminal colour codes and the glyphs of progress bars, dropped from relayed lines.
-_ANSI: Final = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-_BAR_CHARS: Final = frozenset("━─╸╺ ")
 
 #: Seconds beyond drain delay + grace + linger before the supervisor kills stragglers.
 _STOP_MARGIN_S: Final = 5.0
 
 
 def settings_as_env(settings: Settings) -> dict[str, str]:
-    """The settings that were set (from the environment, flags, or resolved by the supervisor)
-    as RESNET_SERVICE_* variables, for child processes. Defaults stay defaults there, so a
-    child can still tell a choice from a default (a built model's runtime wins over the
-    default runtime, not over an explicit one)."""
-    env: dict[str, str] = {}
-    for name, value in settings.model_dump(exclude_unset=True).items():
-        if value is None:
-            continue
-        if isinstance(value, SecretStr):
-            value = value.get_secret_value()
-        if isinstance(value, bool):
-            value = "true" if value else "false"
-        env[f"{ENV_PREFIX}{name.upper()}"] = str(value)
-    return env
+    """The set settings as RESNET_SERVICE_* variables, for child processes."""
+    return settings.as_env()
 
 
 class StartupError(Exception):
@@ -59,45 +37,12 @@ class StartupError(Exception):
 
 
 def preflight(env: dict[str, str], json_logs: bool = False) -> str | None:
-    """Build (or verify) what the workers will load, once, in a child process (torch, when it
-    builds, lives and dies there): a start-up error is said once, and workers only load.
-    Returns the built model's folder for torch-free runtimes. With ``json_logs``, what the
-    builders write on their own (NNCF's progress bars and notes) is relayed as log records,
-    so that the replica's every line stays JSON."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "resnet_service", "preflight"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE if json_logs else None,
-        text=True,
-    )
-    relay = None
-    if json_logs:
-        assert proc.stderr is not None
-        relay = threading.Thread(target=_relay, args=(proc.stderr,), daemon=True)
-        relay.start()
-    assert proc.stdout is not None
-    out = proc.stdout.read()  # the last line is the preflight's JSON answer
-    code = proc.wait()
-    if relay is not None:
-        relay.join(10)
-    if code != 0:
-        raise StartupError(f"preflight failed (exit {code}); see the message above")
-    artifact: str | None = json.loads(out.strip().splitlines()[-1]).get("artifact")
-    return artifact
-
-
-def _relay(stream: IO[str]) -> None:
-    """The preflight's stderr, line by line: JSON records as they are, anything else (a
-    library's own output) as a record of ours."""
-    for line in stream:
-        text = _ANSI.sub("", line).strip()
-        if not text or set(text) <= _BAR_CHARS:
-            continue
-        if text.startswith("{"):
-            sys.stderr.write(line if line.endswith("\n") else line + "\n")
-            continue
-        preflight_log.info("%s", text)
+    """Build (or verify) what the workers will load, once, before them (see
+    ``service.building.build_in_child``); a start-up error is said once."""
+    try:
+        return build_in_child(env, json_logs)
+    except BuildFailed as exc:
+        raise StartupError(f"preflight failed ({exc}); see the message above") from None
 
 
 def _run_dir() -> Path:
@@ -148,7 +93,9 @@ def _serve(settings: Settings, rundir: Path) -> int:
             **settings_as_env(settings),
             "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
         }
-        artifact = preflight(env, json_logs=settings.log_format == "json")
+        # A repository's workers build each version themselves (in children, once per build).
+        repository = settings.model_repository is not None
+        artifact = None if repository else preflight(env, json_logs=settings.log_format == "json")
         if artifact is not None:
             env[ARTIFACT_ENV] = artifact
         log.info("serving on http://%s:%d with %d worker(s)", settings.host, port, settings.workers)

@@ -17,10 +17,13 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from resnet_service.config import Settings, SettingsError, load_settings
 from resnet_service.logs import WORKER_ENV
+
+if TYPE_CHECKING:
+    from resnet_service.service.state import ServiceState
 
 log = logging.getLogger("resnet_service.worker")
 
@@ -70,6 +73,21 @@ def _die_with_supervisor() -> None:
         return
 
 
+def _load_models(state: ServiceState, plumbing: WorkerPlumbing) -> None:
+    """Every model before listening: the repository's first pass (then it is followed in the
+    background), or the one model of the settings."""
+    from resnet_service.service.loading import load_classifier, serve_one
+    from resnet_service.service.repository import open_repository
+
+    if state.settings.model_repository is None:
+        serve_one(state, load_classifier(state.settings, state.metrics, plumbing.artifact))
+        return
+    run_dir = plumbing.replica_state.parent if plumbing.replica_state else None
+    reconciler = open_repository(state, run_dir, plumbing.index)
+    reconciler.reconcile()
+    reconciler.start()
+
+
 def serve_worker(settings: Settings, plumbing: WorkerPlumbing) -> int:
     """Load, warm, listen, serve until SIGTERM; returns the exit code.
 
@@ -82,23 +100,22 @@ def serve_worker(settings: Settings, plumbing: WorkerPlumbing) -> int:
     from resnet_service.server.sockets import reuseport_listener
     from resnet_service.server.uvicorn_config import uvicorn_config
     from resnet_service.service import tracing
-    from resnet_service.service.loading import load_classifier
     from resnet_service.service.metrics import Metrics
     from resnet_service.service.state import ReplicaView, ServiceState
 
     provider = tracing.configure(settings, plumbing.index)
-    metrics = Metrics(worker=plumbing.index)
+    replica = ReplicaView(plumbing.replica_state) if plumbing.replica_state else None
+    state = ServiceState(settings, Metrics(worker=plumbing.index), replica=replica)
     try:
-        classifier = load_classifier(settings, metrics, plumbing.artifact)
+        _load_models(state, plumbing)
     except ServiceError as exc:
         log.critical("start-up failed: %s", exc.detail)
         return EXIT_STARTUP_FAILED
     except Exception:
         log.critical("start-up failed", exc_info=True)
         return EXIT_STARTUP_FAILED
-    replica = ReplicaView(plumbing.replica_state) if plumbing.replica_state else None
-    app = create_app(settings, classifier=classifier, metrics=metrics, replica=replica)
-    state: ServiceState = app.state.service
+    metrics = state.metrics
+    app = create_app(state=state)
     peers: list[Peer] = []
     if settings.grpc_enabled:
         from resnet_service.faces.oip.grpc import GrpcFace
@@ -122,11 +139,11 @@ def serve_worker(settings: Settings, plumbing: WorkerPlumbing) -> int:
         on_started=plumbing.notify_ready,
     )
     log.info(
-        "worker %d listening on %s:%d (runtime %s; torch %s)",
+        "worker %d listening on %s:%d (%s; torch %s)",
         plumbing.index,
         settings.host,
         settings.port,
-        classifier.model.info.runtime,
+        ", ".join(f"{e.model}/{e.version} {e.state}" for e in state.models.index()),
         "imported" if "torch" in sys.modules else "not imported",
     )
     try:

@@ -8,7 +8,7 @@ import secrets
 
 from pydantic import SecretStr
 
-from resnet_service.core.errors import Unauthorized
+from resnet_service.core.errors import ControlOff, Unauthorized
 
 
 def check_bearer(authorization: str, token: SecretStr | None, how: str) -> None:
@@ -28,3 +28,13 @@ def cache_scope(authorization: str, token: SecretStr | None) -> str:
     if token is None:
         return ""
     return hashlib.sha256(authorization.encode()).hexdigest()
+
+
+def check_admin(authorization: str, token: SecretStr | None, how: str) -> None:
+    """The repository control routes: off without an admin token, then its bearer check."""
+    if token is None:
+        raise ControlOff(
+            "Repository control is off: set RESNET_SERVICE_ADMIN_TOKEN to turn it on (and "
+            "RESNET_SERVICE_REPOSITORY_CONTROL=explicit to load and unload models)."
+        )
+    check_bearer(authorization, token, how)

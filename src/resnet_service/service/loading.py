@@ -5,40 +5,82 @@ loads in the background for in-process use)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
+
+from prometheus_client import Gauge
 
 from resnet_service import logs
 from resnet_service.config import Settings
 from resnet_service.core.classifier import MODEL_VERSION, Classifier
 from resnet_service.service.metrics import Metrics
+from resnet_service.service.models import ServedVersion, VersionState
 from resnet_service.service.state import ServiceState
 
 log = logging.getLogger("resnet_service.service")
 
 
 def load_classifier(
-    settings: Settings, metrics: Metrics, artifact: Path | None = None
+    settings: Settings,
+    metrics: Metrics,
+    artifact: Path | None = None,
+    *,
+    name: str | None = None,
+    version: str = MODEL_VERSION,
+    display_names: Mapping[str, str] | None = None,
 ) -> Classifier:
     """Resolve and build (or load) the model, warm the engine up; blocking. ``artifact``: a
-    built model the caller already found (a worker, after the preflight)."""
+    built model the caller already found (a worker, after the preflight). ``name`` and
+    ``version``: how requests reach it (a repository's folders; default: the model's own name,
+    version 1); ``display_names``: labels to show instead of the model's own."""
     from resnet_service.model.opening import open_served_model
 
-    classifier = Classifier(open_served_model(settings, artifact), settings, observer=metrics)
+    model = open_served_model(settings, artifact)
+    if display_names:
+        model = replace(model, labels=[display_names.get(label, label) for label in model.labels])
+    served = name or model.info.name
+    classifier = Classifier(
+        model, settings, observer=metrics.observer(served, version), name=served, version=version
+    )
     classifier.start()
+    model_info_gauge(metrics, classifier).set(1)
     return classifier
 
 
-def announce_ready(state: ServiceState) -> None:
-    """The model info gauge and readiness, once the classifier is warm."""
-    classifier = state.require_classifier()
+def model_info_gauge(metrics: Metrics, classifier: Classifier) -> Gauge:
+    """The ``model_info`` series of one loaded version (1 while loaded, 0 once unloaded)."""
     info = classifier.model.info
-    state.metrics.model_info.labels(
-        info.name,
+    return metrics.model_info.labels(
+        classifier.name,
+        classifier.version,
         info.precision,
         info.runtime,
         info.weights_sha256[:12],
         str(info.random_weights).lower(),
-    ).set(1)
+    )
+
+
+def serve_one(state: ServiceState, classifier: Classifier) -> None:
+    """Without a repository: a repository of one model, version 1, exactly as before."""
+    state.models.put(
+        ServedVersion(
+            classifier.name, classifier.version, VersionState.READY, classifier=classifier
+        )
+    )
+    state.models.expect({classifier.name})
+
+
+def announce_ready(state: ServiceState) -> None:
+    """Readiness in the metrics and the log, once the default model is warm."""
+    classifier = state.require_classifier()
+    info = classifier.model.info
     state.metrics.ready.set(1)
-    logs.set_model(info.name, MODEL_VERSION)
-    log.info("ready: %s (%s, %s)", info.name, info.precision, info.runtime)
+    logs.set_model(classifier.name, classifier.version)
+    log.info(
+        "ready: %s version %s (%s, %s)",
+        classifier.name,
+        classifier.version,
+        info.precision,
+        info.runtime,
+    )

@@ -38,6 +38,10 @@ _LATENCY_BUCKETS: Final = (
 _BATCH_BUCKETS: Final = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 
 
+#: Labels of the per-model series: names from the model repository only (bounded).
+MODEL_LABELS: Final = ("model", "version")
+
+
 def multiprocess_dir() -> str | None:
     """Set by ``serve --workers N``: every worker writes its samples there."""
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
@@ -73,23 +77,30 @@ class Metrics:
         self.decode_latency = Histogram(
             f"{PREFIX}_decode_duration_seconds",
             "Image decode + preprocess time.",
+            MODEL_LABELS,
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.queue_latency = Histogram(
             f"{PREFIX}_queue_wait_seconds",
             "Time an image waited for the model.",
+            MODEL_LABELS,
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.inference_latency = Histogram(
             f"{PREFIX}_inference_duration_seconds",
             "Model forward time per batch.",
+            MODEL_LABELS,
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.batch_size = Histogram(
-            f"{PREFIX}_batch_size", "Images per forward pass.", buckets=_BATCH_BUCKETS, registry=r
+            f"{PREFIX}_batch_size",
+            "Images per forward pass.",
+            MODEL_LABELS,
+            buckets=_BATCH_BUCKETS,
+            registry=r,
         )
         self.images = Counter(
             f"{PREFIX}_images", "Images classified or refused.", ["outcome"], registry=r
@@ -115,6 +126,7 @@ class Metrics:
         self.queue_depth = Gauge(
             f"{PREFIX}_queue_depth",
             "Images waiting for the model.",
+            MODEL_LABELS,
             multiprocess_mode="livesum",
             registry=r,
         )
@@ -132,28 +144,16 @@ class Metrics:
         )
         self.model_info = Gauge(
             f"{PREFIX}_model_info",
-            "The served model (value is always 1).",
-            ["name", "precision", "runtime", "weights_sha256", "random_weights"],
+            "The served models (value is 1 while loaded, 0 once unloaded).",
+            ["name", "version", "precision", "runtime", "weights_sha256", "random_weights"],
             multiprocess_mode="max",
             registry=r,
         )
 
-    # --- engine / decoder observer -------------------------------------------------------
-    def batch_done(
-        self, size: int, inference_s: float, queue_waits_s: Sequence[float], queue_depth: int
-    ) -> None:
-        self.queue_depth.set(queue_depth)
-        self.batch_size.observe(size)
-        self.inference_latency.observe(inference_s)
-        for wait in queue_waits_s:
-            self.queue_latency.observe(wait)
-
-    def decoded(self, seconds: float) -> None:
-        self.decode_latency.observe(seconds)
-
-    def cache_lookup(self, hit: bool, cached_bytes: int) -> None:
-        self.cache_lookups.labels("hit" if hit else "miss").inc()
-        self.cache_bytes.set(cached_bytes)
+    def observer(self, model: str, version: str) -> ModelMetrics:
+        """The engine's and decoder's observer for one model version (its labelled series).
+        ``model`` and ``version`` come from the repository, never from a request."""
+        return ModelMetrics(self, model, version)
 
     def close(self) -> None:
         """A worker stopping: drop its live gauges from the shared multiprocess view."""
@@ -169,3 +169,33 @@ class Metrics:
             multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class ModelMetrics:
+    """One model version's series, bound once (a ``labels()`` look-up per batch costs more
+    than the observation)."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
+        self._queue_depth = metrics.queue_depth.labels(model, version)
+        self._batch_size = metrics.batch_size.labels(model, version)
+        self._inference = metrics.inference_latency.labels(model, version)
+        self._queue = metrics.queue_latency.labels(model, version)
+        self._decode = metrics.decode_latency.labels(model, version)
+        self._cache_lookups = metrics.cache_lookups
+        self._cache_bytes = metrics.cache_bytes
+
+    def batch_done(
+        self, size: int, inference_s: float, queue_waits_s: Sequence[float], queue_depth: int
+    ) -> None:
+        self._queue_depth.set(queue_depth)
+        self._batch_size.observe(size)
+        self._inference.observe(inference_s)
+        for wait in queue_waits_s:
+            self._queue.observe(wait)
+
+    def decoded(self, seconds: float) -> None:
+        self._decode.observe(seconds)
+
+    def cache_lookup(self, hit: bool, cached_bytes: int) -> None:
+        self._cache_lookups.labels("hit" if hit else "miss").inc()
+        self._cache_bytes.set(cached_bytes)

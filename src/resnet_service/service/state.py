@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 from resnet_service.config import Settings
 from resnet_service.core.classifier import Classifier
-from resnet_service.core.errors import NotReady
+from resnet_service.core.errors import ControlOff, NotReady
 from resnet_service.service.metrics import Metrics
+from resnet_service.service.models import ModelTable
 from resnet_service.service.upload_budget import UploadBudget
 
 
@@ -34,27 +35,48 @@ class ReplicaView:
         os.close(self._fd)
 
 
+class RepositoryControl(Protocol):
+    """The model repository's control, as the faces call it (``service.repository``)."""
+
+    def load(self, name: str) -> None: ...
+
+    def unload(self, name: str) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 @dataclass
 class ServiceState:
     """The state of one worker's service, shared by its HTTP and gRPC faces."""
 
     settings: Settings
     metrics: Metrics = field(default_factory=Metrics)
-    classifier: Classifier | None = None
+    models: ModelTable = field(default_factory=ModelTable)
     draining: bool = False
     startup_error: str | None = None
     replica: ReplicaView | None = None
+    #: Set when serving a model repository (None: one model from the settings).
+    repository: RepositoryControl | None = None
     upload_budget: UploadBudget = field(init=False)
 
     def __post_init__(self) -> None:
         self.upload_budget = UploadBudget(self.settings.max_buffered_upload_bytes)
 
+    @property
+    def classifier(self) -> Classifier | None:
+        """The default model's serving version (None while none is ready)."""
+        return self.models.default_classifier()
+
     def readiness_problem(self) -> str | None:
-        """Why this replica should get no new traffic, or None when it is ready."""
+        """Why this replica should get no new traffic, or None when it is ready: every model
+        the repository asks for has a warm version and none is still loading."""
         if self.draining:
             return "The service is shutting down; send new requests elsewhere."
-        if self.classifier is None or not self.classifier.ready:
-            return f"The service is not ready: {self.startup_error or 'the model is loading'}."
+        if self.startup_error is not None:
+            return f"The service is not ready: {self.startup_error}."
+        problem = self.models.readiness_problem()
+        if problem is not None:
+            return f"The service is not ready: {problem}."
         if self.replica is not None:
             state = self.replica.state()
             if state == ReplicaView.DRAINING:
@@ -63,12 +85,27 @@ class ServiceState:
                 return "The service is not ready: its worker processes are still starting."
         return None
 
-    def require_classifier(self) -> Classifier:
-        """The classifier, or ``NotReady`` (503 + Retry-After) while starting or stopped.
+    def require_classifier(
+        self, model: str | None = None, version: str | None = None
+    ) -> Classifier:
+        """The classifier a request names (default model, highest ready version when it names
+        none); ``NotReady`` (503 + Retry-After) while starting or stopped, ``ModelNotFound``
+        (404) for what this replica does not serve.
 
         Draining does not refuse work: requests keep being served until the server stops
         accepting them; only /readyz turns 503, so load balancers stop sending new ones."""
-        if self.classifier is None or not self.classifier.ready:
-            reason = self.startup_error or "the model is still loading"
-            raise NotReady(f"The service is not ready: {reason}.", 2)
-        return self.classifier
+        if self.startup_error is not None and not self.models.names():
+            raise NotReady(f"The service is not ready: {self.startup_error}.", 2)
+        classifier = self.models.resolve(model, version)
+        if not classifier.ready:
+            raise NotReady("The service is not ready: the model is starting or stopping.", 2)
+        return classifier
+
+    def require_repository(self) -> RepositoryControl:
+        """The repository's control, or ``ControlOff`` when serving one model from settings."""
+        if self.repository is None:
+            raise ControlOff(
+                "This server serves one model from its settings, not a model repository: "
+                "start it with RESNET_SERVICE_MODEL_REPOSITORY=DIR to load and unload models."
+            )
+        return self.repository

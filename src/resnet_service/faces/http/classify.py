@@ -61,7 +61,7 @@ def timings_of(result: Classification) -> Timings:
     response_model=ClassifyResponse,
     summary="Top-k labels for one image",
     description="Multipart field `image` (JPEG, PNG, WebP, BMP or GIF's first frame).",
-    responses=problems(400, 401, 408, 413, 415, 422, 503, 504),
+    responses=problems(400, 401, 404, 408, 413, 415, 422, 503, 504),
     openapi_extra=multipart_body("image", many=False),
 )
 async def classify(
@@ -99,7 +99,7 @@ async def classify(
     summary="Top-k labels for many images; a result or an error per image",
     description="Repeated multipart field `images` (at most `max_batch_files`, see /model). "
     "One bad image never fails the others; the good ones share forward passes.",
-    responses=problems(400, 401, 408, 413, 422, 503),
+    responses=problems(400, 401, 404, 408, 413, 422, 503),
     openapi_extra=multipart_body("images", many=True),
 )
 async def classify_batch(

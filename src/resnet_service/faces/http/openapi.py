@@ -16,6 +16,7 @@ from resnet_service.faces.http.schemas import Problem
 _PROBLEM_DESCRIPTIONS: Final = {
     400: "Malformed request (not multipart, broken multipart, empty upload).",
     401: "Missing or wrong bearer token.",
+    404: "No such model or version (GET /models lists them).",
     408: "The client stalled while sending the request.",
     413: "Upload too large: bytes, or pixels from the image header.",
     415: "Not an allowed image format, or undecodable.",

@@ -10,7 +10,15 @@ from resnet_service.asgi.deps import ClassifierDep, ServiceDep
 from resnet_service.core.errors import NotReady
 from resnet_service.core.model_info import ModelInfo
 from resnet_service.faces.http.openapi import problems
-from resnet_service.faces.http.schemas import Health, ModelResponse, Readiness, model_ref
+from resnet_service.faces.http.schemas import (
+    Health,
+    ModelResponse,
+    ModelsResponse,
+    ModelStatus,
+    Readiness,
+    VersionStatus,
+    model_ref,
+)
 
 router = APIRouter()
 
@@ -48,13 +56,17 @@ def public_model_info(info: ModelInfo) -> dict[str, Any]:
 
 
 @router.get(
-    "/model", response_model=ModelResponse, summary="The served model", responses=problems(503)
+    "/model",
+    response_model=ModelResponse,
+    summary="A served model (default: the default one)",
+    responses=problems(404, 503),
 )
-async def model(service: ServiceDep, classifier: ClassifierDep) -> ModelResponse:
-    settings = service.settings
+async def model(classifier: ClassifierDep) -> ModelResponse:
+    settings = classifier.settings  # the replica's, with the model's own config applied
     info = classifier.model.info
     return ModelResponse(
-        **public_model_info(info),
+        **{**public_model_info(info), "name": classifier.name},
+        version=classifier.version,
         labels=classifier.model.labels,
         settings={
             "runtime": info.runtime,
@@ -80,6 +92,33 @@ async def model(service: ServiceDep, classifier: ClassifierDep) -> ModelResponse
             "grpc_port": settings.grpc_port if settings.grpc_enabled else 0,
         },
     )
+
+
+@router.get(
+    "/models",
+    response_model=ModelsResponse,
+    summary="Every model of this worker, its versions and their states",
+)
+async def models(service: ServiceDep) -> ModelsResponse:
+    table = service.models
+    listed = []
+    for name in table.names():
+        serving = table.serving(name)
+        versions = [
+            VersionStatus(
+                version=e.version,
+                state=str(e.state),
+                reason=e.reason,
+                serving=serving is not None and e.version == serving.version,
+                memory_mb=round(e.memory_bytes / 2**20, 1) if e.memory_bytes is not None else None,
+                runtime=e.classifier.model.info.runtime if e.classifier else None,
+                precision=e.classifier.model.info.precision if e.classifier else None,
+                num_classes=e.classifier.model.info.num_classes if e.classifier else None,
+            )
+            for e in table.versions(name)
+        ]
+        listed.append(ModelStatus(name=name, versions=versions))
+    return ModelsResponse(default=table.default_name, models=listed)
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness: the process answers")

@@ -22,7 +22,8 @@ class Prediction(BaseModel):
 class ModelRef(BaseModel):
     """Which model answered: enough provenance to tell deployments apart."""
 
-    name: str
+    name: str = Field(description="The model's name (its folder in a model repository).")
+    version: str = Field(description="The version that answered.")
     precision: Literal["int8", "fp32"]
     runtime: Literal["torch", "openvino", "onnxruntime"] = Field(
         description="The inference runtime that ran the model."
@@ -42,7 +43,8 @@ def model_ref(classifier: Classifier) -> ModelRef:
     if ref is None:
         info = classifier.model.info
         ref = _MODEL_REFS[classifier] = ModelRef(
-            name=info.name,
+            name=classifier.name,
+            version=classifier.version,
             precision=info.precision,
             runtime=info.runtime,
             weights_sha256=info.weights_sha256[:12],
@@ -120,6 +122,7 @@ class ModelResponse(BaseModel):
     """The served model, its provenance and the settings that shape its behaviour."""
 
     name: str
+    version: str = Field(description="The version that answers requests naming none.")
     architecture: str
     num_classes: int
     precision: Literal["int8", "fp32"]
@@ -139,6 +142,33 @@ class ModelResponse(BaseModel):
     settings: dict[str, int | float | str | bool] = Field(
         description="The settings that shape behaviour: threads, batching, limits."
     )
+
+
+class VersionStatus(BaseModel):
+    """One version of a model in this worker."""
+
+    version: str
+    state: Literal["LOADING", "READY", "UNLOADING", "UNAVAILABLE"]
+    reason: str = Field(description="Why it is not READY (a failed build or load).")
+    serving: bool = Field(description="True for the version requests naming none get.")
+    memory_mb: float | None = Field(
+        description="Resident memory its load added to this worker (MiB)."
+    )
+    runtime: Literal["torch", "openvino", "onnxruntime"] | None
+    precision: Literal["int8", "fp32"] | None
+    num_classes: int | None
+
+
+class ModelStatus(BaseModel):
+    name: str
+    versions: list[VersionStatus] = Field(description="Highest first.")
+
+
+class ModelsResponse(BaseModel):
+    """The model repository as this worker serves it."""
+
+    default: str | None = Field(description="The model of requests that name none.")
+    models: list[ModelStatus]
 
 
 class Health(BaseModel):

@@ -21,8 +21,8 @@ from typing import Any, Final
 import numpy as np
 
 from resnet_service import __version__
-from resnet_service.core.classifier import MODEL_VERSION, Classification, Classifier, top_k
-from resnet_service.core.errors import InvalidInferRequest, ModelNotFound, ServiceError
+from resnet_service.core.classifier import Classification, Classifier, top_k
+from resnet_service.core.errors import InvalidInferRequest, NotReady, ServiceError
 from resnet_service.faces.oip.tensors import (
     InferRequest,
     InferResponse,
@@ -30,6 +30,8 @@ from resnet_service.faces.oip.tensors import (
     OutputTensor,
     RequestedOutput,
 )
+from resnet_service.service.models import VersionState
+from resnet_service.service.state import ServiceState
 
 IMAGE_INPUT: Final = "image"
 TENSOR_INPUT: Final = "input"
@@ -46,11 +48,35 @@ class TensorSpec:
 
 
 class DataPlane:
-    """Metadata, readiness and inference for the one served model."""
+    """Metadata, readiness and inference for every served model version."""
 
-    def __init__(self, classifier: Callable[[], Classifier], ready: Callable[[], bool]) -> None:
-        self._classifier = classifier
+    def __init__(
+        self,
+        resolve: Callable[[str | None, str | None], Classifier],
+        ready: Callable[[], bool],
+        versions: Callable[[str], list[str]],
+        draining: Callable[[], bool],
+    ) -> None:
+        self._resolve = resolve
         self._ready = ready
+        self._versions = versions
+        self._draining = draining
+
+    @classmethod
+    def over(cls, service: ServiceState) -> DataPlane:
+        """The data plane over a worker's service (its model table, readiness, draining)."""
+
+        def ready_versions(name: str) -> list[str]:
+            return [
+                e.version for e in service.models.versions(name) if e.state is VersionState.READY
+            ]
+
+        return cls(
+            service.require_classifier,
+            lambda: service.readiness_problem() is None,
+            ready_versions,
+            lambda: service.draining,
+        )
 
     # --- metadata and health -------------------------------------------------------------
     def server_metadata(self) -> dict[str, Any]:
@@ -59,22 +85,16 @@ class DataPlane:
     def server_ready(self) -> bool:
         return self._ready()
 
-    def model_name(self) -> str:
-        return self._classifier().model.info.name
-
     def check_model(self, name: str, version: str | None) -> Classifier:
-        """The classifier if ``name``/``version`` is the served model, else ``ModelNotFound``."""
-        classifier = self._classifier()
-        served = classifier.model.info.name
-        if name != served:
-            raise ModelNotFound(f"No model named '{name}'; this server serves '{served}'.")
-        if version not in (None, "", MODEL_VERSION):
-            raise ModelNotFound(f"Model '{name}' has no version '{version}'; it has '1'.")
-        return classifier
+        """The classifier of ``name`` (its ``version``, or its highest ready one); else
+        ``ModelNotFound`` (or ``NotReady`` while it loads)."""
+        return self._resolve(name, version or None)
 
     def model_ready(self, name: str, version: str | None) -> bool:
-        self.check_model(name, version)
-        return self._ready()
+        try:
+            return self.check_model(name, version).ready and not self._draining()
+        except NotReady:
+            return False
 
     def inputs(self, classifier: Classifier) -> list[TensorSpec]:
         side = classifier.model.spec.crop_size
@@ -87,8 +107,8 @@ class DataPlane:
         classifier = self.check_model(name, version)
         info = classifier.model.info
         return {
-            "name": info.name,
-            "versions": [MODEL_VERSION],
+            "name": classifier.name,
+            "versions": self._versions(classifier.name),
             "platform": f"{info.runtime}_{info.precision}",
             "inputs": [_tensor_metadata(t) for t in self.inputs(classifier)],
             "outputs": [
@@ -97,8 +117,12 @@ class DataPlane:
         }
 
     # --- inference -----------------------------------------------------------------------
-    async def infer(self, request: InferRequest) -> InferResponse:
-        classifier = self.check_model(request.model_name, request.model_version)
+    async def infer(
+        self, request: InferRequest, classifier: Classifier | None = None
+    ) -> InferResponse:
+        """``classifier``: the version admission chose for this request (else resolved)."""
+        if classifier is None:
+            classifier = self.check_model(request.model_name, request.model_version)
         if len(request.inputs) != 1:
             raise InvalidInferRequest(
                 f"Send exactly one input ('{IMAGE_INPUT}' BYTES or '{TENSOR_INPUT}' FP32); "
@@ -107,8 +131,8 @@ class DataPlane:
         outputs = self._requested(classifier, request)
         results = await self._run(classifier, request.inputs[0])
         return InferResponse(
-            model_name=classifier.model.info.name,
-            model_version=MODEL_VERSION,
+            model_name=classifier.name,
+            model_version=classifier.version,
             id=request.id,
             outputs=[self._output(classifier, wanted, results) for wanted in outputs],
         )

@@ -34,6 +34,8 @@ GRPC_STATUS: Final[dict[str, grpc.StatusCode]] = {
     errors.MissingField.code: _INVALID,
     errors.TooManyFiles.code: _INVALID,
     errors.ModelNotFound.code: grpc.StatusCode.NOT_FOUND,
+    errors.ControlOff.code: grpc.StatusCode.PERMISSION_DENIED,
+    errors.ModelLoadFailed.code: grpc.StatusCode.INVALID_ARGUMENT,
     errors.Unauthorized.code: grpc.StatusCode.UNAUTHENTICATED,
     errors.InferenceFailed.code: grpc.StatusCode.INTERNAL,
     errors.Overloaded.code: _UNAVAILABLE,

@@ -13,6 +13,7 @@ Note: these generated messages share the protobuf package ``inference`` with tri
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span
 
 from resnet_service.core.admission import Ticket
+from resnet_service.core.classifier import Classifier
 from resnet_service.core.errors import InvalidInferRequest, RetryLater, ServiceError
 from resnet_service.faces.oip.dataplane import DataPlane
 from resnet_service.faces.oip.errors import grpc_status
@@ -40,7 +42,7 @@ from resnet_service.faces.oip.tensors import (
     fp32_from_raw,
 )
 from resnet_service.service import tracing
-from resnet_service.service.auth import check_bearer
+from resnet_service.service.auth import check_admin, check_bearer
 from resnet_service.service.state import ServiceState
 
 log = logging.getLogger(__name__)
@@ -129,7 +131,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
     def __init__(self, service: ServiceState) -> None:
         self.service = service
-        self.plane = DataPlane(service.require_classifier, self._ready)
+        self.plane = DataPlane.over(service)
         self.tracing = tracing.wanted(service.settings)
 
     def _ready(self) -> bool:
@@ -157,8 +159,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 span.set_attribute("rpc.grpc.status_code", status.value[0])
                 tracing.finish_request(span, code, failed=status in _SERVICE_FAULTS)
 
-    def _admit(self) -> Ticket:
-        classifier = self.service.require_classifier()
+    def _admit(self, classifier: Classifier) -> Ticket:
         return tracing.admit(classifier) if self.tracing else classifier.admit()
 
     def _span(self, name: str, context: grpc.aio.ServicerContext) -> Span:
@@ -210,14 +211,53 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         async def work() -> Any:
             self._authorize(context)
-            with self._admit() as ticket:
+            classifier = self.plane.check_model(request.model_name, request.model_version)
+            with self._admit(classifier) as ticket:
                 ticket.uploaded()  # a unary RPC arrives whole
                 parsed = parse_request(request)
-                response = await self.plane.infer(parsed)
+                response = await self.plane.infer(parsed, classifier)
             self.service.metrics.images.labels("ok").inc(parsed.inputs[0].shape[0])
             return encode_response(response)
 
         return await self._call("ModelInfer", context, work)
+
+    # --- the model repository extension ---------------------------------------------------
+    async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        async def work() -> Any:
+            self._authorize_admin(context)
+            index = pb.RepositoryIndexResponse.ModelIndex
+            return pb.RepositoryIndexResponse(
+                models=[
+                    index(name=e.name, version=e.version, state=str(e.state), reason=e.reason)
+                    for e in self.service.models.repository_index(request.ready)
+                ]
+            )
+
+        return await self._call("RepositoryIndex", context, work)
+
+    async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        async def work() -> Any:
+            self._authorize_admin(context)
+            await asyncio.to_thread(self.service.require_repository().load, request.model_name)
+            return pb.RepositoryModelLoadResponse()
+
+        return await self._call("RepositoryModelLoad", context, work)
+
+    async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        async def work() -> Any:
+            self._authorize_admin(context)
+            await asyncio.to_thread(self.service.require_repository().unload, request.model_name)
+            return pb.RepositoryModelUnloadResponse()
+
+        return await self._call("RepositoryModelUnload", context, work)
+
+    def _authorize_admin(self, context: grpc.aio.ServicerContext) -> None:
+        metadata = dict(context.invocation_metadata() or ())
+        check_admin(
+            str(metadata.get("authorization", "")),
+            self.service.settings.admin_token,
+            "'authorization: Bearer <admin token>' metadata",
+        )
 
     def _authorize(self, context: grpc.aio.ServicerContext) -> None:
         metadata = dict(context.invocation_metadata() or ())

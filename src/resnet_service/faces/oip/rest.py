@@ -24,8 +24,9 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, ValidationError
 
 from resnet_service.asgi.body import request_body
-from resnet_service.asgi.deps import ServiceDep, TicketDep, require_token
+from resnet_service.asgi.deps import OipClassifierDep, OipTicketDep, ServiceDep, require_token
 from resnet_service.core.admission import Ticket
+from resnet_service.core.classifier import Classifier
 from resnet_service.core.errors import InvalidInferRequest, ServiceError
 from resnet_service.faces.oip.dataplane import DataPlane
 from resnet_service.faces.oip.errors import error_response
@@ -67,7 +68,7 @@ router = APIRouter(prefix=PREFIX, tags=["Open Inference Protocol v2"], route_cla
 
 
 async def get_dataplane(service: ServiceDep) -> DataPlane:
-    return DataPlane(service.require_classifier, lambda: service.readiness_problem() is None)
+    return DataPlane.over(service)
 
 
 DataPlaneDep = Annotated[DataPlane, Depends(get_dataplane)]
@@ -339,6 +340,7 @@ async def _infer(
     service: ServiceState,
     plane: DataPlane,
     ticket: Ticket,
+    classifier: Classifier,
     name: str,
     version: str | None,
 ) -> Response:
@@ -352,7 +354,7 @@ async def _infer(
         del body
         first = parsed.inputs[0]
         request.state.images = first.shape[0] if first.shape else 0
-        response = await plane.infer(parsed)
+        response = await plane.infer(parsed, classifier)
     service.metrics.images.labels("ok").inc(request.state.images)
     return encode_response(response)
 
@@ -379,9 +381,14 @@ _INFER_DOC: Final[dict[str, Any]] = {
 
 @router.post("/models/{model_name}/infer", **_INFER_DOC)
 async def infer(
-    request: Request, model_name: str, service: ServiceDep, plane: DataPlaneDep, ticket: TicketDep
+    request: Request,
+    model_name: str,
+    service: ServiceDep,
+    plane: DataPlaneDep,
+    classifier: OipClassifierDep,
+    ticket: OipTicketDep,
 ) -> Response:
-    return await _infer(request, service, plane, ticket, model_name, None)
+    return await _infer(request, service, plane, ticket, classifier, model_name, None)
 
 
 @router.post("/models/{model_name}/versions/{model_version}/infer", **_INFER_DOC)
@@ -391,6 +398,7 @@ async def infer_version(
     model_version: str,
     service: ServiceDep,
     plane: DataPlaneDep,
-    ticket: TicketDep,
+    classifier: OipClassifierDep,
+    ticket: OipTicketDep,
 ) -> Response:
-    return await _infer(request, service, plane, ticket, model_name, model_version)
+    return await _infer(request, service, plane, ticket, classifier, model_name, model_version)

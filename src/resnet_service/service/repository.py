@@ -1,0 +1,310 @@
+"""The model repository, served: what a worker loads, keeps and unloads, and when.
+
+One reconciler per worker compares what the repository asks for (its folders, each model's
+version policy and, in ``explicit`` mode, what the control routes loaded or unloaded) with
+what the worker has, and closes the gap one version at a time:
+
+- a new version is built in a child process (workers never import torch for a torch-free
+  runtime), loaded and warmed beside the serving one, and only then takes traffic;
+- a version that fails to build or load never takes traffic; the one before keeps serving and
+  the index says why (it is tried again only when its folder changes);
+- a version no longer asked for leaves the routing table first, finishes what it accepted,
+  then stops, and its memory goes back to the system. A model's old versions go only once one
+  of its wanted versions is ready.
+
+``none`` reads the repository once; ``poll`` looks again every ``repository_poll_s``;
+``explicit`` looks again whenever the control file changes (a load or an unload, from any
+worker: the file lives in the replica's run directory, so every worker follows).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from resnet_service.config import ENV_PREFIX, Settings
+from resnet_service.core.errors import ControlOff, ModelLoadFailed, ModelNotFound, ServiceError
+from resnet_service.model.repository import RepositoryModel, VersionDir, scan, version_settings
+from resnet_service.service.building import BuildFailed, build_in_child
+from resnet_service.service.control import ControlFile
+from resnet_service.service.loading import load_classifier, model_info_gauge
+from resnet_service.service.models import ModelTable, ServedVersion, VersionState
+from resnet_service.service.state import ServiceState
+
+log = logging.getLogger("resnet_service.repository")
+
+#: How often ``explicit`` mode checks the control file (a stat: cheap).
+_CONTROL_CHECK_S: Final = 0.2
+#: How long a load or unload waits for every worker of the replica to apply it.
+_REPLICA_WAIT_S: Final = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A version that could not be loaded, and the folder state it failed with."""
+
+    stamp: str
+    reason: str
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory (Linux ``/proc``; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _return_memory() -> None:
+    """Give freed heap back to the system (glibc keeps it otherwise; RSS would not drop)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return
+
+
+class Reconciler:
+    """Keeps one worker's ``ModelTable`` in line with the repository."""
+
+    def __init__(self, state: ServiceState, root: Path, control: ControlFile) -> None:
+        self.state = state
+        self.settings = state.settings
+        self.root = root
+        self.control = control
+        self.failures: dict[tuple[str, str], Failure] = {}
+        self._pass = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.applied_generation = -1
+
+    # --- one pass ------------------------------------------------------------------------
+    def wanted(self, models: dict[str, RepositoryModel]) -> dict[str, list[VersionDir]]:
+        """Per model, the versions to serve (explicit mode: minus the models unloaded)."""
+        unloaded = (
+            self.control.unloaded() if self.settings.repository_control == "explicit" else set()
+        )
+        return {name: m.wanted() for name, m in models.items() if name not in unloaded}
+
+    def reconcile(self) -> None:
+        """One pass: load what is missing, then unload what is no longer asked for."""
+        with self._pass:
+            generation = self.control.generation()
+            models = scan(self.root)
+            wanted = self.wanted(models)
+            table = self.state.models
+            for name in models:
+                table.know(name)
+            for name in table.names():
+                if name not in models and not table.versions(name):
+                    table.forget(name)
+            for name, versions in wanted.items():
+                for version in versions:
+                    self._ensure(models[name], version)
+            self._record_problems(models)
+            table.expect({name for name, versions in wanted.items() if versions})
+            for name in table.names():
+                self._retire(name, {str(v.version) for v in wanted.get(name, [])})
+            self.applied_generation = generation
+            self.control.report(self.applied_generation, self.state.models.index())
+
+    def _record_problems(self, models: dict[str, RepositoryModel]) -> None:
+        for name, model in models.items():
+            if model.problem is not None:
+                log.error("model %s: %s", name, model.problem)
+
+    def _ensure(self, model: RepositoryModel, version: VersionDir) -> None:
+        key = (model.name, str(version.version))
+        entry = self.state.models.entry(*key)
+        if entry is not None and entry.state is VersionState.READY:
+            return
+        failed = self.failures.get(key)
+        if failed is not None and failed.stamp == version.stamp:
+            return  # it failed as it is now; tried again when its folder changes
+        self._load(model, version)
+
+    def _load(self, model: RepositoryModel, version: VersionDir) -> None:
+        name, number = model.name, str(version.version)
+        table = self.state.models
+        table.put(ServedVersion(name, number, VersionState.LOADING, stamp=version.stamp))
+        log.info("loading model %s version %s from %s", name, number, version.path)
+        started, before = time.monotonic(), resident_bytes()
+        try:
+            settings = version_settings(self.settings, model, version)
+            artifact = self._build(settings)
+            classifier = load_classifier(
+                settings,
+                self.state.metrics,
+                artifact,
+                name=name,
+                version=number,
+                display_names=model.config.display_names,
+            )
+        except (ServiceError, BuildFailed, OSError) as exc:
+            reason = exc.detail if isinstance(exc, ServiceError) else str(exc)
+            self.failures[(name, number)] = Failure(version.stamp, reason)
+            table.put(
+                ServedVersion(name, number, VersionState.UNAVAILABLE, reason, stamp=version.stamp)
+            )
+            log.error("model %s version %s not loaded: %s", name, number, reason)
+            return
+        after = resident_bytes()
+        memory = after - before if after is not None and before is not None else None
+        self.failures.pop((name, number), None)
+        table.put(
+            ServedVersion(
+                name,
+                number,
+                VersionState.READY,
+                classifier=classifier,
+                memory_bytes=memory,
+                stamp=version.stamp,
+            )
+        )
+        log.info(
+            "model %s version %s ready in %.2fs (+%s MB)",
+            name,
+            number,
+            time.monotonic() - started,
+            f"{memory / 2**20:.0f}" if memory is not None else "?",
+        )
+
+    def _build(self, settings: Settings) -> Path | None:
+        """The built model for a torch-free runtime (built in a child on a cache miss)."""
+        if settings.runtime == "torch" and settings.artifact_path is None:
+            return None
+        if settings.artifact_path is not None:
+            return settings.artifact_path
+        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+        env.update(settings.as_env())
+        folder = build_in_child(env, json_logs=self.settings.log_format == "json")
+        return Path(folder) if folder else None
+
+    def _retire(self, name: str, wanted: set[str]) -> None:
+        """Unload the versions of ``name`` no longer wanted, once a wanted one serves (or the
+        model is not wanted at all)."""
+        table = self.state.models
+        if wanted and not any(
+            (e := table.entry(name, v)) is not None and e.state is VersionState.READY
+            for v in wanted
+        ):
+            return  # nothing new serves yet: the old versions keep serving
+        for entry in table.versions(name):
+            if entry.version not in wanted:
+                self.retire(entry)
+
+    def retire(self, entry: ServedVersion) -> None:
+        """Out of the routing table, finish what it accepted, stop, give the memory back."""
+        table = self.state.models
+        classifier = entry.classifier
+        if classifier is None:
+            table.drop(entry.model, entry.version)
+            return
+        table.put(entry.with_state(VersionState.UNLOADING))
+        log.info("unloading model %s version %s", entry.model, entry.version)
+        deadline = time.monotonic() + self.settings.shutdown_grace_s
+        while not classifier.idle and time.monotonic() < deadline:
+            time.sleep(0.01)  # requests it accepted are finishing; polled with a deadline
+        classifier.stop()
+        model_info_gauge(self.state.metrics, classifier).set(0)
+        table.drop(entry.model, entry.version)
+        del classifier, entry
+        _return_memory()
+
+    # --- explicit control (the OIP repository extension) ---------------------------------
+    def load(self, name: str) -> None:
+        """Load (or re-read) ``name`` in every worker; returns once the replica did it, raises
+        ``ModelLoadFailed`` with the reasons when no wanted version of it could be loaded."""
+        self._require_explicit("load")
+        models = scan(self.root)
+        if name not in models:
+            raise ModelNotFound(
+                f"No model named '{name}' in the repository {self.root} (it has "
+                f"{', '.join(sorted(models)) or 'none'})."
+            )
+        self.failures = {k: v for k, v in self.failures.items() if k[0] != name}  # try again
+        self._apply(self.control.request(name, load=True))
+        wanted = {str(v.version) for v in models[name].wanted()}
+        entries = [e for e in self.state.models.versions(name) if e.version in wanted]
+        if not wanted or not any(e.state is VersionState.READY for e in entries):
+            reasons = "; ".join(f"version {e.version}: {e.reason}" for e in entries if e.reason)
+            raise ModelLoadFailed(
+                f"Model '{name}' could not be loaded: {reasons or 'it has no version on disk'}."
+            )
+
+    def unload(self, name: str) -> None:
+        """Unload every version of ``name`` in every worker."""
+        self._require_explicit("unload")
+        if name not in self.state.models.names():
+            raise ModelNotFound(f"No model named '{name}' in this server.")
+        self._apply(self.control.request(name, load=False))
+
+    def _require_explicit(self, what: str) -> None:
+        if self.settings.repository_control != "explicit":
+            raise ControlOff(
+                f"Models {what} only in explicit mode (RESNET_SERVICE_REPOSITORY_CONTROL="
+                f"explicit); this server is in '{self.settings.repository_control}' mode."
+            )
+
+    def _apply(self, generation: int) -> None:
+        """This worker applies ``generation`` now; then wait (bounded) for the others."""
+        self.reconcile()
+        deadline = time.monotonic() + _REPLICA_WAIT_S
+        workers = max(1, self.settings.workers)
+        while time.monotonic() < deadline:
+            done = [r for r in self.control.reports() if r.generation >= generation]
+            if len(done) >= workers:
+                return
+            time.sleep(_CONTROL_CHECK_S)
+        log.warning("repository generation %d: not every worker applied it in time", generation)
+
+    # --- the loop ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Follow the repository in the background (poll and explicit modes)."""
+        if self.settings.repository_control == "none":
+            return
+        self._thread = threading.Thread(target=self._run, name="repository", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        poll = self.settings.repository_control == "poll"
+        interval = self.settings.repository_poll_s if poll else _CONTROL_CHECK_S
+        while not self._stop.wait(interval):
+            if not poll and self.control.generation() == self.applied_generation:
+                continue
+            try:
+                self.reconcile()
+            except ServiceError as exc:
+                log.error("model repository: %s", exc.detail)
+            except Exception:
+                log.exception("model repository pass failed")
+
+    def stop(self) -> None:
+        """Stop following (a pass under way finishes first); the classifiers stop with the
+        worker."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.settings.shutdown_grace_s + 60)
+        with self._pass:
+            pass
+
+
+def open_repository(
+    state: ServiceState, run_dir: Path | None = None, worker: int = 0
+) -> Reconciler:
+    """The reconciler of ``state``'s repository, set as its control; ``run_dir``: the replica's
+    shared directory (explicit mode's control file), None for one in-process app."""
+    root = state.settings.model_repository
+    assert root is not None
+    state.models = ModelTable(state.settings.default_model)
+    reconciler = Reconciler(state, root, ControlFile(run_dir, worker))
+    state.repository = reconciler
+    return reconciler
