@@ -88,6 +88,32 @@ def write_weights(path: Path) -> Path:
     return path
 
 
+def write_test_bundle(
+    directory: Path, labels: list[str], name: str = "tiny", seed: int = 0
+) -> Path:
+    """An fp32 bundle in ``finetune``'s format: the test backbone with a seeded head of its own
+    (one class per label), written by the product's own bundle writer."""
+    from resnet_service.model.bundle import BundleManifest, write_bundle
+
+    state = {k: v for k, v in seeded_state_dict().items() if not k.startswith("fc.")}
+    generator = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(512, len(labels))
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 0.05)
+        head.bias.zero_()
+    state["fc.weight"], state["fc.bias"] = head.weight.detach(), head.bias.detach()
+    manifest = BundleManifest(
+        name=name,
+        architecture="resnet18",
+        num_classes=len(labels),
+        precision="fp32",
+        weights_sha256="0" * 64,
+        provenance={"note": "test"},
+    )
+    write_bundle(directory, manifest, state, labels)
+    return directory
+
+
 def fp32_model() -> torch.nn.Module:
     model: torch.nn.Module = resnet18()
     model.load_state_dict(seeded_state_dict())

@@ -18,7 +18,7 @@ from resnet_service.core.errors import BundleInvalid, WeightsUnavailable
 from resnet_service.core.runtime import ServedModel
 from resnet_service.model import bundle as bundle_mod
 from resnet_service.model.architecture import host_qconfig
-from resnet_service.model.bundle import BundleManifest, read_manifest, write_bundle
+from resnet_service.model.bundle import read_manifest
 from resnet_service.model.hub import hub_checkpoint_path
 from resnet_service.model.torch_path import imagenet_labels, load_model
 from resnet_service.model.weights import (
@@ -31,7 +31,7 @@ from resnet_service.model.weights import (
     sha256_file,
 )
 from resnet_service.runtimes.torch_runtime import TorchRuntime
-from tests.harness import make_settings, seeded_state_dict, write_weights
+from tests.harness import make_settings, write_test_bundle, write_weights
 
 
 def module_of(model: ServedModel) -> torch.nn.Module:
@@ -264,20 +264,7 @@ def test_random_weights_flagged_everywhere(tmp_path: Path) -> None:
 
 # --- bundles -------------------------------------------------------------------------------
 def _fp32_bundle(directory: Path, classes: int = 3) -> Path:
-    state = {k: v for k, v in seeded_state_dict().items() if not k.startswith("fc.")}
-    torch.manual_seed(0)
-    head = torch.nn.Linear(512, classes)
-    state["fc.weight"], state["fc.bias"] = head.weight.detach(), head.bias.detach()
-    manifest = BundleManifest(
-        name="tiny",
-        architecture="resnet18",
-        num_classes=classes,
-        precision="fp32",
-        weights_sha256="0" * 64,
-        provenance={"note": "test"},
-    )
-    write_bundle(directory, manifest, state, [f"label-{i}" for i in range(classes)])
-    return directory
+    return write_test_bundle(directory, [f"label-{i}" for i in range(classes)])
 
 
 def test_bundle_served_in_both_precisions(tmp_path: Path) -> None:

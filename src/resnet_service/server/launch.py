@@ -118,5 +118,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="worker processes, each with CPUs/N torch threads (0 = one per CPU)",
     )
+    parser.add_argument(
+        "--repository",
+        dest="model_repository",
+        type=Path,
+        help="a model repository: DIR/<model>/<version>/ (several models and versions)",
+    )
+    parser.add_argument(
+        "--repository-control",
+        choices=["none", "poll", "explicit"],
+        help="none: read at start; poll: follow the folders; explicit: the OIP control routes",
+    )
+    parser.add_argument("--repository-poll", dest="repository_poll_s", type=float)
+    parser.add_argument("--default-model", help="the model of requests that name none")
     parser.add_argument("--drain-delay", dest="drain_delay_s", type=float)
     parser.add_argument("--shutdown-grace", dest="shutdown_grace_s", type=float)
