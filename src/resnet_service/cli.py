@@ -211,9 +211,15 @@ def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
     )
     result = finetune(config, settings)
     report = result.report
+    published = None
+    if args.repository is not None:
+        from resnet_service.model.repository import publish_version
+
+        published = publish_version(args.out, args.repository, args.name or args.out.name)
     _emit(
         {
             "bundle": str(args.out),
+            "published": str(published) if published else None,
             "classes": result.manifest.num_classes,
             "val_accuracy": round(report.val_accuracy, 4),
             "probe_val_accuracy": round(report.probe.val_accuracy, 4) if report.probe else None,
@@ -225,6 +231,15 @@ def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
             "weights_sha256": result.manifest.weights_sha256,
         }
     )
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
+    """Publish a version atomically (a temporary name, then a rename: ready for ``poll``)."""
+    from resnet_service.model.repository import publish_version
+
+    final = publish_version(args.source, args.repository, args.name, args.version)
+    _emit({"model": args.name, "version": int(final.name), "path": str(final)})
     return 0
 
 
@@ -378,7 +393,12 @@ def _add_finetune(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="early stopping: optimiser steps without a better validation score",
     )
     ft.add_argument("--seed", type=int, default=0)
-    ft.add_argument("--name", help="model name in the bundle")
+    ft.add_argument("--name", help="model name in the bundle (and in --repository)")
+    ft.add_argument(
+        "--repository",
+        type=Path,
+        help="also publish the bundle as the next version of --name in this model repository",
+    )
     ft.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_flags(ft)
     ft.set_defaults(handler=cmd_finetune)
@@ -444,6 +464,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_flags(pre)
     pre.set_defaults(handler=cmd_preflight)
+
+    publish = sub.add_parser(
+        "publish",
+        help="copy a bundle or built model into a model repository as its next version",
+    )
+    publish.add_argument("source", type=Path, help="a bundle (finetune) or quantize --out folder")
+    publish.add_argument("--repository", type=Path, required=True)
+    publish.add_argument("--name", required=True, help="the model's name in the repository")
+    publish.add_argument("--version", type=int, help="default: the highest there + 1")
+    publish.set_defaults(handler=cmd_publish)
 
     openapi = sub.add_parser("openapi", help="print the OpenAPI spec (JSON)")
     openapi.set_defaults(handler=cmd_openapi)

@@ -94,7 +94,7 @@ def _ticket(request: Request, classifier: Classifier) -> Iterator[Ticket]:
     if ticket is not None:
         yield ticket
         return
-    with classifier.admit() as own:
+    with classifier.admit() as own:  # the head did not admit it (an in-process app)
         yield own
 
 

@@ -44,6 +44,7 @@ from resnet_service.asgi.problems import (
     problem_body,
 )
 from resnet_service.core.admission import Ticket
+from resnet_service.core.classifier import Classifier
 from resnet_service.core.errors import RetryLater, ServiceError
 from resnet_service.logs import request_id_var
 from resnet_service.service import tracing
@@ -156,16 +157,19 @@ class AdmissionGate:
         route = admitted_route(scope)
         if route is None:
             return None
+        model, version = requested_model(scope, route)
         try:
-            classifier = self.service.require_classifier(*requested_model(scope, route))
-        except ServiceError:
-            return None  # unknown model, still loading: the route answers that
-        state["classifier"] = classifier  # the route serves the version admission chose
-        try:
-            state["ticket"] = tracing.admit(classifier) if self.tracing else classifier.admit()
+            classifier, ticket = self.service.admit(model, version, self._admit)
         except RetryLater as exc:
             return self._refuse(scope, state, route, exc)
+        except ServiceError:
+            return None  # an unknown model or version: the route answers that
+        state["classifier"] = classifier  # the route serves the version admission chose
+        state["ticket"] = ticket
         return None
+
+    def _admit(self, classifier: Classifier) -> Ticket:
+        return tracing.admit(classifier) if self.tracing else classifier.admit()
 
     def _refuse(self, scope: Scope, state: dict[str, Any], route: str, exc: RetryLater) -> Refusal:
         state["route"] = route

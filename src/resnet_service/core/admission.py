@@ -114,6 +114,10 @@ class Workload:
         self.completed = 0
         #: Admitted requests not yet ended (what an unloading model version waits for).
         self.open = 0
+        #: Until when (clock) a standing queue is not shed: the worker's own known capacity
+        #: dip (a model version loading beside this one), not an overload. The deadline bound
+        #: still applies.
+        self.hold_until = 0.0
         #: True while a standing queue is being shed (the bound is then the target).
         self.shedding = False
         self._busy_total = 0.0
@@ -157,6 +161,10 @@ class Workload:
             )
         return Ticket(self, wait)
 
+    def hold(self, seconds: float) -> None:
+        """Do not start shedding for ``seconds`` from now (``math.inf``: until told again)."""
+        self.hold_until = self._clock() + seconds
+
     def stale(self, waited_s: float) -> bool:
         """Whether work that has waited ``waited_s`` should be refused instead of started
         (read-only: the decode threads ask it)."""
@@ -176,7 +184,7 @@ class Workload:
             self._window = _Window(now)
             return
         above = self._above_since
-        if above is None or now - above < self.policy.interval_s:
+        if above is None or now - above < self.policy.interval_s or now < self.hold_until:
             return
         if window.overloaded():
             self._switch(True, window, now)

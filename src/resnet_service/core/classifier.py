@@ -23,7 +23,13 @@ import numpy as np
 
 from resnet_service.config import Settings
 from resnet_service.core.admission import AdmissionPolicy, Ticket, Workload
-from resnet_service.core.engine import EngineObserver, InferenceEngine, Probabilities, Scores
+from resnet_service.core.engine import (
+    ComputeGate,
+    EngineObserver,
+    InferenceEngine,
+    Probabilities,
+    Scores,
+)
 from resnet_service.core.errors import InvalidParameter, NotReady, Overloaded, ServiceError
 from resnet_service.core.images import (
     ImageLimits,
@@ -132,12 +138,15 @@ class Classifier:
         *,
         name: str | None = None,
         version: str = MODEL_VERSION,
+        compute: ComputeGate | None = None,
     ) -> None:
         self.model = model
         self.settings = settings
         #: The name and version requests reach it by (a repository's folder names).
         self.name = name or model.info.name
         self.version = version
+        #: Set once the version is leaving (a repository swap): no new request is admitted.
+        self.retiring = False
         self.inference_threads = model.runtime.threads
         self.decode_threads = settings.decode_threads or threads_per_worker(
             settings.inference_threads, settings.workers or 1
@@ -156,6 +165,7 @@ class Classifier:
             input_shape=self.input_shape,
             observer=observer,
             normalise=functools.partial(normalise_pixels, spec=spec),
+            compute=compute,
             trace_attributes={
                 "model.name": self.name,
                 "model.version": version,

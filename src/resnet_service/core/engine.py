@@ -18,6 +18,7 @@ numpy only: the engine never imports torch (the torch runtime does, behind the s
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import queue
@@ -90,6 +91,35 @@ def softmax(logits: FloatBatch) -> FloatBatch:
     return shifted
 
 
+class ComputeGate:
+    """One forward at a time among a worker's engines (one per model version), handed over in
+    arrival order: each worker's inference threads are its whole CPU budget, so two models'
+    forwards side by side would only oversubscribe the cores, and a lock without order would
+    let a flooded model's engine take it back again and again. Hand-written: the standard
+    library's locks promise no order."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._busy = False
+        self._waiting: collections.deque[threading.Event] = collections.deque()
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if not self._busy:
+                self._busy = True
+                return
+            turn = threading.Event()
+            self._waiting.append(turn)
+        turn.wait()  # handed over by __exit__ (the gate stays busy in between)
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            if self._waiting:
+                self._waiting.popleft().set()
+            else:
+                self._busy = False
+
+
 class InferenceEngine:
     """Micro-batching executor of one runtime on one dedicated thread."""
 
@@ -105,8 +135,11 @@ class InferenceEngine:
         observer: EngineObserver | None = None,
         normalise: Callable[[Pixels], FloatBatch] | None = None,
         trace_attributes: Mapping[str, str] | None = None,
+        compute: ComputeGate | None = None,
     ) -> None:
         self._runtime = runtime
+        #: Shared by every engine of a worker: one forward at a time on its threads.
+        self._compute = compute or ComputeGate()
         self._pixel_runtime = pixel_input(runtime)
         self._normalise = normalise
         channels, height, width = input_shape
@@ -375,7 +408,9 @@ class InferenceEngine:
         arrays = [work.array for work in live]
         if len({a.dtype for a in arrays}) > 1:  # images beside preprocessed arrays: rare
             arrays = [self._as_float(a) for a in arrays]
-        logits = self._run(np.stack(arrays))  # type: ignore[arg-type]  # one dtype, either
+        batch = np.stack(arrays)
+        with self._compute:
+            logits = self._run(batch)  # type: ignore[arg-type]  # one dtype, either
         if logits.ndim != 2 or logits.shape != (len(live), self._num_classes):
             raise InferenceFailed(
                 f"the model returned {logits.shape} outputs for {len(live)} inputs"

@@ -205,3 +205,25 @@ def version_settings(base: Settings, model: RepositoryModel, version: VersionDir
         return Settings(**fields)
     except ValidationError as exc:
         raise BundleInvalid(f"{model.name} version {version.version}: {exc}") from None
+
+
+def publish_version(source: Path, root: Path, name: str, version: int | None = None) -> Path:
+    """Copy a bundle or built model into ``root/name/<next version>`` atomically: copied under
+    a temporary name, then renamed into place, so ``poll`` never sees half a version."""
+    import shutil
+
+    if not NAME_PATTERN.match(name):
+        raise BundleInvalid(f"model name {name!r}: letters, digits, '_', '.', '-' (at most 64)")
+    if _kind(source) not in ("bundle", "artifact"):
+        raise BundleInvalid(f"{source} is neither a bundle (bundle.json) nor a built model")
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    have = [v.version for v in read_model(folder).versions]
+    number = version or max(have, default=0) + 1
+    final = folder / str(number)
+    if final.exists():
+        raise BundleInvalid(f"{final} exists: versions are never overwritten, publish a new one")
+    staging = folder / f".{number}.{os.getpid()}.tmp"
+    shutil.copytree(source, staging)
+    os.rename(staging, final)
+    return final

@@ -14,6 +14,7 @@ from prometheus_client import Gauge
 from resnet_service import logs
 from resnet_service.config import Settings
 from resnet_service.core.classifier import MODEL_VERSION, Classifier
+from resnet_service.core.engine import ComputeGate
 from resnet_service.service.metrics import Metrics
 from resnet_service.service.models import ServedVersion, VersionState
 from resnet_service.service.state import ServiceState
@@ -29,6 +30,7 @@ def load_classifier(
     name: str | None = None,
     version: str = MODEL_VERSION,
     display_names: Mapping[str, str] | None = None,
+    compute: ComputeGate | None = None,
 ) -> Classifier:
     """Resolve and build (or load) the model, warm the engine up; blocking. ``artifact``: a
     built model the caller already found (a worker, after the preflight). ``name`` and
@@ -41,7 +43,12 @@ def load_classifier(
         model = replace(model, labels=[display_names.get(label, label) for label in model.labels])
     served = name or model.info.name
     classifier = Classifier(
-        model, settings, observer=metrics.observer(served, version), name=served, version=version
+        model,
+        settings,
+        observer=metrics.observer(served, version),
+        name=served,
+        version=version,
+        compute=compute,
     )
     classifier.start()
     model_info_gauge(metrics, classifier).set(1)

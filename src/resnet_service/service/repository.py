@@ -22,14 +22,18 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
+import math
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from resnet_service.config import ENV_PREFIX, Settings
+from resnet_service.core.engine import ComputeGate
 from resnet_service.core.errors import ControlOff, ModelLoadFailed, ModelNotFound, ServiceError
 from resnet_service.model.repository import RepositoryModel, VersionDir, scan, version_settings
 from resnet_service.service.building import BuildFailed, build_in_child
@@ -44,6 +48,8 @@ log = logging.getLogger("resnet_service.repository")
 _CONTROL_CHECK_S: Final = 0.2
 #: How long a load or unload waits for every worker of the replica to apply it.
 _REPLICA_WAIT_S: Final = 600.0
+#: After a load, how long the queues it made stand may drain before shedding can start.
+_SETTLE_S: Final = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +91,8 @@ class Reconciler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.applied_generation = -1
+        #: One forward at a time across this worker's models (see ``engine.ComputeGate``).
+        self.compute = ComputeGate()
 
     # --- one pass ------------------------------------------------------------------------
     def wanted(self, models: dict[str, RepositoryModel]) -> dict[str, list[VersionDir]]:
@@ -131,7 +139,26 @@ class Reconciler:
             return  # it failed as it is now; tried again when its folder changes
         self._load(model, version)
 
+    @contextmanager
+    def _capacity_dip(self) -> Iterator[None]:
+        """While a version builds, loads and warms, the serving ones lose CPU and their
+        queues stand for a moment: that is this worker's own doing, not an overload, so
+        they do not start shedding (clients that retry at once would keep a shed going).
+        The deadline bound still holds; the hold ends a settle time after the load."""
+        serving = [c.workload for c in self.state.models.classifiers()]
+        for workload in serving:
+            workload.hold(math.inf)
+        try:
+            yield
+        finally:
+            for workload in serving:
+                workload.hold(_SETTLE_S)
+
     def _load(self, model: RepositoryModel, version: VersionDir) -> None:
+        with self._capacity_dip():
+            self._load_version(model, version)
+
+    def _load_version(self, model: RepositoryModel, version: VersionDir) -> None:
         name, number = model.name, str(version.version)
         table = self.state.models
         table.put(ServedVersion(name, number, VersionState.LOADING, stamp=version.stamp))
@@ -147,6 +174,7 @@ class Reconciler:
                 name=name,
                 version=number,
                 display_names=model.config.display_names,
+                compute=self.compute,
             )
         except (ServiceError, BuildFailed, OSError) as exc:
             reason = exc.detail if isinstance(exc, ServiceError) else str(exc)
@@ -208,6 +236,7 @@ class Reconciler:
         if classifier is None:
             table.drop(entry.model, entry.version)
             return
+        classifier.retiring = True  # before the idle check: see ServiceState.admit
         table.put(entry.with_state(VersionState.UNLOADING))
         log.info("unloading model %s version %s", entry.model, entry.version)
         deadline = time.monotonic() + self.settings.shutdown_grace_s

@@ -4,11 +4,13 @@ replica's word, metrics and the upload budget (one per worker, never module-glob
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Protocol
 
 from resnet_service.config import Settings
+from resnet_service.core.admission import Ticket
 from resnet_service.core.classifier import Classifier
 from resnet_service.core.errors import ControlOff, NotReady
 from resnet_service.service.metrics import Metrics
@@ -100,6 +102,26 @@ class ServiceState:
         if not classifier.ready:
             raise NotReady("The service is not ready: the model is starting or stopping.", 2)
         return classifier
+
+    def admit(
+        self, model: str | None, version: str | None, admit: Callable[[Classifier], Ticket]
+    ) -> tuple[Classifier, Ticket]:
+        """Resolve the request's model and admit it there. A version retired between the two
+        steps (a swap under way) is skipped for its successor: its reconciler marks it
+        retiring *before* it checks that nothing is admitted, so a request either holds a
+        ticket it waits for, or sees the mark and goes to the new version."""
+        for _ in range(3):
+            classifier = self.require_classifier(model, version)
+            try:
+                ticket = admit(classifier)
+            except NotReady:
+                if classifier.retiring:
+                    continue
+                raise
+            if not classifier.retiring:
+                return classifier, ticket
+            ticket.release()
+        raise NotReady("The model is being replaced; retry.", 1)
 
     def require_repository(self) -> RepositoryControl:
         """The repository's control, or ``ControlOff`` when serving one model from settings."""

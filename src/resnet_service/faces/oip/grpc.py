@@ -211,8 +211,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         async def work() -> Any:
             self._authorize(context)
-            classifier = self.plane.check_model(request.model_name, request.model_version)
-            with self._admit(classifier) as ticket:
+            model, version = request.model_name, request.model_version or None
+            classifier, ticket = self.service.admit(model, version, self._admit)
+            with ticket:
                 ticket.uploaded()  # a unary RPC arrives whole
                 parsed = parse_request(request)
                 response = await self.plane.infer(parsed, classifier)

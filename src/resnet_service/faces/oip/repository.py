@@ -6,12 +6,13 @@ and unload only in ``explicit`` mode."""
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+from typing import Any, TypeVar
 
-from fastapi import APIRouter, Body, Depends, Request
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field, ValidationError
 
 from resnet_service.asgi.deps import ServiceDep
+from resnet_service.core.errors import InvalidInferRequest
 from resnet_service.faces.oip.rest import ErrorBody, OipRoute
 from resnet_service.service.auth import check_admin
 
@@ -39,6 +40,9 @@ router = APIRouter(
 )
 
 
+Body = TypeVar("Body", bound=BaseModel)
+
+
 class IndexRequest(BaseModel):
     ready: bool = Field(False, description="Only the versions that are ready.")
 
@@ -56,16 +60,39 @@ class ControlRequest(BaseModel):
     )
 
 
+async def _body(request: Request, schema: type[Body]) -> Body:
+    """The JSON body, or the defaults when there is none: tritonclient sends JSON without a
+    content type, so FastAPI's own body parsing would refuse it."""
+    raw = await request.body()
+    if not raw.strip():
+        return schema()
+    try:
+        return schema.model_validate_json(raw)
+    except ValidationError as exc:
+        raise InvalidInferRequest(f"Invalid request body: {exc.errors()[0]['msg']}.") from None
+
+
+def _documented(schema: type[BaseModel]) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": schema.model_json_schema()}},
+        }
+    }
+
+
 @router.post(
-    "/index", response_model=list[IndexItem], summary="Repository index", responses=_ERRORS
+    "/index",
+    response_model=list[IndexItem],
+    summary="Repository index",
+    responses=_ERRORS,
+    openapi_extra=_documented(IndexRequest),
 )
-async def index(
-    service: ServiceDep, body: Annotated[IndexRequest | None, Body()] = None
-) -> list[IndexItem]:
-    ready_only = body.ready if body is not None else False
+async def index(request: Request, service: ServiceDep) -> list[IndexItem]:
+    body = await _body(request, IndexRequest)
     return [
         IndexItem(name=e.name, version=e.version, state=str(e.state), reason=e.reason)
-        for e in service.models.repository_index(ready_only)
+        for e in service.models.repository_index(body.ready)
     ]
 
 
@@ -73,19 +100,21 @@ async def index(
     "/models/{model_name}/load",
     summary="Load (or re-read) a model in every worker",
     responses=_ERRORS,
+    openapi_extra=_documented(ControlRequest),
 )
-async def load(
-    model_name: str, service: ServiceDep, body: Annotated[ControlRequest | None, Body()] = None
-) -> dict[str, Any]:
+async def load(model_name: str, request: Request, service: ServiceDep) -> dict[str, Any]:
+    await _body(request, ControlRequest)
     await asyncio.to_thread(service.require_repository().load, model_name)
     return {}
 
 
 @router.post(
-    "/models/{model_name}/unload", summary="Unload a model in every worker", responses=_ERRORS
+    "/models/{model_name}/unload",
+    summary="Unload a model in every worker",
+    responses=_ERRORS,
+    openapi_extra=_documented(ControlRequest),
 )
-async def unload(
-    model_name: str, service: ServiceDep, body: Annotated[ControlRequest | None, Body()] = None
-) -> dict[str, Any]:
+async def unload(model_name: str, request: Request, service: ServiceDep) -> dict[str, Any]:
+    await _body(request, ControlRequest)
     await asyncio.to_thread(service.require_repository().unload, model_name)
     return {}
