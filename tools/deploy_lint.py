@@ -61,7 +61,13 @@ HADOLINT_CONFIG: Final = DEPLOY / "hadolint.yaml"
 #: The Kubernetes version whose API schemas every object must satisfy.
 KUBERNETES_VERSION: Final = "1.32"
 #: Every kustomization that can be applied (components are rendered through the overlays).
-KUSTOMIZATIONS: Final = ("base", "overlays/monitored", "overlays/full", "kserve")
+KUSTOMIZATIONS: Final = (
+    "base",
+    "overlays/monitored",
+    "overlays/full",
+    "overlays/repository",
+    "kserve",
+)
 #: Custom resources: no schema in kubernetes-validate, checked structurally instead.
 CUSTOM_KINDS: Final = {
     ("serving.kserve.io/v1beta1", "InferenceService"),
@@ -424,8 +430,12 @@ def settings_problems(env: dict[str, str | None], where: str) -> list[str]:
         if field_name not in Settings.model_fields:
             problems.append(f"{where}: {name} is not a setting (refused at start-up)")
         elif field_name in PATH_SETTINGS:
-            if value is not None and not value.startswith("/"):
+            if value and not value.startswith("/"):  # "" unsets a path
                 problems.append(f"{where}: {name}={value} is not an absolute path")
+            elif value:
+                # The path is in the image, not here: "/" stands in for it, so the checks
+                # between settings (one model source, a repository's mode) still run.
+                values[field_name] = "/"
         elif value is not None:
             values[field_name] = value
     if not problems:

@@ -298,6 +298,19 @@ class Settings(BaseSettings):
     )
 
     @field_validator(
+        "weights_path",
+        "bundle_path",
+        "calibration_dir",
+        "artifact_path",
+        "model_repository",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """``VAR=""`` unsets a path (a container image's default, overridden by a pod)."""
+        return None if value == "" else value
+
+    @field_validator(
         "weights_path", "bundle_path", "calibration_dir", "artifact_path", "model_repository"
     )
     @classmethod

@@ -205,7 +205,8 @@ def test_three_models_each_answer_with_their_own_labels(
             (only,) = model["versions"]
             assert (only["version"], only["state"], only["serving"]) == ("1", "READY", True)
         default = classify(c).json()
-        assert default["model"]["name"] == "imagenet" and default["model"]["version"] == "1"
+        assert default["model"]["name"] == "imagenet"
+        assert default["model"]["version"] == "1"
         assert c.get("/model").json()["num_classes"] == 1000
         shapes = classify(c, "shapes", top_k="3").json()
         assert {p["label"] for p in shapes["predictions"]} == set(SHAPES)
@@ -224,10 +225,12 @@ def test_three_models_each_answer_with_their_own_labels(
 
         # OIP: every model by path, its own outputs; the control routes are off (no token).
         meta = c.get("/v2/models/colours").json()
-        assert meta["versions"] == ["1"] and meta["outputs"][0]["shape"] == [-1, 4]
+        assert meta["versions"] == ["1"]
+        assert meta["outputs"][0]["shape"] == [-1, 4]
         assert c.get("/v2/models/nope").status_code == 404
         off = c.post("/v2/repository/index")
-        assert off.status_code == 403 and "ADMIN_TOKEN" in off.json()["error"]
+        assert off.status_code == 403
+        assert "ADMIN_TOKEN" in off.json()["error"]
 
         # Per-model series from the repository's names only; a request's unknown name adds none.
         text = c.get("/metrics").text
