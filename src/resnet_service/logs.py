@@ -37,7 +37,8 @@ _MODEL: dict[str, str] = {}
 
 
 def set_model(name: str, version: str) -> None:
-    """From now on, this process's lines say which model and version it serves."""
+    """From now on, this process's lines say which model and version it serves (the default
+    one, with a repository; a request's access line names the version that answered it)."""
     _MODEL.update(model=name, version=version)
 
 
@@ -56,8 +57,9 @@ class ContextFilter(logging.Filter):
         context = trace.get_current_span().get_span_context()
         if context.is_valid and not hasattr(record, "trace_id"):
             record.trace_id = trace.format_trace_id(context.trace_id)
-        for key, value in _MODEL.items():
-            setattr(record, key, value)
+        for key, value in _MODEL.items():  # a request's line names its own model
+            if not hasattr(record, key):
+                setattr(record, key, value)
         return True
 
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, Route, sync_playwright
 
-from tests.harness import ROOT, Server, jpeg_of, serve
+from tests.harness import ROOT, Server, jpeg_of, serve, write_test_bundle
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -324,3 +324,36 @@ def test_page_is_served_with_a_csp_and_kept_out_of_the_api_spec(server: Server) 
     assert missing.headers["content-type"] == "application/problem+json"
     spec = httpx.get(f"{server.url}/openapi.json").json()
     assert "/" not in spec["paths"]
+
+
+def test_model_picker_of_a_repository(
+    browser: Browser,
+    tmp_path_factory: pytest.TempPathFactory,
+    model_cache: Path,
+    photos: dict[str, Path],
+) -> None:
+    """A repository with two models: the page offers both, and the bars are the picked
+    model's own labels."""
+    root = tmp_path_factory.mktemp("web-repository")
+    labels = {"shapes": ["circle", "square", "triangle"], "colours": ["red", "green", "blue"]}
+    for seed, (name, names) in enumerate(labels.items()):
+        write_test_bundle(root / name / "1", names, name=name, seed=seed)
+        (root / name / "config.json").write_text('{"precision": "fp32"}')
+    args = ["--repository", str(root), "--cache-dir", str(model_cache), "--offline"]
+    server_dir = tmp_path_factory.mktemp("web-repo-server")
+    with serve(server_dir, *args) as server, open_page(browser, server) as page:
+        picker = page.get_by_test_id("model")
+        assert picker.is_visible()
+        options = picker.locator("option").all_inner_texts()
+        assert options == ["colours", "shapes"]
+        for name in ("shapes", "colours"):
+            picker.select_option(name)
+            page.locator("#classify-form[data-ready='true']").wait_for()
+            if page.get_by_test_id("card").count():
+                page.get_by_test_id("clear").click()
+            page.get_by_test_id("file-input").set_input_files(photos["chelsea.jpg"])
+            page.get_by_role("button", name="Classify").click()
+            card = wait_until_settled(page, 1)
+            shown = {label for label, _ in shown_bars(card.first)}
+            assert shown <= set(labels[name])
+            assert len(shown) == 3

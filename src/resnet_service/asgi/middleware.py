@@ -417,6 +417,8 @@ def _log(
     }
     if (client := scope.get("client")) is not None:
         line["client"] = client[0]
+    if (classifier := state.get("classifier")) is not None:  # the version that answered
+        line["model"], line["version"] = classifier.name, classifier.version
     if "images" in state:
         line["images"] = state["images"]
     if (timings := state.get("timings")) is not None:

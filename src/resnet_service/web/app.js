@@ -12,6 +12,8 @@
     input: $("file-input"),
     dropzone: $("dropzone"),
     topK: $("top-k"),
+    model: $("model"),
+    modelField: $("model-field"),
     tokenField: $("token-field"),
     token: $("token"),
     classify: $("classify"),
@@ -263,7 +265,7 @@
     for (const item of chunk) form.append("images", item.file, item.name);
     let response;
     try {
-      response = await fetch(`/classify/batch?top_k=${k}`, {
+      response = await fetch(`/classify/batch?top_k=${k}${modelQuery("&")}`, {
         method: "POST",
         body: form,
         headers: authHeaders(),
@@ -352,10 +354,32 @@
     ui.topK.value = String(choices.includes(wanted) ? wanted : choices[choices.length - 1]);
   }
 
+  // The picked model of a repository (none picked: the server's default).
+  function modelQuery(lead) {
+    return ui.model.value ? `${lead}model=${encodeURIComponent(ui.model.value)}` : "";
+  }
+
+  // A repository with several models: offer them (GET /models); one model: no picker.
+  async function loadModels() {
+    let listing;
+    try {
+      const response = await fetch("/models", { headers: { Accept: "application/json" } });
+      if (!response.ok) return;
+      listing = await response.json();
+    } catch {
+      return;
+    }
+    const names = listing.models.map((m) => m.name);
+    if (names.length < 2) return;
+    ui.model.replaceChildren(...names.map((name) => h("option", { value: name, text: name })));
+    ui.model.value = listing.default || names[0];
+    ui.modelField.hidden = false;
+  }
+
   async function loadModel(attempt = 0) {
     let response;
     try {
-      response = await fetch("/model", { headers: { Accept: "application/json" } });
+      response = await fetch(`/model${modelQuery("?")}`, { headers: { Accept: "application/json" } });
     } catch {
       response = null;
     }
@@ -436,5 +460,6 @@
   });
 
   updateButtons();
-  loadModel();
+  ui.model.addEventListener("change", () => loadModel());
+  loadModels().then(() => loadModel());
 })();
