@@ -53,3 +53,17 @@ def threads_per_worker(requested: int, workers: int) -> int:
     if requested > 0:
         return requested
     return max(1, usable_cpus() // max(1, workers))
+
+
+def has_vnni() -> bool:
+    """Whether the CPU has VNNI (AVX512_VNNI or AVX_VNNI; AMX hosts have it too): int8 dot
+    products without the int16 saturation of AVX2's ``vpmaddubsw``. Read from
+    ``/proc/cpuinfo`` (torch-free: workers compute the model cache key with it); True where
+    it cannot be read, the common case on current servers."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    words = set(flags.split())
+    return bool(words & {"avx512_vnni", "avx_vnni", "amx_int8"})

@@ -40,7 +40,7 @@ from resnet_service.core.errors import (
     WeightsUnavailable,
 )
 from resnet_service.core.runtime import FloatBatch, Runtime
-from resnet_service.cpus import threads_per_worker
+from resnet_service.cpus import has_vnni, threads_per_worker
 from resnet_service.model.architecture import build_fp32
 from resnet_service.model.artifacts import (
     MODEL_FILES,
@@ -213,7 +213,11 @@ def _quantize_onnx(fp32_path: Path, target: Path, calibration: ImageArrays) -> N
 
     prepared = fp32_path.with_name("prepared.onnx.tmp")
     quant_pre_process(str(fp32_path), str(prepared))
-    classifier = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type == "Gemm"]
+    nodes = onnx.load(str(prepared)).graph.node
+    classifier = [n.name for n in nodes if n.op_type == "Gemm"]
+    vnni = has_vnni()
+    if not vnni:  # the first convolution sees raw pixels: its range saturates int16 sums
+        classifier += [next(n.name for n in nodes if n.op_type == "Conv")]
     quantize_static(
         str(prepared),
         str(target),
@@ -225,6 +229,9 @@ def _quantize_onnx(fp32_path: Path, target: Path, calibration: ImageArrays) -> N
         calibrate_method=CalibrationMethod.Percentile,
         extra_options={"CalibPercentile": ORT_CALIBRATION_PERCENTILE},
         nodes_to_exclude=classifier,
+        # Without VNNI, ONNX Runtime's u8 x s8 kernels sum pairs in saturating int16: 7-bit
+        # weights keep them exact (its documentation's advice for such hosts).
+        reduce_range=not vnni,
     )
 
 
@@ -241,7 +248,9 @@ def quantization_info(
         info = QuantizationInfo(
             method="ort_static_qdq",
             engine="onnxruntime",
-            qconfig=f"QDQ U8S8 per-channel, percentile {ORT_CALIBRATION_PERCENTILE}, fp32 classifier",
+            qconfig=f"QDQ U8S8 per-channel, percentile {ORT_CALIBRATION_PERCENTILE}, fp32 "
+            "classifier"
+            + ("" if has_vnni() else ", 7-bit weights, fp32 first convolution (no VNNI)"),
         )
     return info.model_copy(
         update={

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from resnet_service.config import Precision, RuntimeName, Settings
 from resnet_service.core.errors import BundleInvalid, RuntimeUnavailable
 from resnet_service.core.runtime import ServedModel
-from resnet_service.cpus import threads_per_worker
+from resnet_service.cpus import has_vnni, threads_per_worker
 from resnet_service.model.artifacts import (
     ArtifactManifest,
     artifact_key,
@@ -90,6 +90,8 @@ def _key_parts(
         "num_classes": source.num_classes,
         "preprocessing": source.spec.model_dump(),
         "calibration": fingerprint,
+        # ONNX Runtime int8 is built with 7-bit weights on hosts without VNNI (build.py).
+        "reduce_range": settings.runtime == "onnxruntime" and not has_vnni(),
     }
 
 
