@@ -10,11 +10,10 @@ its runtime.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -23,6 +22,7 @@ from resnet_service.config import Precision, RuntimeName, Settings
 from resnet_service.core.errors import BundleInvalid, RuntimeUnavailable
 from resnet_service.core.runtime import ServedModel
 from resnet_service.cpus import has_vnni, threads_per_worker
+from resnet_service.locks import file_lock
 from resnet_service.model.artifacts import (
     ArtifactManifest,
     artifact_key,
@@ -126,17 +126,11 @@ def find_or_build(settings: Settings) -> Path:
     return folder
 
 
-@contextmanager
-def _build_lock(folder: Path) -> Iterator[None]:
+def _build_lock(folder: Path) -> AbstractContextManager[None]:
     """One builder per cache entry across processes (an flock beside the entry): the second
     waits, then finds the first one's build."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    return file_lock(folder.parent / f".{folder.name}.lock")
 
 
 def effective(settings: Settings) -> Settings:

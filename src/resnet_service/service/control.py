@@ -10,7 +10,6 @@ no broker, no shared memory; without a run directory (one in-process app) it liv
 
 from __future__ import annotations
 
-import fcntl
 import os
 import threading
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from typing import Final
 
 from pydantic import BaseModel
 
+from resnet_service.locks import file_lock
 from resnet_service.service.models import ServedVersion
 
 CONTROL_FILE: Final = "repository-control.json"
@@ -72,12 +72,8 @@ class ControlFile:
             if self.directory is None:
                 yield
                 return
-            with open(self.directory / f".{CONTROL_FILE}.lock", "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                try:
-                    yield
-                finally:
-                    fcntl.flock(lock, fcntl.LOCK_UN)
+            with file_lock(self.directory / f".{CONTROL_FILE}.lock"):
+                yield
 
     def request(self, model: str, load: bool) -> int:
         """Ask every worker to load (re-read) or unload ``model``; the new generation."""

@@ -15,6 +15,7 @@ from resnet_service.asgi.deps import ServiceDep
 from resnet_service.core.errors import InvalidInferRequest
 from resnet_service.faces.oip.rest import ErrorBody, OipRoute
 from resnet_service.service.auth import check_admin
+from resnet_service.service.state import ServiceState
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "The model could not be loaded; see the reason."},
@@ -96,6 +97,12 @@ async def index(request: Request, service: ServiceDep) -> list[IndexItem]:
     ]
 
 
+async def _control(request: Request, service: ServiceState, model: str, load: bool) -> None:
+    await _body(request, ControlRequest)
+    repository = service.require_repository()
+    await asyncio.to_thread(repository.load if load else repository.unload, model)
+
+
 @router.post(
     "/models/{model_name}/load",
     summary="Load (or re-read) a model in every worker",
@@ -103,8 +110,7 @@ async def index(request: Request, service: ServiceDep) -> list[IndexItem]:
     openapi_extra=_documented(ControlRequest),
 )
 async def load(model_name: str, request: Request, service: ServiceDep) -> dict[str, Any]:
-    await _body(request, ControlRequest)
-    await asyncio.to_thread(service.require_repository().load, model_name)
+    await _control(request, service, model_name, load=True)
     return {}
 
 
@@ -115,6 +121,5 @@ async def load(model_name: str, request: Request, service: ServiceDep) -> dict[s
     openapi_extra=_documented(ControlRequest),
 )
 async def unload(model_name: str, request: Request, service: ServiceDep) -> dict[str, Any]:
-    await _body(request, ControlRequest)
-    await asyncio.to_thread(service.require_repository().unload, model_name)
+    await _control(request, service, model_name, load=False)
     return {}
