@@ -90,9 +90,23 @@ def _key_parts(
         "num_classes": source.num_classes,
         "preprocessing": source.spec.model_dump(),
         "calibration": fingerprint,
+        # A bundle's labels live in the built model: two bundles of the same weights with
+        # other labels are two entries.
+        "labels_sha256": _labels_sha256(source),
         # ONNX Runtime int8 is built with 7-bit weights on hosts without VNNI (build.py).
         "reduce_range": settings.runtime == "onnxruntime" and not has_vnni(),
     }
+
+
+def _labels_sha256(source: ModelSource) -> str | None:
+    import hashlib
+
+    if source.bundle is None:
+        return None
+    try:
+        return hashlib.sha256((source.bundle / "labels.json").read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def find_or_build(settings: Settings) -> Path:

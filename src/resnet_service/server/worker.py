@@ -139,11 +139,11 @@ def serve_worker(settings: Settings, plumbing: WorkerPlumbing) -> int:
         on_started=plumbing.notify_ready,
     )
     log.info(
-        "worker %d listening on %s:%d (%s; torch %s)",
+        "worker %d listening on %s:%d (runtime %s; torch %s)",
         plumbing.index,
         settings.host,
         settings.port,
-        ", ".join(f"{e.model}/{e.version} {e.state}" for e in state.models.index()),
+        ", ".join(sorted({c.model.info.runtime for c in state.models.classifiers()})) or "none",
         "imported" if "torch" in sys.modules else "not imported",
     )
     try:
