@@ -59,7 +59,7 @@ def public_model_info(info: ModelInfo) -> dict[str, Any]:
     "/model",
     response_model=ModelResponse,
     summary="A served model (default: the default one)",
-    responses=problems(404, 503),
+    responses=problems(404, 422, 503),
 )
 async def model(classifier: ClassifierDep) -> ModelResponse:
     settings = classifier.settings  # the replica's, with the model's own config applied
