@@ -183,5 +183,37 @@ def metric_sum(url: str, family: str, **labels: str) -> float:
     return total
 
 
+def histogram_buckets(url: str, family: str, **labels: str) -> dict[float, float]:
+    """A Prometheus histogram's cumulative bucket counts on ``url``/metrics (upper bound ->
+    count), summed over every series matching ``labels`` (every worker, model, version)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    counts: dict[float, float] = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name != family:
+            continue
+        for sample in fam.samples:
+            if not sample.name.endswith("_bucket"):
+                continue
+            if all(sample.labels.get(k) == v for k, v in labels.items()):
+                bound = float(sample.labels["le"])
+                counts[bound] = counts.get(bound, 0.0) + sample.value
+    return counts
+
+
+def bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """The upper bound of the bucket holding quantile ``q`` of what was observed between two
+    reads of one histogram (``histogram_buckets``): an upper bound on the true quantile."""
+    delta = {bound: after[bound] - before.get(bound, 0.0) for bound in after}
+    total = delta.get(float("inf"), 0.0)
+    if total <= 0:
+        raise ValueError("nothing was observed between the two reads")
+    for bound in sorted(delta):
+        if delta[bound] >= q * total:
+            return bound
+    return float("inf")
+
+
 def python() -> str:
     return sys.executable

@@ -25,7 +25,13 @@ import numpy as np
 import pytest
 
 from resnet_bench import loadgen
-from resnet_bench.servers import free_port, metric_sum, stop_process_group
+from resnet_bench.servers import (
+    bucket_quantile,
+    free_port,
+    histogram_buckets,
+    metric_sum,
+    stop_process_group,
+)
 from tests.harness import ROOT, Server, is_ready, jpeg_of, serve, until, wait_until
 
 pytestmark = pytest.mark.slow
@@ -82,6 +88,9 @@ def test_overload_is_refused_from_the_headers_and_recovers(two_workers: Server) 
     assert isinstance(rps, float)
     assert rps > 0
 
+    queue_wait = "resnet_service_queue_wait_seconds"
+    waits_before = histogram_buckets(server.url, queue_wait)
+
     async def flood() -> tuple[loadgen.LoadResult, list[bytes]]:
         load = asyncio.create_task(loadgen.open_loop(HOST, server.port, payload, 10 * rps, 3.0))
         probes: list[bytes] = []
@@ -99,15 +108,22 @@ def test_overload_is_refused_from_the_headers_and_recovers(two_workers: Server) 
     # Refused from the headers alone: these clients never sent their bodies.
     assert any(p.startswith(b"HTTP/1.1 503") for p in probes), probes
     assert all(p == b"" or p.startswith(b"HTTP/1.1 503") for p in probes), probes
+    # Shedding holds the accepted images' queue wait near the standing-queue target (50 ms),
+    # not the deadline bound (7.5 s): the flood's first interval is its only burst allowance.
+    # Read from the server's own histogram: the flood client's latencies also carry its own
+    # lag behind its schedule on a 2-core host it shares with both workers (accepted p99
+    # 3.3-3.9 s seen from the client in CI). What the server holds: p99 in the 0.5 s or 1 s
+    # bucket on a 2-CPU Xeon (AVX-512), the first interval's backlog being cleared; without
+    # shedding this 3 s flood would queue up to the deadline bound.
+    wait_p99 = bucket_quantile(waits_before, histogram_buckets(server.url, queue_wait), 0.99)
+    assert wait_p99 <= 2.5, f"accepted images waited up to {wait_p99} s at p99 in the queue"
+    # Nothing waited for the deadline (15 s), even counting the client's own lag; a refusal
+    # never waits for the queue at all (77 ms at p99 on an EPYC with AVX-512; 1.2-1.5 s on a
+    # Zen 3 EPYC with AVX2 only, where this client's ~400 req/s take a core).
     refusal_p99 = float(np.percentile(result.latency_ms(503), 99))
     accepted_p99 = float(np.percentile(result.latency_ms(200), 99))
-    # A refusal never waits for the queue or the deadline budget (15 s): what is left is the
-    # flood client's own scheduling on a 2-core host (measured 77 ms on an EPYC with AVX-512,
-    # 1.2-1.5 s on a Zen 3 EPYC with AVX2 only, where this client's ~400 req/s take a core).
     assert refusal_p99 < 3000, f"refusals took {refusal_p99:.0f} ms at p99"
-    # Shedding holds the accepted wait near the standing-queue target (50 ms), not the
-    # deadline bound (15 s): the flood's first interval is its only burst allowance.
-    assert accepted_p99 < 3000, f"accepted requests took {accepted_p99:.0f} ms at p99"
+    assert accepted_p99 < 7500, f"accepted requests took {accepted_p99:.0f} ms at p99"
 
     # Recovery: the queue drains, a lone request is fast again.
     normal = float(np.percentile(alone.latency_ms(200), 50))
