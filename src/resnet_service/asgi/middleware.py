@@ -44,7 +44,6 @@ from resnet_service.asgi.problems import (
     problem_body,
 )
 from resnet_service.core.admission import Ticket
-from resnet_service.core.classifier import Classifier
 from resnet_service.core.errors import RetryLater, ServiceError
 from resnet_service.logs import request_id_var
 from resnet_service.service import tracing
@@ -159,7 +158,7 @@ class AdmissionGate:
             return None
         model, version = requested_model(scope, route)
         try:
-            classifier, ticket = self.service.admit(model, version, self._admit)
+            classifier, ticket = self.service.admit(model, version, tracing.admitter(self.tracing))
         except RetryLater as exc:
             return self._refuse(scope, state, route, exc)
         except ServiceError:
@@ -167,9 +166,6 @@ class AdmissionGate:
         state["classifier"] = classifier  # the route serves the version admission chose
         state["ticket"] = ticket
         return None
-
-    def _admit(self, classifier: Classifier) -> Ticket:
-        return tracing.admit(classifier) if self.tracing else classifier.admit()
 
     def _refuse(self, scope: Scope, state: dict[str, Any], route: str, exc: RetryLater) -> Refusal:
         state["route"] = route

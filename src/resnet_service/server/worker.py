@@ -10,6 +10,7 @@ that cannot serve it.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import logging.config
 import os
@@ -88,6 +89,16 @@ def _load_models(state: ServiceState, plumbing: WorkerPlumbing) -> None:
     reconciler.start()
 
 
+def _freeze_start_up_heap() -> None:
+    """Move what start-up made (imported modules, the runtimes' and FastAPI's objects, the
+    loaded models) out of the collector's sight: they live as long as the worker, yet each
+    full collection walked them all, a 70-90 ms pause of every request in flight under load
+    (measured: five such pauses in 20 s of a flood). Garbage is collected first, so only
+    live objects are frozen."""
+    gc.collect()
+    gc.freeze()
+
+
 def serve_worker(settings: Settings, plumbing: WorkerPlumbing) -> int:
     """Load, warm, listen, serve until SIGTERM; returns the exit code.
 
@@ -116,6 +127,7 @@ def serve_worker(settings: Settings, plumbing: WorkerPlumbing) -> int:
         return EXIT_STARTUP_FAILED
     metrics = state.metrics
     app = create_app(state=state)
+    _freeze_start_up_heap()
     peers: list[Peer] = []
     if settings.grpc_enabled:
         from resnet_service.faces.oip.grpc import GrpcFace

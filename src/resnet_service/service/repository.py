@@ -70,8 +70,13 @@ def resident_bytes() -> int | None:
 
 
 def _return_memory() -> None:
-    """Give freed heap back to the system (glibc keeps it otherwise; RSS would not drop)."""
+    """Give freed heap back to the system (glibc keeps it otherwise; RSS would not drop).
+
+    The worker froze its start-up heap (``server.worker``), which may hold the version just
+    retired: thawed for one full collection, then frozen again (a rare pause, at a retire)."""
+    gc.unfreeze()
     gc.collect()
+    gc.freeze()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
@@ -87,6 +92,8 @@ class Reconciler:
         self.root = root
         self.control = control
         self.failures: dict[tuple[str, str], Failure] = {}
+        #: A model's folder problem as last logged: poll passes every second log it once.
+        self._problems: dict[str, str] = {}
         self._pass = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -125,9 +132,13 @@ class Reconciler:
             self.control.report(self.applied_generation, self.state.models.index())
 
     def _record_problems(self, models: dict[str, RepositoryModel]) -> None:
+        """Log a model folder's problem when it appears or changes, and when it is mended."""
         for name, model in models.items():
-            if model.problem is not None:
+            if model.problem is not None and self._problems.get(name) != model.problem:
                 log.error("model %s: %s", name, model.problem)
+                self._problems[name] = model.problem
+            elif model.problem is None and self._problems.pop(name, None) is not None:
+                log.info("model %s: its folder is readable again", name)
 
     def _ensure(self, model: RepositoryModel, version: VersionDir) -> None:
         key = (model.name, str(version.version))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Final
 
 from opentelemetry import trace
@@ -127,6 +127,11 @@ def admit(classifier: Classifier) -> Ticket:
             }
         )
         return ticket
+
+
+def admitter(traced: bool) -> Callable[[Classifier], Ticket]:
+    """How a face admits a request: inside an ``admission`` span when tracing, else plainly."""
+    return admit if traced else Classifier.admit
 
 
 def trace_id() -> str | None:

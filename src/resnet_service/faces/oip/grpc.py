@@ -26,8 +26,6 @@ from grpc_health.v1._async import HealthServicer
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
-from resnet_service.core.admission import Ticket
-from resnet_service.core.classifier import Classifier
 from resnet_service.core.errors import InvalidInferRequest, RetryLater, ServiceError
 from resnet_service.faces.oip.dataplane import DataPlane
 from resnet_service.faces.oip.errors import grpc_status
@@ -159,9 +157,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 span.set_attribute("rpc.grpc.status_code", status.value[0])
                 tracing.finish_request(span, code, failed=status in _SERVICE_FAULTS)
 
-    def _admit(self, classifier: Classifier) -> Ticket:
-        return tracing.admit(classifier) if self.tracing else classifier.admit()
-
     def _span(self, name: str, context: grpc.aio.ServicerContext) -> Span:
         """The RPC's SERVER span, continuing a ``traceparent`` sent as metadata."""
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
@@ -212,7 +207,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         async def work() -> Any:
             self._authorize(context)
             model, version = request.model_name, request.model_version or None
-            classifier, ticket = self.service.admit(model, version, self._admit)
+            classifier, ticket = self.service.admit(model, version, tracing.admitter(self.tracing))
             with ticket:
                 ticket.uploaded()  # a unary RPC arrives whole
                 parsed = parse_request(request)
