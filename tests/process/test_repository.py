@@ -281,8 +281,19 @@ def test_poll_rolls_in_a_new_version_under_load_and_refuses_a_broken_one(
             assert "sha256" in versions_now["3"]["reason"]  # corrupt: the reason says so
             assert versions_now["2"]["serving"]
             assert versions_now["2"]["state"] == "READY"
+        # Version 4: a bundle whose labels do not match its head (2 labels, 3 classes).
+        staging = write_test_bundle(tmp_path / "v4", SHAPES, name="mismatched")
+        (staging / "labels.json").write_text(json.dumps(SHAPES[:2]))
+        publish(root / "imagenet", 4, staging)
+
+        def v4_reason() -> str:
+            versions = {v["version"]: v for v in models_of(server)["imagenet"]["versions"]}
+            return str(versions.get("4", {}).get("reason") or "")
+
+        wait_until(lambda: "2 labels for 3 classes" in v4_reason(), 60, "v4 refused", server)
         served_after = load.count()
-        wait_until(lambda: load.count() >= served_after + 50, 60, "answers after v3", server)
+        wait_until(lambda: load.count() >= served_after + 50, 60, "answers after v4", server)
+        assert set(load.last(50)) == {"2"}  # v2 serves on
     answers = load.answers
     assert answers.failures == []
     versions = [v for _, v in answers.versions]
