@@ -33,6 +33,13 @@ class RuntimeFidelity:
     fp32_accuracy: float
     int8_accuracy: float
     mean_abs_logit_rel_error: float
+    #: The instruction-set level it was measured at (this host's: the bench builds afresh).
+    isa: str | None = None
+
+    def meets(self, min_agreement: float, max_drop: float) -> bool:
+        """Whether this runtime's int8 follows fp32 closely enough to be a default here."""
+        drop = self.fp32_accuracy - self.int8_accuracy
+        return self.top1_agreement >= min_agreement and drop <= max_drop
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,7 @@ def digits_fidelity(
             fp32_accuracy=fidelity["fp32_accuracy"],
             int8_accuracy=fidelity["int8_accuracy"],
             mean_abs_logit_rel_error=fidelity["mean_abs_logit_rel_error"],
+            isa=(fidelity.get("measured_on") or {}).get("isa"),
         )
         log.info("%s int8 on digits: %s", runtime, asdict(out.runtimes[runtime]))
     return out

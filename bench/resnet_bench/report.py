@@ -56,7 +56,7 @@ def _runtime_rows(result: dict[str, Any]) -> list[str]:
         fid = fidelity.get(rt)
         agreement = (
             f"{fid['top1_agreement']:.3f} (acc {fid['fp32_accuracy']:.3f} -> "
-            f"{fid['int8_accuracy']:.3f})"
+            f"{fid['int8_accuracy']:.3f}){' at ' + fid['isa'] if fid.get('isa') else ''}"
             if fid
             else "-"
         )

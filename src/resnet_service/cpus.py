@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 _CGROUP_V2_MAX = Path("/sys/fs/cgroup/cpu.max")
 _CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
@@ -67,3 +69,69 @@ def has_vnni() -> bool:
     flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
     words = set(flags.split())
     return bool(words & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+#: oneDNN's instruction-set levels (``ONEDNN_MAX_CPU_ISA`` names, lower case), weakest first:
+#: the int8 kernels the runtimes pick, and so their numbers, differ between them.
+ISA_LEVELS: Final = (
+    "sse41",
+    "avx2",
+    "avx2_vnni",
+    "avx512_core",
+    "avx512_core_vnni",
+    "avx512_core_bf16",
+    "avx512_core_amx",
+)
+_ISA_FLAGS: Final = {
+    "avx2_vnni": {"avx2", "avx_vnni"},
+    "avx2": {"avx2"},
+    "avx512_core": {"avx512f", "avx512bw", "avx512vl", "avx512dq"},
+    "avx512_core_vnni": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"},
+    "avx512_core_bf16": {"avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"},
+    "avx512_core_amx": {"avx512f", "avx512bw", "avx512_vnni", "amx_int8", "amx_tile"},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class HostCpu:
+    """The CPU a figure was measured on: its name and the instruction-set level in effect."""
+
+    cpu: str
+    isa: str
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    """(model name, flags) of the first CPU in ``/proc/cpuinfo``; ("unknown", {}) elsewhere."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown", set()
+    name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
+    flags = next((ln.split(":", 1)[1] for ln in lines if ln.startswith("flags")), "")
+    return name or "unknown", set(flags.split())
+
+
+def isa_level(flags: set[str], cap: str | None = None) -> str:
+    """The highest oneDNN level these CPU flags reach, lowered to ``cap`` (the
+    ``ONEDNN_MAX_CPU_ISA`` in effect; ``ALL`` or unknown names cap nothing)."""
+    reached = "sse41"
+    for level in ISA_LEVELS[1:]:
+        if _ISA_FLAGS[level] <= flags:
+            reached = level
+    wanted = (cap or "").lower()
+    if wanted in ISA_LEVELS and ISA_LEVELS.index(wanted) < ISA_LEVELS.index(reached):
+        return wanted
+    return reached
+
+
+def this_host() -> HostCpu:
+    """This host's CPU and the instruction-set level its int8 kernels run at."""
+    name, flags = _cpuinfo()
+    return HostCpu(cpu=name, isa=isa_level(flags, os.environ.get("ONEDNN_MAX_CPU_ISA")))
+
+
+def reachable_isa_levels() -> list[str]:
+    """Every level from AVX2 up that this CPU reaches, as ``ONEDNN_MAX_CPU_ISA`` values: capped
+    at each in turn, one host measures the kinds of host below it."""
+    _, flags = _cpuinfo()
+    return [level.upper() for level in ISA_LEVELS[1:] if _ISA_FLAGS[level] <= flags]

@@ -107,8 +107,8 @@ def _rounds(median_rps: dict[str, float]) -> InterleavedRounds:
     return InterleavedRounds(16, 3, {name: [rps] for name, rps in median_rps.items()}, median_rps)
 
 
-def _fidelity(agreement: float) -> RuntimeFidelity:
-    return RuntimeFidelity(100, agreement, 0.9, 0.9, 0.01)
+def _fidelity(agreement: float, int8_accuracy: float = 0.9) -> RuntimeFidelity:
+    return RuntimeFidelity(100, agreement, 0.9, int8_accuracy, 0.01, "avx2")
 
 
 def test_default_runtime_is_the_fastest_median_among_those_meeting_the_fidelity_bar() -> None:
@@ -118,7 +118,7 @@ def test_default_runtime_is_the_fastest_median_among_those_meeting_the_fidelity_
         TrainedBundle(0.95),
         {
             "torch": _fidelity(0.99),
-            "openvino": _fidelity(0.983),
+            "openvino": _fidelity(0.995),
             "onnxruntime": _fidelity(0.95),  # below the bar: never the default
         },
     )
@@ -127,6 +127,9 @@ def test_default_runtime_is_the_fastest_median_among_those_meeting_the_fidelity_
     # ...the interleaved rounds' medians decide when they ran.
     choice = _rounds({"torch": 110.0, "openvino": 140.0})
     assert choose_default(samples, fidelity, choice, opts) == "openvino"
+    # Agreeing but losing 2 points of accuracy on this host (the bar is 1.5): not eligible.
+    fidelity.runtimes["openvino"] = _fidelity(0.99, int8_accuracy=0.88)
+    assert choose_default(samples, fidelity, choice, opts) == "torch"
 
 
 def test_default_layout_is_the_faster_median_when_rounds_ran() -> None:

@@ -36,6 +36,7 @@ from torchvision.models import resnet18
 from resnet_service.cli import main
 from resnet_service.core.errors import DatasetError
 from resnet_service.core.images import LOCAL_FILE_LIMITS, PreprocessSpec, decode_and_preprocess
+from resnet_service.cpus import reachable_isa_levels
 from resnet_service.model.bundle import instantiate, read_labels, read_manifest, read_weights
 from resnet_service.training.data import load_image_folder, stratified_split
 from resnet_service.training.finetune import spec_for
@@ -278,14 +279,6 @@ def evaluate_bundle(
 
 
 # --- int8 fidelity at every instruction-set level this host has -----------------------------
-#: oneDNN's ISA caps (``ONEDNN_MAX_CPU_ISA``; OpenVINO's convolutions run on oneDNN) and the
-#: /proc/cpuinfo flags that make each reachable. The uncapped host is the served path above.
-ISA_LEVELS: Final = {
-    "AVX2": {"avx2", "fma"},
-    "AVX512_CORE": {"avx512f", "avx512bw", "avx512vl", "avx512dq"},
-    "AVX512_CORE_VNNI": {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"},
-    "AVX512_CORE_AMX": {"amx_tile", "amx_int8", "avx512_vnni"},
-}
 #: Measured on the digits model: 98.5% agreement and a 1.0-point drop at every level (AVX2,
 #: AVX512_CORE, AVX512_CORE_VNNI on AMD EPYC; 200 images); the bars leave two images of margin.
 ISA_MIN_AGREEMENT: Final = 0.975
@@ -299,11 +292,6 @@ runtime.bind_thread()
 x = np.load(sys.argv[2])
 np.save(sys.argv[3], np.concatenate([runtime.infer(x[i : i + 16]) for i in range(0, len(x), 16)]))
 """
-
-
-def reachable_isa_levels() -> list[str]:
-    flags = set(Path("/proc/cpuinfo").read_text().split())
-    return [level for level, needs in ISA_LEVELS.items() if needs <= flags]
 
 
 def openvino_agrees_at_every_isa_level(bundle: Path, cache: Path, files: list[Path]) -> None:

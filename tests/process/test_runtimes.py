@@ -18,6 +18,7 @@ import pytest
 from resnet_service.config import Precision, RuntimeName, Settings
 from resnet_service.core.errors import CacheUnwritable, RuntimeUnavailable
 from resnet_service.core.images import LOCAL_FILE_LIMITS, decode_to_pixels, normalise_pixels
+from resnet_service.core.model_info import measured_here
 from resnet_service.core.runtime import pixel_input
 from resnet_service.model.artifacts import ARTIFACT_MANIFEST, read_artifact
 from resnet_service.model.hub import sha256_file
@@ -50,6 +51,7 @@ def test_int8_is_built_once_calibrated_and_measured(
     assert fidelity is not None
     assert fidelity.images == 16
     assert fidelity.mean_abs_logit_rel_error < 0.1
+    assert fidelity.measured_on == measured_here()
     with caplog.at_level(logging.INFO):
         assert find_or_build(settings) == folder
     assert "found in the cache" in caplog.text

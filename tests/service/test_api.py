@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
 from resnet_service.config import Settings
+from resnet_service.cpus import ISA_LEVELS
 from resnet_service.runtimes.registry import runtime_version
 from resnet_service.server.app import create_app
 from resnet_service.service.state import ServiceState
@@ -139,6 +140,9 @@ async def test_model_route(client: Client) -> None:
     # Built runtimes report fidelity against torch fp32; torch's own int8 in its quantization.
     fidelity = body["fidelity"] or body["quantization"]["fidelity"]
     assert fidelity["images"] == 16
+    # Measured on this host: the level it names is the one /model says this host runs at.
+    assert fidelity["measured_on"] == body["host"]
+    assert body["host"]["isa"] in ISA_LEVELS
     assert body["runtime_version"] == runtime_version(DEFAULT_RUNTIME)
     assert body["settings"]["inference_threads"] == 1
     assert body["settings"]["max_top_k"] == 1000

@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from resnet_service.config import SettingsError, load_settings
-from resnet_service.cpus import MAX_AUTO_WORKERS, resolve_workers, threads_per_worker, usable_cpus
+from resnet_service.cpus import (
+    ISA_LEVELS,
+    MAX_AUTO_WORKERS,
+    isa_level,
+    resolve_workers,
+    threads_per_worker,
+    usable_cpus,
+)
 
 
 def test_defaults_are_valid() -> None:
@@ -103,3 +110,26 @@ def test_kubernetes_service_links_are_not_taken_for_settings(
     monkeypatch.setenv("RESNET_SERVICE_PORT", "tcp://10.0.0.1:8000")
     with pytest.raises(SettingsError, match="enableServiceLinks: false"):
         load_settings()
+
+
+AVX2 = {"avx2", "fma"}
+AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
+
+
+@pytest.mark.parametrize(
+    ("flags", "cap", "level"),
+    [
+        (AVX2, None, "avx2"),
+        (AVX2 | {"avx_vnni"}, None, "avx2_vnni"),
+        (AVX512, None, "avx512_core"),
+        (AVX512 | {"avx512_vnni"}, None, "avx512_core_vnni"),
+        (AVX512 | {"avx512_vnni", "avx512_bf16", "amx_int8", "amx_tile"}, None, "avx512_core_amx"),
+        (AVX512 | {"avx512_vnni"}, "AVX2", "avx2"),  # capped (ONEDNN_MAX_CPU_ISA)
+        (AVX2, "AVX512_CORE_AMX", "avx2"),  # a cap never raises the level
+        (AVX512, "ALL", "avx512_core"),
+        (set(), None, "sse41"),
+    ],
+)
+def test_instruction_set_level(flags: set[str], cap: str | None, level: str) -> None:
+    assert isa_level(flags, cap) == level
+    assert level in ISA_LEVELS

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from resnet_service.config import Precision, RuntimeName
+from resnet_service.cpus import this_host
 
 
 class WeightsSource(StrEnum):
@@ -19,6 +20,20 @@ class WeightsSource(StrEnum):
     DOWNLOAD = "download"
     BUNDLE = "bundle"
     RANDOM = "random"
+
+
+class MeasuredOn(BaseModel):
+    """A host's CPU and the oneDNN instruction-set level its int8 kernels ran at: int8
+    numbers measured at one level do not carry to another (the runtimes pick other kernels)."""
+
+    cpu: str
+    isa: str = Field(description="oneDNN level (ONEDNN_MAX_CPU_ISA names, lower case).")
+
+
+def measured_here() -> MeasuredOn:
+    """This host, as a fidelity figure records where it was measured."""
+    host = this_host()
+    return MeasuredOn(cpu=host.cpu, isa=host.isa)
 
 
 class Fidelity(BaseModel):
@@ -32,6 +47,9 @@ class Fidelity(BaseModel):
     fp32_accuracy: float | None = Field(None, description="When the images have labels.")
     int8_accuracy: float | None = Field(
         None, description="Accuracy of the built model (int8, or fp32 on another runtime)."
+    )
+    measured_on: MeasuredOn | None = Field(
+        None, description="Where these figures were measured (absent: before this was kept)."
     )
 
 

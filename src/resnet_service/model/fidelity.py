@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from resnet_service.core.model_info import measured_here
 from resnet_service.core.runtime import FloatBatch
 from resnet_service.model.manifest import Fidelity
 
@@ -41,5 +42,6 @@ def compare(
         max_abs_prob_diff=min(1.0, prob_diff),
         mean_abs_logit_rel_error=rel,
         image_source=image_source,
+        measured_on=measured_here(),
         **accuracy,
     )

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from resnet_service.config import Precision, RuntimeName, Settings
 from resnet_service.core.errors import BundleInvalid, RuntimeUnavailable
+from resnet_service.core.model_info import measured_here
 from resnet_service.core.runtime import ServedModel
 from resnet_service.cpus import has_vnni, threads_per_worker
 from resnet_service.locks import file_lock
@@ -31,7 +32,7 @@ from resnet_service.model.artifacts import (
     read_artifact,
 )
 from resnet_service.model.datasets import calibration_and_holdout
-from resnet_service.model.manifest import ModelInfo, ensure_writable
+from resnet_service.model.manifest import Fidelity, ModelInfo, ensure_writable
 from resnet_service.model.source import DownloadNeeded, ModelSource, resolve_source
 from resnet_service.runtimes.packages import torch_version
 from resnet_service.runtimes.registry import open_runtime, runtime_version
@@ -228,7 +229,24 @@ def load_artifact(folder: Path, settings: Settings) -> ServedModel:
         info.load_seconds,
         " [RANDOM WEIGHTS]" if info.random_weights else "",
     )
+    _warn_if_measured_elsewhere(manifest.precision, manifest.fidelity)
     return ServedModel(runtime=runtime, labels=labels, spec=manifest.preprocessing, info=info)
+
+
+def _warn_if_measured_elsewhere(precision: Precision, fidelity: Fidelity | None) -> None:
+    """An int8 artifact's fidelity holds for the instruction-set level it was measured at; a
+    cache shared by hosts of other kinds serves it unmeasured here (``/model`` says both)."""
+    here = measured_here()
+    there = fidelity.measured_on if fidelity is not None else None
+    if precision == "int8" and there is not None and there.isa != here.isa:
+        log.warning(
+            "int8 fidelity was measured at %s (%s); this host runs at %s (%s), where the "
+            "runtime picks other kernels: run `quantize` here to measure it",
+            there.isa,
+            there.cpu,
+            here.isa,
+            here.cpu,
+        )
 
 
 def _check_matches(manifest: ArtifactManifest, settings: Settings, folder: Path) -> None:

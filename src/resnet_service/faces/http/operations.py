@@ -8,7 +8,7 @@ from fastapi import APIRouter, Response
 
 from resnet_service.asgi.deps import ClassifierDep, ServiceDep
 from resnet_service.core.errors import NotReady
-from resnet_service.core.model_info import ModelInfo
+from resnet_service.core.model_info import ModelInfo, measured_here
 from resnet_service.faces.http.openapi import problems
 from resnet_service.faces.http.schemas import (
     Health,
@@ -67,6 +67,7 @@ async def model(classifier: ClassifierDep) -> ModelResponse:
     return ModelResponse(
         **{**public_model_info(info), "name": classifier.name},
         version=classifier.version,
+        host=measured_here(),
         labels=classifier.model.labels,
         settings={
             "runtime": info.runtime,

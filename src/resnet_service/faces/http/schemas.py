@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from resnet_service.core.classifier import Classifier
-from resnet_service.core.model_info import Fidelity, QuantizationInfo
+from resnet_service.core.model_info import Fidelity, MeasuredOn, QuantizationInfo
 
 
 class Prediction(BaseModel):
@@ -135,6 +135,10 @@ class ModelResponse(BaseModel):
     quantization: QuantizationInfo | None
     fidelity: Fidelity | None = Field(
         None, description="Agreement with the fp32 torch model (runtimes other than torch)."
+    )
+    host: MeasuredOn = Field(
+        description="This host's CPU and instruction-set level: int8 figures hold where "
+        "fidelity.measured_on names the same level."
     )
     provenance: dict[str, Any]
     load_seconds: float
