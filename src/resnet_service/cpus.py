@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -62,13 +63,10 @@ def has_vnni() -> bool:
     products without the int16 saturation of AVX2's ``vpmaddubsw``. Read from
     ``/proc/cpuinfo`` (torch-free: workers compute the model cache key with it); True where
     it cannot be read, the common case on current servers."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    info = _cpuinfo()
+    if info is None:
         return True
-    flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    words = set(flags.split())
-    return bool(words & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    return bool(info.flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 #: oneDNN's instruction-set levels (``ONEDNN_MAX_CPU_ISA`` names, lower case), weakest first:
@@ -93,45 +91,53 @@ _ISA_FLAGS: Final = {
 
 
 @dataclass(frozen=True, slots=True)
-class HostCpu:
-    """The CPU a figure was measured on: its name and the instruction-set level in effect."""
-
-    cpu: str
-    isa: str
+class _CpuInfo:
+    name: str
+    flags: frozenset[str]
 
 
-def _cpuinfo() -> tuple[str, set[str]]:
-    """(model name, flags) of the first CPU in ``/proc/cpuinfo``; ("unknown", {}) elsewhere."""
+@functools.cache
+def _cpuinfo() -> _CpuInfo | None:
+    """The first CPU's model name and flags in ``/proc/cpuinfo`` (read once: they do not
+    change while the process runs); None where it cannot be read."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return "unknown", set()
+        return None
     name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
     flags = next((ln.split(":", 1)[1] for ln in lines if ln.startswith("flags")), "")
-    return name or "unknown", set(flags.split())
+    return _CpuInfo(name or "unknown", frozenset(flags.split()))
 
 
-def isa_level(flags: set[str], cap: str | None = None) -> str:
+def _levels_reached(flags: frozenset[str] | set[str]) -> list[str]:
+    """The levels from AVX2 up whose flags the CPU has, weakest first."""
+    return [level for level in ISA_LEVELS[1:] if _ISA_FLAGS[level] <= flags]
+
+
+def isa_level(flags: frozenset[str] | set[str], cap: str | None = None) -> str:
     """The highest oneDNN level these CPU flags reach, lowered to ``cap`` (the
     ``ONEDNN_MAX_CPU_ISA`` in effect; ``ALL`` or unknown names cap nothing)."""
-    reached = "sse41"
-    for level in ISA_LEVELS[1:]:
-        if _ISA_FLAGS[level] <= flags:
-            reached = level
+    reached = ([ISA_LEVELS[0], *_levels_reached(flags)])[-1]
     wanted = (cap or "").lower()
     if wanted in ISA_LEVELS and ISA_LEVELS.index(wanted) < ISA_LEVELS.index(reached):
         return wanted
     return reached
 
 
-def this_host() -> HostCpu:
-    """This host's CPU and the instruction-set level its int8 kernels run at."""
-    name, flags = _cpuinfo()
-    return HostCpu(cpu=name, isa=isa_level(flags, os.environ.get("ONEDNN_MAX_CPU_ISA")))
+def cpu_name() -> str:
+    """This host's CPU model name ("unknown" where ``/proc/cpuinfo`` cannot be read)."""
+    info = _cpuinfo()
+    return info.name if info is not None else "unknown"
+
+
+def isa_in_effect() -> str:
+    """The oneDNN level this process's int8 kernels run at (``ONEDNN_MAX_CPU_ISA`` honoured)."""
+    info = _cpuinfo()
+    return isa_level(info.flags if info else frozenset(), os.environ.get("ONEDNN_MAX_CPU_ISA"))
 
 
 def reachable_isa_levels() -> list[str]:
     """Every level from AVX2 up that this CPU reaches, as ``ONEDNN_MAX_CPU_ISA`` values: capped
     at each in turn, one host measures the kinds of host below it."""
-    _, flags = _cpuinfo()
-    return [level.upper() for level in ISA_LEVELS[1:] if _ISA_FLAGS[level] <= flags]
+    info = _cpuinfo()
+    return [level.upper() for level in _levels_reached(info.flags if info else frozenset())]

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from resnet_service.config import Precision, RuntimeName
-from resnet_service.cpus import this_host
+from resnet_service.cpus import cpu_name, isa_in_effect
 
 
 class WeightsSource(StrEnum):
@@ -32,8 +32,7 @@ class MeasuredOn(BaseModel):
 
 def measured_here() -> MeasuredOn:
     """This host, as a fidelity figure records where it was measured."""
-    host = this_host()
-    return MeasuredOn(cpu=host.cpu, isa=host.isa)
+    return MeasuredOn(cpu=cpu_name(), isa=isa_in_effect())
 
 
 class Fidelity(BaseModel):

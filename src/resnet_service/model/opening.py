@@ -32,7 +32,8 @@ from resnet_service.model.artifacts import (
     read_artifact,
 )
 from resnet_service.model.datasets import calibration_and_holdout
-from resnet_service.model.manifest import Fidelity, ModelInfo, ensure_writable
+from resnet_service.model.hub import sha256_file
+from resnet_service.model.manifest import LABELS, Fidelity, ModelInfo, ensure_writable
 from resnet_service.model.source import DownloadNeeded, ModelSource, resolve_source
 from resnet_service.runtimes.packages import torch_version
 from resnet_service.runtimes.registry import open_runtime, runtime_version
@@ -100,12 +101,10 @@ def _key_parts(
 
 
 def _labels_sha256(source: ModelSource) -> str | None:
-    import hashlib
-
     if source.bundle is None:
         return None
     try:
-        return hashlib.sha256((source.bundle / "labels.json").read_bytes()).hexdigest()
+        return sha256_file(source.bundle / LABELS)
     except OSError:
         return None
 
