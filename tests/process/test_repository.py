@@ -417,6 +417,8 @@ def p99(values: list[float]) -> float:
 #: Sequential requests per latency sample: p99 of 200 is the 2nd-highest, so one stall of the
 #: shared host (300 ms seen in a quiet run) does not decide the ratio alone.
 SAMPLES = 200
+#: The flood outlasts the flooded sample (200 x up to ~0.1 s, after the spawn): 20 s once did not.
+FLOOD_S = 45.0
 
 
 def flood(port: int, request: bytes, rate: float, seconds: float) -> loadgen.LoadResult:
@@ -447,7 +449,7 @@ def test_a_flood_on_one_model_does_not_starve_the_others(
         # The flood runs in a process of its own: in a thread of this one its ~1000 req/s would
         # hold the GIL the measuring client needs, and the ratio would be the client's own.
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            flooding = pool.submit(flood, server.port, request, 10 * capacity, 20.0)
+            flooding = pool.submit(flood, server.port, request, 10 * capacity, FLOOD_S)
             wait_until(
                 lambda: metric_sum(server.url, "resnet_service_rejections") > 0,
                 60,
