@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from resnet_service import __version__, logs
 from resnet_service.config import RUNTIMES, Settings, SettingsError, load_settings
 from resnet_service.core.errors import ServiceError
+
+if TYPE_CHECKING:  # the serving core is imported by the commands that need it
+    from resnet_service.core.classifier import Classification, Classifier
 
 log = logging.getLogger("resnet_service")
 
@@ -244,11 +248,21 @@ def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
-    from resnet_service.core.classifier import Classification, Classifier
+    from resnet_service.core.classifier import (
+        EMBEDDING,
+        FEATURE_MAP,
+        Classification,
+        Classifier,
+    )
+    from resnet_service.core.runtime import LOGITS_ONLY
     from resnet_service.model.opening import open_served_model
 
     model = open_served_model(settings)
     classifier = Classifier(model, settings)
+    wants = LOGITS_ONLY | (EMBEDDING if args.embed else LOGITS_ONLY)
+    wants |= FEATURE_MAP if args.explain else LOGITS_ONLY
+    classifier.check_outputs(wants)
+    classifier.check_target(args.target)
     classifier.start()
     payloads: list[bytes | ServiceError] = []
     for path in args.files:
@@ -257,38 +271,67 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
         except OSError as exc:
             payloads.append(ServiceError(f"cannot read {path}: {exc.strerror}"))
 
-    async def run() -> list[Classification | ServiceError]:
+    async def run() -> list[dict[str, Any]]:
         readable = [p for p in payloads if isinstance(p, bytes)]
-        results = iter(await classifier.classify_many(readable, args.top_k))
-        return [next(results) if isinstance(p, bytes) else p for p in payloads]
+        done = iter(await classifier.classify_many(readable, args.top_k, wants=wants))
+        lines = []
+        for path, payload in zip(args.files, payloads, strict=True):
+            result = next(done) if isinstance(payload, bytes) else payload
+            if isinstance(result, Classification):
+                lines.append(await _predict_line(classifier, path, result, args))
+            else:
+                lines.append({"file": str(path), "error": _error(result)})
+        return lines
 
     try:
-        results = asyncio.run(run())
+        lines = asyncio.run(run())
     finally:
         classifier.stop()
-    failures = 0
-    for path, result in zip(args.files, results, strict=True):
-        if isinstance(result, ServiceError):
-            failures += 1
-            _emit({"file": str(path), "error": {"code": result.code, "detail": result.detail}})
-            continue
-        pred = result.prediction
-        _emit(
-            {
-                "file": str(path),
-                "predictions": [
-                    {"label": label, "index": index, "score": round(score, 6)}
-                    for label, index, score in zip(
-                        pred.labels, pred.indices, pred.scores, strict=True
-                    )
-                ],
-                "model": model.info.name,
-                "precision": model.info.precision,
-                "runtime": model.info.runtime,
-                "random_weights": model.info.random_weights,
-            }
-        )
-    return 1 if failures else 0
+    for line in lines:
+        _emit(line)
+    return 1 if any("error" in line for line in lines) else 0
+
+
+def _error(error: ServiceError | BaseException) -> dict[str, str]:
+    if isinstance(error, ServiceError):
+        return {"code": error.code, "detail": error.detail}
+    return {"code": "internal", "detail": f"{type(error).__name__}: {error}"}
+
+
+async def _predict_line(
+    classifier: Classifier, path: Path, result: Classification, args: argparse.Namespace
+) -> dict[str, Any]:
+    """One JSON line: the Top-k, and the embedding and the map when asked."""
+    from resnet_service.core.outputs import l2_normalised
+
+    info, pred = classifier.model.info, result.prediction
+    line: dict[str, Any] = {
+        "file": str(path),
+        "predictions": [
+            {"label": label, "index": index, "score": round(score, 6)}
+            for label, index, score in zip(pred.labels, pred.indices, pred.scores, strict=True)
+        ],
+        "model": info.name,
+        "precision": info.precision,
+        "runtime": info.runtime,
+        "random_weights": info.random_weights,
+    }
+    if result.embedding is not None:
+        line["embedding"] = l2_normalised(result.embedding).astype(float).round(6).tolist()
+    if args.explain:
+        explained = await classifier.explanation(result, args.target)
+        line["cam"] = {
+            "target": explained.target,
+            "label": classifier.model.labels[explained.target],
+            "grid": explained.grid.astype(float).round(6).tolist(),
+            "crop_box": dataclasses.asdict(explained.crop_box) if explained.crop_box else None,
+        }
+        if args.heatmaps is not None:
+            args.heatmaps.mkdir(parents=True, exist_ok=True)
+            out = args.heatmaps / f"{Path(path).stem}.cam.png"
+            out.write_bytes(explained.heatmap_png)
+            line["cam"]["heatmap"] = str(out)
+    return line
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
@@ -429,6 +472,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="classify image files; one JSON line per file")
     predict.add_argument("files", nargs="+", type=Path, metavar="FILE")
     predict.add_argument("-k", "--top-k", type=int, default=None)
+    predict.add_argument(
+        "--embed", action="store_true", help="add each image's L2-normalised embedding"
+    )
+    predict.add_argument(
+        "--explain", action="store_true", help="add the class activation map of --target"
+    )
+    predict.add_argument(
+        "--target", type=int, default=None, help="class index to explain (default: the top one)"
+    )
+    predict.add_argument(
+        "--heatmaps", type=Path, default=None, metavar="DIR", help="write --explain's PNGs here"
+    )
     _add_model_flags(predict)
     predict.set_defaults(handler=cmd_predict)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import ROUND_HALF_UP, Decimal
@@ -13,7 +14,15 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, Route, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    ConsoleMessage,
+    Locator,
+    Page,
+    Route,
+    expect,
+    sync_playwright,
+)
 
 from tests.harness import ROOT, Server, jpeg_of, serve, write_test_bundle
 
@@ -357,3 +366,148 @@ def test_model_picker_of_a_repository(
             shown = {label for label, _ in shown_bars(card.first)}
             assert shown <= set(labels[name])
             assert len(shown) == 3
+
+
+def api_explain(server: Server, path: Path, target: str, top_k: int = 5) -> dict[str, Any]:
+    """What a plain API client gets from /explain for the same file."""
+    response = httpx.post(
+        f"{server.url}/explain",
+        params={"target": target, "top_k": top_k},
+        files={"image": (path.name, path.read_bytes(), "image/jpeg")},
+        timeout=60,
+    )
+    response.raise_for_status()
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def shown_picture(img: Locator) -> dict[str, float]:
+    """Where the browser draws the photo's pixels, in CSS pixels: the <img> box, narrowed or
+    widened by its object-fit (centred, the default object-position)."""
+    box = img.bounding_box()
+    assert box is not None
+    fit, natural_w, natural_h = img.evaluate(
+        "e => [getComputedStyle(e).objectFit, e.naturalWidth, e.naturalHeight]"
+    )
+    width, height = box["width"], box["height"]
+    if fit in ("contain", "cover"):
+        pick = min if fit == "contain" else max
+        scale = pick(width / natural_w, height / natural_h)
+        width, height = natural_w * scale, natural_h * scale
+    else:
+        assert fit == "fill", f"unexpected object-fit {fit}"
+    return {
+        "x": box["x"] + (box["width"] - width) / 2,
+        "y": box["y"] + (box["height"] - height) / 2,
+        "width": width,
+        "height": height,
+    }
+
+
+def assert_over_crop_box(overlay: Locator, img: Locator, cam: dict[str, Any]) -> None:
+    picture = shown_picture(img)
+    sx = picture["width"] / cam["image_width"]
+    sy = picture["height"] / cam["image_height"]
+    crop = cam["crop_box"]
+    expected = {
+        "x": picture["x"] + crop["left"] * sx,
+        "y": picture["y"] + crop["top"] * sy,
+        "width": (crop["right"] - crop["left"]) * sx,
+        "height": (crop["bottom"] - crop["top"]) * sy,
+    }
+    shown = overlay.bounding_box()
+    assert shown is not None
+    for side, value in expected.items():
+        assert abs(shown[side] - value) <= 1.5, f"{side}: overlay {shown}, crop box {expected}"
+
+
+def test_heatmap_overlays_the_crop_the_model_saw(
+    page: Page, server: Server, tmp_path: Path
+) -> None:
+    """A wide photo: the map lies exactly over the centre crop /explain reports (mapped to the
+    scaled preview), a bar maps its own class, and the toggle hides the map again."""
+    photo = tmp_path / "wide.jpg"
+    photo.write_bytes(jpeg_of("chelsea", size=(400, 250)))
+    assert httpx.get(f"{server.url}/model").json()["explainable"] is True
+    explain_requests: list[str] = []
+    page.on("request", lambda r: explain_requests.append(r.url) if "/explain" in r.url else None)
+    page.get_by_test_id("file-input").set_input_files(photo)
+    page.get_by_role("button", name="Classify").click()
+    card = wait_until_settled(page, 1)
+    overlay = card.get_by_test_id("heatmap")
+    caption = card.get_by_test_id("heatmap-label")
+    img = card.get_by_role("img", name="Preview of wide.jpg")
+    bars = card.get_by_test_id("prediction-button")
+    toggle = card.get_by_label("Show heatmap")
+    assert overlay.is_hidden()
+    assert explain_requests == []  # nothing is explained before it is asked for
+
+    toggle.check()
+    expect(overlay).to_be_visible(timeout=TIMEOUT_MS)
+    expect(overlay).to_have_attribute("data-target", re.compile(r"^\d+$"))
+    top1 = api_explain(server, photo, "top1")
+    cam = top1["cam"]
+    assert (cam["image_width"], cam["image_height"]) == (400, 250)
+    assert cam["crop_box"]["left"] > 50  # the model saw a centre square, not the whole photo
+    assert overlay.get_attribute("data-target") == str(top1["target"]["index"])
+    assert top1["target"]["index"] == top1["predictions"][0]["index"]
+    assert overlay.get_attribute("src") == "data:image/png;base64," + cam["heatmap_png"]
+    first_label = f"Heatmap: {top1['target']['label']} ({percent(top1['target']['score'])})"
+    expect(caption).to_have_text(first_label)
+    # The PNG decodes (the CSP lets data: images in) and lies over the crop box.
+    page.wait_for_function("e => e.complete && e.naturalWidth > 0", arg=overlay.element_handle())
+    assert overlay.evaluate("e => e.naturalWidth") == cam["heatmap_size"]
+    assert_over_crop_box(overlay, img, cam)
+    assert [b.get_attribute("aria-pressed") for b in bars.all()] == ["true"] + ["false"] * 4
+    assert explain_requests == [f"{server.url}/explain?target=top1&top_k=5"]
+
+    second = bars.nth(1)
+    index = second.get_attribute("data-index")
+    assert index is not None
+    assert index != str(top1["target"]["index"])
+    second.click()
+    expect(overlay).to_have_attribute("data-target", index, timeout=TIMEOUT_MS)
+    expect(second).to_have_attribute("aria-pressed", "true")
+    expect(bars.first).to_have_attribute("aria-pressed", "false")
+    other = api_explain(server, photo, index)
+    assert other["target"]["index"] == int(index)
+    assert other["target"]["label"] == card.get_by_test_id("prediction-label").nth(1).inner_text()
+    second_label = f"Heatmap: {other['target']['label']} ({percent(other['target']['score'])})"
+    expect(caption).to_have_text(second_label)
+    assert second_label != first_label
+    src = overlay.get_attribute("src")
+    assert src == "data:image/png;base64," + other["cam"]["heatmap_png"]
+    assert other["cam"]["heatmap_png"] != cam["heatmap_png"]  # another class, another map
+    assert_over_crop_box(overlay, img, other["cam"])
+    assert explain_requests[-1] == f"{server.url}/explain?target={index}&top_k=5"
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "web-page-heatmap.png", full_page=True)
+    toggle.uncheck()
+    expect(overlay).to_be_hidden()
+    expect(caption).to_have_text("")
+    assert [b.get_attribute("aria-pressed") for b in bars.all()] == ["false"] * 5
+
+
+def test_no_heatmap_toggle_when_the_model_cannot_explain(
+    browser: Browser, server: Server, photos: dict[str, Path]
+) -> None:
+    def unexplainable(route: Route) -> None:
+        response = route.fetch()
+        route.fulfill(response=response, body=json.dumps({**response.json(), "explainable": False}))
+
+    context = browser.new_context()
+    try:
+        context.route("**/model", unexplainable)
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(server.url + "/")
+        page.locator("#classify-form[data-ready='true']").wait_for()
+        page.get_by_test_id("file-input").set_input_files(photos["coffee.jpg"])
+        page.get_by_role("button", name="Classify").click()
+        card = wait_until_settled(page, 1)
+        assert card.get_by_test_id("prediction").count() == 5
+        assert card.get_by_label("Show heatmap").count() == 0
+        assert card.get_by_test_id("prediction-button").count() == 0  # plain bars, as before
+    finally:
+        context.close()

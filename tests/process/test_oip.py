@@ -105,13 +105,50 @@ def test_health_and_metadata(client: Client, server: Server) -> None:
         outputs = {t["name"]: (t["datatype"], t["shape"]) for t in meta["outputs"]}
         versions = meta["versions"]
     assert inputs == {"image": ("BYTES", [-1]), "input": ("FP32", [-1, 3, 224, 224])}
-    assert outputs == {"probabilities": ("FP32", [-1, 1000])}
+    assert outputs == {
+        "probabilities": ("FP32", [-1, 1000]),
+        "embedding": ("FP32", [-1, 512]),
+        "cam": ("FP32", [-1, 7, 7]),
+    }
     assert versions == ["1"]
     server_meta = client.get_server_metadata()
     extensions = (
         server_meta.extensions if hasattr(server_meta, "extensions") else server_meta["extensions"]
     )
     assert "classification" in extensions
+
+
+def test_embedding_and_cam_agree_with_embed_and_explain(client: Client, server: Server) -> None:
+    """One request for all three outputs: the vectors /embed gives and the maps /explain
+    gives, for the request's ``target`` parameter (tritonclient's way to send it)."""
+    photos = [jpeg_of("chelsea"), jpeg_of("coffee")]
+    module = protocol_module(client)
+    wanted = [module.InferRequestedOutput(name) for name in ("embedding", "cam", "probabilities")]
+    result = client.infer(
+        model_name(server),
+        [images_input(client, photos)],
+        outputs=wanted,
+        headers=headers_for(client),
+        parameters={"target": 7},
+    )
+    vectors, maps = result.as_numpy("embedding"), result.as_numpy("cam")
+    assert vectors.shape == (2, 512)
+    assert maps.shape == (2, 7, 7)
+    assert result.as_numpy("probabilities").shape == (2, 1000)
+    for vector, cam, photo in zip(vectors, maps, photos, strict=True):
+        image = {"image": photo}
+        embed = httpx.post(f"{server.url}/embed", files=image, headers=auth()).json()
+        np.testing.assert_allclose(vector, embed["embedding"], atol=1e-5)
+        explain = httpx.post(f"{server.url}/explain?target=7", files=image, headers=auth())
+        np.testing.assert_allclose(cam, explain.json()["cam"]["grid"], atol=1e-5)
+    with pytest.raises(InferenceServerException, match="target must be a class index"):
+        client.infer(
+            model_name(server),
+            [images_input(client, photos[:1])],
+            outputs=wanted[1:2],
+            headers=headers_for(client),
+            parameters={"target": 1000},
+        )
 
 
 def test_classification_agrees_with_classify(client: Client, server: Server) -> None:

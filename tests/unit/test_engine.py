@@ -19,7 +19,7 @@ from resnet_service.core.classifier import top_k
 from resnet_service.core.engine import InferenceEngine, Scores, softmax
 from resnet_service.core.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
 from resnet_service.core.images import Pixels, PreprocessSpec, normalise_pixels
-from resnet_service.core.runtime import FloatBatch, ServedModel
+from resnet_service.core.runtime import LOGITS_ONLY, FloatBatch, Forward, ServedModel, Wants
 from resnet_service.runtimes.torch_runtime import TorchRuntime
 from tests.harness import wait_until
 
@@ -59,6 +59,11 @@ class GatedRuntime:
             raise RuntimeError("boom")
         out = self.logits(batch)
         return out[:-1] if self.drop_one else out
+
+    outputs = LOGITS_ONLY
+
+    def forward(self, batch: FloatBatch, wants: Wants) -> Forward:
+        return Forward(self.infer(batch))
 
     def close(self) -> None:
         pass

@@ -56,10 +56,12 @@ _REQUEST_ID: Final = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 #: A 503 from a readiness probe is an answer, not a rejected request.
 _PROBES: Final = frozenset({"/healthz", "/readyz", "/metrics"})
 #: Routes where a refused request means one refused image.
-_SINGLE_IMAGE_ROUTES: Final = frozenset({"/classify"})
+_SINGLE_IMAGE_ROUTES: Final = frozenset({"/classify", "/embed", "/explain"})
 _METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 #: Inference routes admitted by predicted wait (exact paths; OIP paths by pattern).
-_ADMITTED_PATHS: Final = frozenset({"/classify", "/classify/batch"})
+_ADMITTED_PATHS: Final = frozenset(
+    {"/classify", "/classify/batch", "/embed", "/embed/batch", "/explain"}
+)
 _OIP_INFER: Final = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
 OIP_INFER_ROUTE: Final = "/v2/models/{model_name}/infer"
 _REFUSAL_LOG_INTERVAL_S: Final = 1.0

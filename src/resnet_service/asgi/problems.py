@@ -32,6 +32,7 @@ HTTP_STATUS: Final[dict[str, int]] = {
     errors.ModelNotFound.code: 404,
     errors.ControlOff.code: 403,
     errors.ModelLoadFailed.code: 400,
+    errors.OutputUnavailable.code: 409,
     errors.RequestTimeout.code: 408,
     errors.UploadTooLarge.code: 413,
     errors.ImageTooLarge.code: 413,

@@ -30,17 +30,25 @@ from resnet_service.core.engine import (
     Probabilities,
     Scores,
 )
-from resnet_service.core.errors import InvalidParameter, NotReady, Overloaded, ServiceError
+from resnet_service.core.errors import (
+    InvalidParameter,
+    NotReady,
+    OutputUnavailable,
+    Overloaded,
+    ServiceError,
+)
 from resnet_service.core.images import (
     ImageLimits,
     Pixels,
     Tensor3,
-    decode_to_pixels,
+    crop_source_box,
+    decode_sized,
     install_bomb_guard,
     normalise_pixels,
 )
+from resnet_service.core.outputs import CropBox, class_activation_map, heatmap_png
 from resnet_service.core.response_cache import ResponseCache
-from resnet_service.core.runtime import ServedModel
+from resnet_service.core.runtime import LOGITS_ONLY, FloatBatch, Output, ServedModel, Wants
 from resnet_service.core.tracing import child_span
 from resnet_service.cpus import threads_per_worker
 
@@ -51,6 +59,9 @@ MODEL_VERSION: Final = "1"
 
 #: Decode + preprocess of a typical photo before anything was measured (admission's prior).
 _INITIAL_DECODE_S: Final = 0.005
+#: What ``/embed`` and ``/explain`` ask the forward for besides the logits.
+EMBEDDING: Final[Wants] = frozenset({Output.LOGITS, Output.EMBEDDING})
+FEATURE_MAP: Final[Wants] = frozenset({Output.LOGITS, Output.FEATURE_MAP})
 
 
 def admission_policy(settings: Settings) -> AdmissionPolicy:
@@ -70,6 +81,8 @@ class Decoded:
     array: Pixels
     decode_s: float
     waited_s: float
+    #: The upright (width, height) of the image as sent.
+    size: tuple[int, int]
 
 
 @dataclass(slots=True)
@@ -109,6 +122,26 @@ class Classification:
     probabilities: Probabilities
     #: Answered from the response cache (no decode, no forward).
     cached: bool = False
+    #: Set when asked for: the pooled features and the last stage's map (``core.outputs``).
+    embedding: FloatBatch | None = None
+    feature_map: FloatBatch | None = None
+    #: The upright (width, height) of the image as sent (None for a preprocessed array).
+    size: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """One image's Top-k and the class activation map of ``target`` (``core.outputs``)."""
+
+    classification: Classification
+    target: int
+    #: h x w: each cell's contribution to the target's logit.
+    grid: FloatBatch
+    #: The map over the model's crop, as an RGBA PNG of ``side`` x ``side`` pixels.
+    heatmap_png: bytes
+    side: int
+    #: Where that crop lies in the image as sent (None for a preprocessed array).
+    crop_box: CropBox | None
 
 
 class DecodeObserver(EngineObserver, Protocol):
@@ -238,8 +271,8 @@ class Classifier:
                 "overloaded, and was dropped in favour of newer requests; retry later",
                 retry_after_s=1,
             )
-        pixels = decode_to_pixels(data, self.limits, self.model.spec, fast=self.fast)
-        return Decoded(pixels, time.monotonic() - started, waited)
+        pixels, size = decode_sized(data, self.limits, self.model.spec, fast=self.fast)
+        return Decoded(pixels, time.monotonic() - started, waited, size)
 
     def _release_decode_slot(self, _: object = None) -> None:
         with self._decoding_lock:
@@ -274,9 +307,46 @@ class Classifier:
         ``scope``: whose cached answers this caller may share (see ``response_cache``)."""
         return await self._classify(data, self.check_top_k(top_k), scope)
 
-    async def classify_array(self, array: Tensor3, top_k: int | None = None) -> Classification:
+    @property
+    def embedding_size(self) -> int | None:
+        """The embedding's length, or None when this model cannot give one."""
+        head = self.model.head
+        return head.embedding_size if head and Output.EMBEDDING in self.engine.outputs else None
+
+    @property
+    def map_side(self) -> int:
+        """The side of the last stage's map: ResNet's stride is 32 (7 at 224 pixels)."""
+        return -(-self.model.spec.crop_size // 32)
+
+    @property
+    def explainable(self) -> bool:
+        return self.model.head is not None and Output.FEATURE_MAP in self.engine.outputs
+
+    def check_outputs(self, wants: Wants) -> None:
+        """``OutputUnavailable`` when this model cannot give what ``wants`` names."""
+        missing = wants - self.engine.outputs
+        if Output.FEATURE_MAP in wants and self.model.head is None:
+            missing |= {Output.FEATURE_MAP}
+        if missing:
+            raise OutputUnavailable(
+                f"model {self.name} version {self.version} was built without "
+                f"{' and '.join(sorted(missing))} outputs (an artifact from an older "
+                "resnet-service); rebuild it (`resnet-service quantize`) to embed or explain"
+            )
+
+    def check_target(self, target: int | None) -> None:
+        classes = self.model.info.num_classes
+        if target is not None and not 0 <= target < classes:
+            raise InvalidParameter(
+                f"target must be a class index between 0 and {classes - 1}, or top1; got {target}"
+            )
+
+    async def classify_array(
+        self, array: Tensor3, top_k: int | None = None, wants: Wants = LOGITS_ONLY
+    ) -> Classification:
         """An already preprocessed CHW float32 array -> Top-k (no decode)."""
         k = self.check_top_k(top_k)
+        self.check_outputs(wants)
         if array.shape != self.input_shape:
             raise InvalidParameter(
                 f"a preprocessed image must have shape {list(self.input_shape)}; "
@@ -284,14 +354,16 @@ class Classifier:
             )
         started = time.perf_counter()
         with self._in_pipeline() as slot:
-            result = await self._infer(array, 0.0, k, started)
+            result = await self._infer(array, 0.0, k, started, wants)
             slot.waited_s = result.timings.queue_s
             return result
 
-    async def _classify(self, data: bytes, k: int, scope: str = "") -> Classification:
+    async def _classify(
+        self, data: bytes, k: int, scope: str = "", wants: Wants = LOGITS_ONLY
+    ) -> Classification:
         started = time.perf_counter()
         key = None
-        if self.cache is not None:
+        if self.cache is not None and wants == LOGITS_ONLY:
             key = self.cache.key(data, scope)
             found = self.cache.get(key)
             if self._observer:
@@ -301,7 +373,9 @@ class Classifier:
         with self._in_pipeline() as slot:
             with child_span("decode"):
                 decoded = await self.decode(data)
-            result = await self._infer(decoded.array, decoded.decode_s, k, started)
+            result = await self._infer(
+                decoded.array, decoded.decode_s, k, started, wants, decoded.size
+            )
             slot.waited_s = decoded.waited_s + result.timings.queue_s
         if key is not None and self.cache is not None:
             self.cache.put(key, result.probabilities)
@@ -331,9 +405,15 @@ class Classifier:
             self.workload.finished(1, slot.waited_s)
 
     async def _infer(
-        self, array: Tensor3 | Pixels, decode_s: float, k: int, started: float
+        self,
+        array: Tensor3 | Pixels,
+        decode_s: float,
+        k: int,
+        started: float,
+        wants: Wants = LOGITS_ONLY,
+        size: tuple[int, int] | None = None,
     ) -> Classification:
-        scores: Scores = await self.engine.infer(array, self.settings.request_timeout_s)
+        scores: Scores = await self.engine.infer(array, self.settings.request_timeout_s, wants)
         return Classification(
             self._prediction(scores.probabilities, k, scores.batch_size),
             Timings(
@@ -343,20 +423,28 @@ class Classifier:
                 total_s=time.perf_counter() - started,
             ),
             scores.probabilities,
+            embedding=scores.embedding,
+            feature_map=scores.feature_map,
+            size=size,
         )
 
     async def classify_many(
-        self, images: list[bytes], top_k: int | None = None, scope: str = ""
+        self,
+        images: list[bytes],
+        top_k: int | None = None,
+        scope: str = "",
+        wants: Wants = LOGITS_ONLY,
     ) -> list[Classification | ServiceError]:
         """Many images at once: each gets a result or its own error, in order. At most half the
         queue is in flight per call, so a long list waits its turn instead of being refused,
         while its images still reach the engine together and share batches."""
         k = self.check_top_k(top_k)
+        self.check_outputs(wants)
         gate = asyncio.Semaphore(max(1, self.settings.queue_capacity // 2))
 
         async def one(data: bytes) -> Classification:
             async with gate:
-                return await self._classify(data, k, scope)
+                return await self._classify(data, k, scope, wants)
 
         results = await asyncio.gather(*(one(data) for data in images), return_exceptions=True)
         out: list[Classification | ServiceError] = []
@@ -366,3 +454,32 @@ class Classifier:
             elif isinstance(result, BaseException):
                 raise result
         return out
+
+    # --- beyond Top-k --------------------------------------------------------------------
+    async def embed(self, data: bytes) -> Classification:
+        """Bytes -> Top-1 and the embedding (raw: the faces normalise on request)."""
+        self.check_outputs(EMBEDDING)
+        return await self._classify(data, 1, wants=EMBEDDING)
+
+    async def explain(
+        self, data: bytes, top_k: int | None = None, target: int | None = None
+    ) -> Explanation:
+        """Bytes -> Top-k and the class activation map of ``target`` (default: the top class)."""
+        k = self.check_top_k(top_k)
+        self.check_target(target)
+        self.check_outputs(FEATURE_MAP)
+        return await self.explanation(await self._classify(data, k, wants=FEATURE_MAP), target)
+
+    async def explanation(self, result: Classification, target: int | None) -> Explanation:
+        """The map of ``target`` (default: the top class) for a result that has its feature
+        map; the PNG is drawn on the decode pool, off the event loop."""
+        assert result.feature_map is not None, "asked without the feature map"
+        assert self.model.head is not None, "check_outputs lets no head-less model here"
+        chosen = result.prediction.indices[0] if target is None else target
+        grid = class_activation_map(result.feature_map, self.model.head, chosen)
+        side = self.model.spec.crop_size
+        png = await asyncio.wrap_future(self._pool.submit(heatmap_png, grid, side))
+        box = None
+        if result.size is not None:
+            box = CropBox(*crop_source_box(*result.size, self.model.spec))
+        return Explanation(result, chosen, grid, png, side, box)

@@ -6,7 +6,10 @@ Contract:
   (at most ``max_batch_size``; once two or more are waiting, up to ``max_batch_wait_s`` more);
 - a full queue raises ``Overloaded`` at once, with a Retry-After estimate;
 - work whose deadline passed while queued is dropped with ``DeadlineExceeded``;
-- a failure in a batch reaches every waiter of that batch; outputs are counted against inputs.
+- a failure in a batch reaches every waiter of that batch; outputs are counted against inputs;
+- a batch asks the runtime for the union of what its requests want (logits always, the
+  embedding or the feature map when one asked), and each request gets a copy of its own rows
+  of what it asked for only.
 
 Inputs are either preprocessed CHW float32 arrays or 8-bit HWC images (what the decoder
 gives): a batch of images goes to the runtime as 8-bit pixels when it normalises in its graph
@@ -41,7 +44,15 @@ from resnet_service.core.errors import (
     ServiceError,
 )
 from resnet_service.core.images import Pixels
-from resnet_service.core.runtime import FloatBatch, Runtime, pixel_input
+from resnet_service.core.runtime import (
+    LOGITS_ONLY,
+    FloatBatch,
+    Forward,
+    Output,
+    Runtime,
+    Wants,
+    pixel_input,
+)
 from resnet_service.core.tracing import Traced, record_batch, traced_now
 
 log = logging.getLogger(__name__)
@@ -59,6 +70,9 @@ class Scores:
     queue_s: float
     inference_s: float
     batch_size: int
+    #: Set when asked for: the pooled features (D) and the last stage's map (D x h x w).
+    embedding: FloatBatch | None = None
+    feature_map: FloatBatch | None = None
 
 
 class EngineObserver(Protocol):
@@ -77,6 +91,7 @@ class _Work:
     future: Future[Scores] = field(default_factory=Future)
     #: The request span to link the batch to, when tracing records it.
     traced: Traced | None = None
+    wants: Wants = LOGITS_ONLY
 
 
 def _is_pixels(array: FloatBatch | Pixels) -> TypeIs[Pixels]:
@@ -89,6 +104,11 @@ def softmax(logits: FloatBatch) -> FloatBatch:
     np.exp(shifted, out=shifted)
     shifted /= shifted.sum(axis=1, keepdims=True)
     return shifted
+
+
+def _row(batch: FloatBatch | None, row: int, wanted: bool) -> FloatBatch | None:
+    """A copy of one input's row of an output, when its request asked for it."""
+    return batch[row].copy() if wanted and batch is not None else None
 
 
 class ComputeGate:
@@ -205,9 +225,20 @@ class InferenceEngine:
         return max(1, min(60, math.ceil(backlog * self.per_item_s)))
 
     # --- submission ----------------------------------------------------------------------
-    def submit(self, array: FloatBatch | Pixels, timeout_s: float = 30.0) -> Future[Scores]:
-        """Queue one CHW float array or HWC uint8 image; the future resolves to its Scores or
-        a ServiceError."""
+    @property
+    def outputs(self) -> Wants:
+        """What a request may ask for besides the probabilities."""
+        return self._runtime.outputs
+
+    def submit(
+        self, array: FloatBatch | Pixels, timeout_s: float = 30.0, wants: Wants = LOGITS_ONLY
+    ) -> Future[Scores]:
+        """Queue one CHW float array or HWC uint8 image; the future resolves to its Scores (with
+        the outputs ``wants`` names) or a ServiceError."""
+        if not wants <= self._runtime.outputs:
+            raise InferenceFailed(
+                f"the model's graph does not yield {sorted(wants - self.outputs)}"
+            )
         if not self.ready:
             raise NotReady("the model is not ready (starting up or shutting down)")
         if not self._accepts(array):
@@ -215,7 +246,9 @@ class InferenceEngine:
                 f"expected a float32 array of shape {self.input_shape} or a uint8 image of "
                 f"shape {self.pixel_shape}, got {array.dtype} {array.shape}"
             )
-        work = _Work(array=array, deadline=time.monotonic() + timeout_s, traced=traced_now())
+        work = _Work(
+            array=array, deadline=time.monotonic() + timeout_s, traced=traced_now(), wants=wants
+        )
         try:
             self._queue.put_nowait(work)
         except queue.Full:
@@ -232,9 +265,11 @@ class InferenceEngine:
             )
         return array.shape == self.input_shape
 
-    async def infer(self, array: FloatBatch | Pixels, timeout_s: float = 30.0) -> Scores:
+    async def infer(
+        self, array: FloatBatch | Pixels, timeout_s: float = 30.0, wants: Wants = LOGITS_ONLY
+    ) -> Scores:
         """``submit`` for asyncio callers; cancelling the await drops the queued work."""
-        future = self.submit(array, timeout_s)
+        future = self.submit(array, timeout_s, wants)
         try:
             # The engine enforces the deadline; this backstop only fires if its thread is gone.
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s + _BACKSTOP_S)
@@ -287,7 +322,7 @@ class InferenceEngine:
     def _warm_up(self) -> None:
         started = time.perf_counter()
         for size in self.warmup_batch_sizes():
-            out = self._run(self._warm_input(size))
+            out = self._run(self._warm_input(size), self._runtime.outputs).logits
             if out.shape != (size, self._num_classes):
                 raise InferenceFailed(
                     f"model output {out.shape} does not match {self._num_classes} labels"
@@ -295,7 +330,7 @@ class InferenceEngine:
         # Timed once warm: a first call pays for kernel set-up (measured 10x a warm one), and
         # this is the prior admission starts from.
         t0 = time.perf_counter()
-        self._run(self._warm_input(1))
+        self._run(self._warm_input(1), LOGITS_ONLY)
         self.per_item_s = time.perf_counter() - t0
         log.info(
             "engine warmed up (%s %s, batch sizes %s, %d threads) in %.2fs",
@@ -349,7 +384,7 @@ class InferenceEngine:
         started_ns = time.time_ns() if traced else 0
         started = time.perf_counter()
         try:
-            probabilities = self._forward(live)
+            probabilities, outputs = self._forward(live)
         except Exception as exc:
             error = (
                 exc
@@ -379,6 +414,8 @@ class InferenceEngine:
                     queue_s=waits[row],
                     inference_s=elapsed,
                     batch_size=len(live),
+                    embedding=_row(outputs.embedding, row, Output.EMBEDDING in work.wants),
+                    feature_map=_row(outputs.feature_map, row, Output.FEATURE_MAP in work.wants),
                 )
             )
         if self._observer:
@@ -389,14 +426,14 @@ class InferenceEngine:
     ) -> None:
         record_batch(traced, started_ns, time.time_ns(), size, self._trace_attributes, error)
 
-    def _run(self, batch: FloatBatch | Pixels) -> FloatBatch:
+    def _run(self, batch: FloatBatch | Pixels, wants: Wants) -> Forward:
         """One forward of a batch that is all images or all preprocessed arrays."""
         if not _is_pixels(batch):
-            return self._runtime.infer(batch)
+            return self._runtime.forward(batch, wants)
         if self._pixel_runtime is not None:
-            return self._pixel_runtime.infer_pixels(batch)
+            return self._pixel_runtime.forward_pixels(batch, wants)
         assert self._normalise is not None  # submit accepts images only then
-        return self._runtime.infer(self._normalise(batch))
+        return self._runtime.forward(self._normalise(batch), wants)
 
     def _as_float(self, array: FloatBatch | Pixels) -> FloatBatch:
         if not _is_pixels(array):
@@ -404,18 +441,22 @@ class InferenceEngine:
         assert self._normalise is not None
         return self._normalise(array)
 
-    def _forward(self, live: list[_Work]) -> FloatBatch:
+    def _forward(self, live: list[_Work]) -> tuple[Probabilities, Forward]:
+        """Probabilities (a copy) and the batch's outputs: the rows are copied out by the
+        caller before the next forward reuses the runtime's buffers."""
         arrays = [work.array for work in live]
         if len({a.dtype for a in arrays}) > 1:  # images beside preprocessed arrays: rare
             arrays = [self._as_float(a) for a in arrays]
         batch = np.stack(arrays)
+        wants = frozenset().union(*(work.wants for work in live))
         with self._compute:
-            logits = self._run(batch)  # type: ignore[arg-type]  # one dtype, either
-        if logits.ndim != 2 or logits.shape != (len(live), self._num_classes):
-            raise InferenceFailed(
-                f"the model returned {logits.shape} outputs for {len(live)} inputs"
-            )
-        return softmax(logits.astype(np.float32, copy=True))
+            outputs = self._run(batch, wants)  # type: ignore[arg-type]  # one dtype, either
+            logits = outputs.logits
+            if logits.ndim != 2 or logits.shape != (len(live), self._num_classes):
+                raise InferenceFailed(
+                    f"the model returned {logits.shape} outputs for {len(live)} inputs"
+                )
+            return softmax(logits.astype(np.float32, copy=True)), outputs
 
     def _fail_queued(self, error: ServiceError) -> None:
         while True:

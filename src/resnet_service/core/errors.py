@@ -110,6 +110,14 @@ class ModelLoadFailed(ServiceError):
     title = "Model load failed"
 
 
+class OutputUnavailable(ServiceError):
+    """The model that would answer cannot give what was asked (an embedding or a class
+    activation map from a model built before its graph had those outputs)."""
+
+    code = "output_unavailable"
+    title = "Output unavailable for this model"
+
+
 class DatasetError(InputError):
     """Training data that cannot be used (fine-tuning); the message says what to fix."""
 

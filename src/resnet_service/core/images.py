@@ -209,11 +209,26 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if mode == "RGB" else img.convert("RGB")
 
 
-def decode_rgb(
+#: EXIF orientations that turn the stored image by a quarter (width and height swap).
+_QUARTER_TURNS: Final = frozenset({5, 6, 7, 8})
+
+
+def _upright_size(img: Image.Image) -> tuple[int, int]:
+    """The stored image's (width, height) as it is shown: after its EXIF orientation."""
+    width, height = img.size
+    with contextlib.suppress(OSError, SyntaxError, ValueError, KeyError, TypeError):
+        if img.getexif().get(0x0112) in _QUARTER_TURNS:
+            return height, width
+    return width, height
+
+
+def decode_upright(
     data: bytes, limits: ImageLimits, spec: PreprocessSpec, *, fast: bool = True
-) -> Image.Image:
-    """Bytes -> upright RGB image (EXIF orientation applied), refusing anything unsafe."""
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Bytes -> upright RGB image (EXIF orientation applied), refusing anything unsafe, with
+    the upright size of the image as sent (the fast JPEG path may decode it smaller)."""
     img, fmt = open_image(data, limits)
+    size = _upright_size(img)
     if fast and fmt == "JPEG":
         _apply_fast_jpeg_path(img, spec)
     try:
@@ -228,7 +243,14 @@ def decode_rgb(
     # readable image, so its errors are ignored.
     with contextlib.suppress(OSError, SyntaxError, ValueError, KeyError, TypeError):
         ImageOps.exif_transpose(img, in_place=True)
-    return to_rgb(img)
+    return to_rgb(img), size
+
+
+def decode_rgb(
+    data: bytes, limits: ImageLimits, spec: PreprocessSpec, *, fast: bool = True
+) -> Image.Image:
+    """Bytes -> upright RGB image (EXIF orientation applied), refusing anything unsafe."""
+    return decode_upright(data, limits, spec, fast=fast)[0]
 
 
 _PIL_FILTERS: Final = {
@@ -260,15 +282,23 @@ def crop_resized(rgb: Image.Image, spec: PreprocessSpec, *, fast: bool = False) 
     ``fast`` resamples only the crop's source region, at the same scale: the box is the crop
     mapped back through the resize, so every output pixel has the same centre and filter
     support as in the full resize (within Pillow's float rounding)."""
-    size = resized_size(rgb.width, rgb.height, spec.resize_size)
-    crop = center_crop_box(size[0], size[1], spec.crop_size)
     resample = _PIL_FILTERS[spec.interpolation]
     if not fast:
-        return rgb.resize(size, resample).crop(crop)
-    sx, sy = rgb.width / size[0], rgb.height / size[1]
-    left, top, right, bottom = crop
-    box = (left * sx, top * sy, right * sx, bottom * sy)
+        size = resized_size(rgb.width, rgb.height, spec.resize_size)
+        return rgb.resize(size, resample).crop(center_crop_box(*size, spec.crop_size))
+    box = crop_source_box(rgb.width, rgb.height, spec)
     return rgb.resize((spec.crop_size, spec.crop_size), resample, box=box)
+
+
+def crop_source_box(
+    width: int, height: int, spec: PreprocessSpec
+) -> tuple[float, float, float, float]:
+    """The region of a ``width`` x ``height`` image that the model sees, in its own pixels
+    (left, top, right, bottom): the centre crop mapped back through the resize."""
+    size = resized_size(width, height, spec.resize_size)
+    left, top, right, bottom = center_crop_box(size[0], size[1], spec.crop_size)
+    sx, sy = width / size[0], height / size[1]
+    return (left * sx, top * sy, right * sx, bottom * sy)
 
 
 def preprocess(rgb: Image.Image, spec: PreprocessSpec, *, fast: bool = False) -> Tensor3:
@@ -309,10 +339,16 @@ def decode_to_pixels(
     data: bytes, limits: ImageLimits, spec: PreprocessSpec, *, fast: bool = True
 ) -> Pixels:
     """The served input contract: bytes -> model-sized HWC uint8 pixels (not yet normalised)."""
-    pixels: Pixels = np.asarray(
-        crop_resized(decode_rgb(data, limits, spec, fast=fast), spec, fast=fast)
-    )
-    return pixels
+    return decode_sized(data, limits, spec, fast=fast)[0]
+
+
+def decode_sized(
+    data: bytes, limits: ImageLimits, spec: PreprocessSpec, *, fast: bool = True
+) -> tuple[Pixels, tuple[int, int]]:
+    """``decode_to_pixels`` and the upright (width, height) of the image as sent."""
+    rgb, size = decode_upright(data, limits, spec, fast=fast)
+    pixels: Pixels = np.asarray(crop_resized(rgb, spec, fast=fast))
+    return pixels, size
 
 
 def decode_and_preprocess(

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from enum import StrEnum
+from typing import Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -13,6 +14,46 @@ from resnet_service.core.images import Pixels, PreprocessSpec
 from resnet_service.core.model_info import ModelInfo
 
 FloatBatch = npt.NDArray[np.float32]
+
+
+class Output(StrEnum):
+    """What one forward of the served graph can yield (``/classify`` needs only the logits)."""
+
+    LOGITS = "logits"
+    #: The pooled features before the classifier: N x D (512 for ResNet18).
+    EMBEDDING = "embedding"
+    #: The last stage's activations before pooling: N x D x h x w (7 x 7 at 224 pixels).
+    FEATURE_MAP = "feature_map"
+
+
+Wants = frozenset[Output]
+LOGITS_ONLY: Final[Wants] = frozenset({Output.LOGITS})
+#: What a graph built by this version yields (older artifacts yield the logits only).
+ALL_OUTPUTS: Final[Wants] = frozenset(Output)
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """The outputs of one forward over a batch; only those asked for are set. They may be
+    views of the runtime's own buffers, valid until its next forward: copy what you keep."""
+
+    logits: FloatBatch
+    embedding: FloatBatch | None = None
+    feature_map: FloatBatch | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """The classifier layer after global average pooling (fp32): the class activation map of
+    class ``c`` is ``weight[c] . feature_map / (h * w)``, its cells summing to the logit minus
+    ``bias[c]`` (for a GAP + linear head this is exactly Grad-CAM at the last stage)."""
+
+    weight: FloatBatch  # classes x D
+    bias: FloatBatch  # classes
+
+    @property
+    def embedding_size(self) -> int:
+        return int(self.weight.shape[1])
 
 
 class Runtime(Protocol):
@@ -35,6 +76,14 @@ class Runtime(Protocol):
 
     def infer(self, batch: FloatBatch) -> FloatBatch: ...
 
+    @property
+    def outputs(self) -> Wants:
+        """What ``forward`` can yield (``LOGITS_ONLY`` for a graph built before there were
+        more outputs)."""
+
+    def forward(self, batch: FloatBatch, wants: Wants) -> Forward:
+        """``infer`` with the extra outputs ``wants`` names (a subset of ``outputs``)."""
+
     def close(self) -> None: ...
 
 
@@ -45,6 +94,8 @@ class PixelRuntime(Runtime, Protocol):
     def takes_pixels(self) -> bool: ...
 
     def infer_pixels(self, batch: Pixels) -> FloatBatch: ...
+
+    def forward_pixels(self, batch: Pixels, wants: Wants) -> Forward: ...
 
 
 def pixel_input(runtime: Runtime) -> PixelRuntime | None:
@@ -62,3 +113,5 @@ class ServedModel:
     labels: list[str]
     spec: PreprocessSpec
     info: ModelInfo
+    #: The classifier's weights, for class activation maps (None: the model has none to give).
+    head: Head | None = None

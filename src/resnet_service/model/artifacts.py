@@ -1,7 +1,8 @@
 """Built models for the torch-free runtimes (OpenVINO IR, ONNX), cached on disk.
 
 An artifact is a folder: ``artifact.json`` (what it is, how it was made, the sha256 of each
-file, its measured fidelity), ``labels.json`` and the model files. Its cache key covers
+file, its measured fidelity), ``labels.json``, the model files and ``head.npz`` (the
+classifier's fp32 weights, for class activation maps; absent from older artifacts). Its cache key covers
 everything that changes the result: the source weights' sha256, the runtime and its version,
 the precision, the preprocessing, the calibration images and the quantization settings.
 Entries are written atomically (a temp folder renamed into place) and checked on load: a
@@ -22,11 +23,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from resnet_service.config import Precision, RuntimeName
 from resnet_service.core.errors import BundleInvalid
 from resnet_service.core.images import PreprocessSpec
+from resnet_service.core.runtime import Head
 from resnet_service.model.hub import sha256_file
 from resnet_service.model.manifest import (
     LABELS,
@@ -42,6 +45,7 @@ ARTIFACT_MANIFEST: Final = "artifact.json"
 FORMAT_VERSION: Final = 1
 #: The model file each runtime loads (OpenVINO's weights sit beside it in ``model.bin``).
 MODEL_FILES: Final[dict[str, str]] = {"openvino": "model.xml", "onnxruntime": "model.onnx"}
+HEAD_FILE: Final = "head.npz"
 
 
 class ArtifactManifest(BaseModel):
@@ -146,3 +150,29 @@ def seal(folder: Path, manifest: ArtifactManifest, labels: list[str]) -> Artifac
     final = manifest.model_copy(update={"files": files})
     (folder / ARTIFACT_MANIFEST).write_text(final.model_dump_json(indent=2))
     return final
+
+
+def write_head(folder: Path, head: Head) -> None:
+    """The classifier's fp32 weights beside the model (sealed with the other files)."""
+    with (folder / HEAD_FILE).open("wb") as out:
+        np.savez(out, weight=head.weight, bias=head.bias)
+
+
+def read_head(folder: Path, manifest: ArtifactManifest) -> Head | None:
+    """The classifier's weights (checked by ``read_artifact``), or None for an artifact built
+    before they were kept. Plain arrays only: pickles are refused."""
+    if HEAD_FILE not in manifest.files:
+        return None
+    try:
+        with np.load(folder / HEAD_FILE, allow_pickle=False) as saved:
+            weight, bias = saved["weight"].astype(np.float32), saved["bias"].astype(np.float32)
+    except (OSError, KeyError, ValueError) as exc:
+        raise BundleInvalid(f"{folder / HEAD_FILE} is unreadable: {exc}") from None
+    if weight.shape != (manifest.num_classes, weight.shape[-1]) or bias.shape != (
+        manifest.num_classes,
+    ):
+        raise BundleInvalid(
+            f"{folder / HEAD_FILE} holds a {weight.shape} classifier for "
+            f"{manifest.num_classes} classes"
+        )
+    return Head(weight=weight, bias=bias)

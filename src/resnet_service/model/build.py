@@ -11,6 +11,9 @@
   95.0% of validation images, percentile ranges alone 96.7%, fp32 classifier alone 96.7%,
   both 99.2%: one outlier activation stretches a min-max range, and the classifier's rounding
   lands on the logits directly, at a negligible cost to keep it fp32 (512 x classes).
+Both export three outputs from one forward (``GraphOutputs``): the logits, the pooled
+features (``embedding``) and the last stage's map (``feature_map``), and keep the classifier's
+fp32 weights beside the model (``head.npz``) for class activation maps.
 Both measure fidelity against the torch fp32 model on held-out images (a fine-tuned bundle's
 validation split, with accuracy) and are written atomically into the cache (``artifacts.py``).
 """
@@ -39,7 +42,7 @@ from resnet_service.core.errors import (
     CacheUnwritable,
     WeightsUnavailable,
 )
-from resnet_service.core.runtime import FloatBatch, Runtime
+from resnet_service.core.runtime import FloatBatch, Output, Runtime
 from resnet_service.cpus import has_vnni, threads_per_worker
 from resnet_service.model.architecture import build_fp32
 from resnet_service.model.artifacts import (
@@ -47,6 +50,7 @@ from resnet_service.model.artifacts import (
     ArtifactManifest,
     seal,
     staged,
+    write_head,
 )
 from resnet_service.model.bundle import read_weights
 from resnet_service.model.datasets import ImageArrays, ImageFiles
@@ -66,6 +70,7 @@ from resnet_service.model.weights import (
     random_weights,
     resolve_fp32_weights,
 )
+from resnet_service.runtimes.torch_runtime import head_of, resnet_outputs
 
 log = logging.getLogger(__name__)
 CALIBRATION_BATCH = 16
@@ -119,6 +124,23 @@ def downloaded_source(settings: Settings) -> ModelSource:
     raise WeightsUnavailable(how_to_provide_weights())
 
 
+#: The served graph's outputs, in order (the runtimes find them by these names).
+OUTPUT_NAMES: tuple[str, ...] = tuple(
+    o.value for o in (Output.LOGITS, Output.EMBEDDING, Output.FEATURE_MAP)
+)
+
+
+class GraphOutputs(nn.Module):
+    """A ResNet whose forward returns (logits, embedding, feature map): what is exported."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return resnet_outputs(self.net, x)
+
+
 def _batches(images: ImageArrays) -> Iterator[FloatBatch]:
     for start in range(0, len(images), CALIBRATION_BATCH):
         yield images.array[start : start + CALIBRATION_BATCH]
@@ -135,7 +157,9 @@ def _export_openvino(
     example = torch.zeros(1, 3, spec_side, spec_side)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracing chatter from torch and openvino
-        model = ov.convert_model(module, example_input=example)
+        model = ov.convert_model(GraphOutputs(module), example_input=example)
+    for port, name in zip(model.outputs, OUTPUT_NAMES, strict=True):
+        port.get_tensor().set_names({name})
     model.reshape({0: ov.PartialShape([-1, 3, spec_side, spec_side])})
     if calibration is not None:
         batches = list(_batches(calibration))
@@ -176,12 +200,12 @@ def _export_onnx(
         # trace torchvision's ResNet with a dynamic batch here; this one can.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module,
+            GraphOutputs(module),
             (torch.zeros(1, 3, spec_side, spec_side),),
             str(fp32_path),
             input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes={"input": {0: "batch"}} | {n: {0: "batch"} for n in OUTPUT_NAMES},
             opset_version=17,
             dynamo=False,
         )
@@ -291,6 +315,7 @@ def build_artifact(
         # NNCF and ONNX Runtime print progress to stdout, which the CLI keeps for its JSON.
         with contextlib.redirect_stdout(sys.stderr), staged(folder) as tmp:
             export(module, tmp, spec.crop_size, calibration_set)
+            write_head(tmp, head_of(module))
             held_out = holdout.load_arrays(spec)
             with torch.inference_mode():
                 reference = np.concatenate(

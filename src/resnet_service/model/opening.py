@@ -30,6 +30,7 @@ from resnet_service.model.artifacts import (
     cache_folder,
     find_cached,
     read_artifact,
+    read_head,
 )
 from resnet_service.model.datasets import calibration_and_holdout
 from resnet_service.model.hub import sha256_file
@@ -41,7 +42,7 @@ from resnet_service.runtimes.registry import open_runtime, runtime_version
 log = logging.getLogger(__name__)
 
 #: Bump when the export or quantization recipe changes: old cache entries stop matching.
-RECIPE_VERSION = 4
+RECIPE_VERSION = 5  # 5: three graph outputs and head.npz
 
 
 class Prepared(BaseModel):
@@ -229,7 +230,13 @@ def load_artifact(folder: Path, settings: Settings) -> ServedModel:
         " [RANDOM WEIGHTS]" if info.random_weights else "",
     )
     _warn_if_measured_elsewhere(manifest.precision, manifest.fidelity)
-    return ServedModel(runtime=runtime, labels=labels, spec=manifest.preprocessing, info=info)
+    return ServedModel(
+        runtime=runtime,
+        labels=labels,
+        spec=manifest.preprocessing,
+        info=info,
+        head=read_head(folder, manifest),
+    )
 
 
 def _warn_if_measured_elsewhere(precision: Precision, fidelity: Fidelity | None) -> None:

@@ -46,7 +46,7 @@ from resnet_service.model.weights import (
     find_in_hub_or_download,
     resolve_fp32_weights,
 )
-from resnet_service.runtimes.torch_runtime import TorchRuntime
+from resnet_service.runtimes.torch_runtime import TorchRuntime, head_of
 
 log = logging.getLogger(__name__)
 
@@ -240,4 +240,10 @@ def load_model(settings: Settings) -> ServedModel:
         info.load_seconds,
         " [RANDOM WEIGHTS]" if info.random_weights else "",
     )
-    return ServedModel(runtime=runtime, labels=labels, spec=manifest.preprocessing, info=info)
+    return ServedModel(
+        runtime=runtime,
+        labels=labels,
+        spec=manifest.preprocessing,
+        info=info,
+        head=head_of(module),
+    )

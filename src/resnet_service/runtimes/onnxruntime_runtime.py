@@ -4,6 +4,9 @@ execution provider, torch-free.
 Sequential execution with a fixed number of intra-op threads and no inter-op pool, and no
 spin-waiting: ONNX Runtime's threads otherwise spin between batches, burning the CPU that the
 decode threads and the other workers need (a measured choice: see the benchmark).
+
+A model built by this version has three outputs (logits, embedding, feature map); a run
+fetches only the ones asked for, so ``/classify`` copies nothing more than the logits.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any, Final
 import numpy as np
 
 from resnet_service.config import Precision, RuntimeName
-from resnet_service.core.runtime import FloatBatch
+from resnet_service.core.runtime import LOGITS_ONLY, FloatBatch, Forward, Output, Wants
 from resnet_service.runtimes.packages import import_runtime
 
 
@@ -47,6 +50,12 @@ class OnnxRuntime:
             str(model_onnx), options, providers=["CPUExecutionProvider"]
         )
         self._input = self._session.get_inputs()[0].name
+        names = [o.name for o in self._session.get_outputs()]
+        #: A model from before the extra outputs has one, the logits, whatever its name.
+        self._names = {Output.LOGITS: names[0]} | {
+            output: output.value for output in Output if output.value in names
+        }
+        self.outputs: Wants = frozenset(self._names)
 
     @staticmethod
     def version() -> str:
@@ -56,9 +65,19 @@ class OnnxRuntime:
         """ONNX Runtime's threads are fixed when the session is made."""
 
     def infer(self, batch: FloatBatch) -> FloatBatch:
-        (logits,) = self._session.run(None, {self._input: np.ascontiguousarray(batch)})
-        out: FloatBatch = np.asarray(logits, dtype=np.float32)
-        return out
+        return self.forward(batch, LOGITS_ONLY).logits
+
+    def forward(self, batch: FloatBatch, wants: Wants) -> Forward:
+        asked = [Output.LOGITS] + [o for o in (Output.EMBEDDING, Output.FEATURE_MAP) if o in wants]
+        values = self._session.run(
+            [self._names[o] for o in asked], {self._input: np.ascontiguousarray(batch)}
+        )
+        got = {o: np.asarray(v, dtype=np.float32) for o, v in zip(asked, values, strict=True)}
+        return Forward(
+            logits=got[Output.LOGITS],
+            embedding=got.get(Output.EMBEDDING),
+            feature_map=got.get(Output.FEATURE_MAP),
+        )
 
     def close(self) -> None:
         self._session = None

@@ -10,6 +10,10 @@ are added in front of the network with OpenVINO's PrePostProcessor at load time 
 on disk is unchanged), so they run inside the compiled graph instead of as numpy passes on
 the decode thread. The float (NCHW, normalised) model for preprocessed tensors (OIP FP32
 inputs) is compiled only when one first arrives: most replicas never need it.
+
+A model built by this version has three outputs (logits, embedding, feature map). The infer
+request shares its output buffers (``share_outputs``): nothing is copied but what a caller
+asked for, so ``/classify`` pays for the logits only.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import numpy as np
 
 from resnet_service.config import Precision, RuntimeName
 from resnet_service.core.images import Pixels, PreprocessSpec
-from resnet_service.core.runtime import FloatBatch
+from resnet_service.core.runtime import LOGITS_ONLY, FloatBatch, Forward, Output, Wants
 from resnet_service.runtimes.packages import import_runtime
 
 
@@ -65,15 +69,15 @@ class OpenVinoRuntime:
         self._model_xml = model_xml
         self.precision: Precision = precision
         self.threads = threads
-        self._float: tuple[Any, Any] | None = None
-        self._pixels: tuple[Any, Any] | None = None
+        self._float: _Compiled | None = None
+        self._pixels: _Compiled | None = None
         if pixels is None:
             self._float = self._compile(self._core.read_model(str(model_xml)))
         else:
             model = _with_pixel_input(self._core.read_model(str(model_xml)), pixels)
             self._pixels = self._compile(model)
 
-    def _compile(self, model: Any) -> tuple[Any, Any]:
+    def _compile(self, model: Any) -> _Compiled:
         compiled = self._core.compile_model(
             model,
             "CPU",
@@ -85,7 +89,7 @@ class OpenVinoRuntime:
                 "INFERENCE_PRECISION_HINT": "f32",
             },
         )
-        return compiled.output(0), compiled.create_infer_request()
+        return _Compiled(compiled)
 
     @staticmethod
     def version() -> str:
@@ -95,25 +99,54 @@ class OpenVinoRuntime:
     def takes_pixels(self) -> bool:
         return self._pixels is not None
 
+    @property
+    def outputs(self) -> Wants:
+        compiled = self._pixels or self._float
+        assert compiled is not None
+        return frozenset(compiled.ports)
+
     def bind_thread(self) -> None:
         """OpenVINO's threads are fixed when the model is compiled."""
 
     def infer(self, batch: FloatBatch) -> FloatBatch:
+        """Logits of a preprocessed batch (a copy: ``forward``'s are the request's buffers)."""
+        return self.forward(batch, LOGITS_ONLY).logits.copy()
+
+    def forward(self, batch: FloatBatch, wants: Wants) -> Forward:
         if self._float is None:  # first preprocessed input: compile the plain network now
             self._float = self._compile(self._core.read_model(str(self._model_xml)))
-        return self._run(self._float, np.ascontiguousarray(batch))
+        return self._float.run(np.ascontiguousarray(batch), wants)
 
     def infer_pixels(self, batch: Pixels) -> FloatBatch:
         """N x H x W x 3 uint8 images -> logits (the normalisation runs in the graph)."""
-        assert self._pixels is not None, "opened without a pixel input"
-        return self._run(self._pixels, np.ascontiguousarray(batch))
+        return self.forward_pixels(batch, LOGITS_ONLY).logits.copy()
 
-    @staticmethod
-    def _run(compiled: tuple[Any, Any], batch: Any) -> FloatBatch:
-        output, request = compiled
-        result = request.infer({0: batch})
-        out: FloatBatch = np.asarray(result[output], dtype=np.float32)
-        return out
+    def forward_pixels(self, batch: Pixels, wants: Wants) -> Forward:
+        assert self._pixels is not None, "opened without a pixel input"
+        return self._pixels.run(np.ascontiguousarray(batch), wants)
 
     def close(self) -> None:
         self._float = self._pixels = None
+
+
+class _Compiled:
+    """A compiled model, its infer request and its output ports by what they yield."""
+
+    def __init__(self, compiled: Any) -> None:
+        self.request = compiled.create_infer_request()
+        outputs = compiled.outputs
+        named = {o: port for port in outputs for o in Output if o.value in port.get_names()}
+        #: A model from before the extra outputs has one, the logits, whatever its name.
+        self.ports: dict[Output, Any] = {Output.LOGITS: outputs[0]} | named
+
+    def run(self, batch: Any, wants: Wants) -> Forward:
+        result = self.request.infer({0: batch}, share_outputs=True)
+
+        def get(output: Output) -> FloatBatch | None:
+            if output not in wants or output not in self.ports:
+                return None
+            value: FloatBatch = np.asarray(result[self.ports[output]], dtype=np.float32)
+            return value
+
+        logits: FloatBatch = np.asarray(result[self.ports[Output.LOGITS]], dtype=np.float32)
+        return Forward(logits, get(Output.EMBEDDING), get(Output.FEATURE_MAP))

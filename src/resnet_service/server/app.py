@@ -30,7 +30,7 @@ from resnet_service.asgi.middleware import (
 from resnet_service.config import Settings, SettingsError, load_settings
 from resnet_service.core.classifier import Classifier
 from resnet_service.core.errors import ServiceError
-from resnet_service.faces.http import classify, openapi, operations, page, problems
+from resnet_service.faces.http import classify, openapi, operations, outputs, page, problems
 from resnet_service.faces.oip import errors as oip_errors
 from resnet_service.faces.oip import repository as oip_repository
 from resnet_service.faces.oip import rest as oip_rest
@@ -57,7 +57,9 @@ DESCRIPTION = """\
 Fast CPU image classification with an int8 ResNet18.
 
 Send an image as multipart field `image` to `POST /classify`, or many as repeated `images` to
-`POST /classify/batch`. Errors are RFC 9457 `application/problem+json` with a stable `code`.
+`POST /classify/batch`. `POST /embed` (and `/embed/batch`) give each image's feature vector
+for similarity search; `POST /explain` gives the Top-k and a class activation map of where the
+evidence lies. Errors are RFC 9457 `application/problem+json` with a stable `code`.
 """
 
 
@@ -150,6 +152,7 @@ def create_app(
     problems.install(app, prefixes={oip_rest.PREFIX + "/": oip_errors.framework_error})
     openapi.install(app, settings, schemas=[oip_rest.InferenceRequest])
     app.include_router(classify.router)
+    app.include_router(outputs.router)
     app.include_router(operations.router)
     app.include_router(oip_rest.router)
     app.include_router(oip_repository.router)

@@ -1,5 +1,7 @@
 // The upload page: stage images (picker, drop, paste), send them to /classify/batch in one
-// request (split only above the server's max_batch_files), show a card per image.
+// request (split only above the server's max_batch_files), show a card per image. With the
+// "Show heatmap" toggle on, a card asks /explain for its image and lays the class activation
+// map over the preview, exactly over the crop the model saw; a bar picks the class to map.
 // Server strings (filenames, labels, error details) only ever go through textContent.
 "use strict";
 
@@ -56,7 +58,9 @@
     if (current.length) chunks.push(current);
     return chunks;
   }
-  const items = []; // {id, file, name, url, card, body, state, k, retriable}
+  const items = []; // {id, file, name, url, card, body, state, k, retriable, model, heat...}
+  // Which models /explain can map (by the picker's value, "" for the server's default).
+  const explainable = new Map();
   let nextId = 1;
   let busy = false;
   let userPickedTopK = false;
@@ -130,6 +134,7 @@
   // ---- cards ---------------------------------------------------------------------------
 
   function setCardBody(item, state, ...children) {
+    if (item.heat.on || item.heat.shown) hideHeat(item); // the bars it belonged to are gone
     item.state = state;
     item.card.dataset.state = state;
     item.card.setAttribute("aria-busy", String(state === "busy"));
@@ -153,40 +158,268 @@
     );
   }
 
+  const canExplain = (item) => explainable.get(item.model) !== false && !item.previewBroken;
+
   function showPredictions(item, predictions, k) {
+    const mappable = canExplain(item);
     const list = h("ol", {
       class: "bars",
       role: "list",
       "aria-label": `Top ${predictions.length} predictions`,
       "data-testid": "predictions",
     });
+    item.barButtons = [];
     for (const p of predictions) {
       const fill = h("span", { class: "fill" });
       fill.style.width = `${Math.min(100, Math.max(0, p.score * 100))}%`;
-      list.append(
+      const content = [
         h(
-          "li",
-          { class: "bar-row", "data-testid": "prediction" },
-          h(
-            "span",
-            { class: "bar-text" },
-            h("span", { class: "bar-label", "data-testid": "prediction-label", text: p.label }),
-            h("span", { class: "bar-pct", "data-testid": "prediction-score", text: formatPercent(p.score) }),
-          ),
-          h("span", { class: "bar", "aria-hidden": "true" }, fill),
+          "span",
+          { class: "bar-text" },
+          h("span", { class: "bar-label", "data-testid": "prediction-label", text: p.label }),
+          h("span", { class: "bar-pct", "data-testid": "prediction-score", text: formatPercent(p.score) }),
+        ),
+        h("span", { class: "bar", "aria-hidden": "true" }, fill),
+      ];
+      let row = content;
+      if (mappable) {
+        // A toggle button per class: pressed while the heatmap shows that class.
+        const button = h(
+          "button",
+          {
+            type: "button",
+            class: "bar-button",
+            "aria-pressed": "false",
+            title: "Show where the model sees this class",
+            "data-index": String(p.index),
+            "data-testid": "prediction-button",
+          },
+          ...content,
+        );
+        button.addEventListener("click", () => pickClass(item, p.index));
+        item.barButtons.push(button);
+        row = [button];
+      }
+      list.append(h("li", { class: "bar-row", "data-testid": "prediction" }, ...row));
+    }
+    item.k = k;
+    item.predictions = predictions;
+    const children = [list];
+    item.heatToggle = null;
+    if (mappable) {
+      const toggle = h("input", { type: "checkbox", class: "heat-check", "data-testid": "heatmap-toggle" });
+      toggle.addEventListener("change", () => (toggle.checked ? showHeat(item) : hideHeat(item)));
+      item.heatToggle = toggle;
+      children.push(
+        h(
+          "div",
+          { class: "heat-row" },
+          h("label", { class: "heat-toggle" }, toggle, h("span", { text: "Show heatmap" })),
+          h("span", { class: "heat-hint", "data-testid": "heatmap-hint", hidden: "", text: "Pick a bar to map that class." }),
         ),
       );
     }
-    item.k = k;
-    setCardBody(item, "done", list);
+    setCardBody(item, "done", ...children);
+  }
+
+  // ---- class activation maps -----------------------------------------------------------
+
+  // Overlays follow their preview when the layout changes (window resize, grid reflow).
+  const previewsResized = new ResizeObserver((entries) => {
+    for (const entry of entries) {
+      const item = items.find((i) => i.preview === entry.target);
+      if (item) placeHeat(item);
+    }
+  });
+
+  /** Where the photo's pixels are drawn, in CSS pixels relative to the preview frame (the
+   *  <img> box fits the frame; object-fit decides how the picture sits inside it). */
+  function pictureBox(item) {
+    const img = item.img;
+    const frame = item.preview.getBoundingClientRect();
+    const box = img.getBoundingClientRect();
+    const nw = img.naturalWidth;
+    const nh = img.naturalHeight;
+    let width = box.width;
+    let height = box.height;
+    const fit = getComputedStyle(img).objectFit;
+    if (fit === "contain" || fit === "cover" || fit === "scale-down") {
+      let scale = (fit === "cover" ? Math.max : Math.min)(box.width / nw, box.height / nh);
+      if (fit === "scale-down") scale = Math.min(scale, 1);
+      width = nw * scale;
+      height = nh * scale;
+    } else if (fit === "none") {
+      width = nw;
+      height = nh;
+    }
+    // object-position is the default, centred.
+    return {
+      left: box.left - frame.left - item.preview.clientLeft + (box.width - width) / 2,
+      top: box.top - frame.top - item.preview.clientTop + (box.height - height) / 2,
+      width,
+      height,
+    };
+  }
+
+  /** The heatmap over crop_box: image pixels (the upright image the server decoded) scaled to
+   *  the displayed picture. */
+  function placeHeat(item) {
+    const shown = item.heat.shown;
+    if (!shown || !item.img.naturalWidth) return;
+    const cam = shown.cam;
+    const picture = pictureBox(item);
+    const sx = picture.width / cam.image_width;
+    const sy = picture.height / cam.image_height;
+    const crop = cam.crop_box;
+    const style = item.overlay.style;
+    style.left = `${picture.left + crop.left * sx}px`;
+    style.top = `${picture.top + crop.top * sy}px`;
+    style.width = `${(crop.right - crop.left) * sx}px`;
+    style.height = `${(crop.bottom - crop.top) * sy}px`;
+  }
+
+  function setHeatCaption(item, text, kind = "info") {
+    item.caption.textContent = text;
+    item.caption.dataset.kind = kind;
+  }
+
+  function markPressed(item, index) {
+    for (const button of item.barButtons || []) {
+      button.setAttribute("aria-pressed", String(index !== null && Number(button.dataset.index) === index));
+    }
+  }
+
+  function drawHeat(item, body) {
+    const { overlay } = item;
+    item.heat.shown = body;
+    overlay.src = `data:image/png;base64,${body.cam.heatmap_png}`;
+    overlay.alt = `Heatmap of where the model sees ${body.target.label}`;
+    overlay.dataset.target = String(body.target.index);
+    overlay.dataset.label = body.target.label;
+    item.preview.classList.add("is-explaining");
+    if (!overlay.isConnected && !item.previewBroken) item.img.after(overlay);
+    placeHeat(item);
+    overlay.hidden = false;
+    previewsResized.observe(item.preview);
+    markPressed(item, body.target.index);
+    setHeatCaption(item, `Heatmap: ${body.target.label} (${formatPercent(body.target.score)})`);
+  }
+
+  function clearHeat(item) {
+    const heat = item.heat;
+    heat.seq += 1; // an answer still on its way is no longer wanted
+    if (heat.abort) heat.abort.abort();
+    heat.abort = null;
+    heat.shown = null;
+    if (item.overlay) {
+      item.overlay.hidden = true;
+      item.overlay.remove();
+      item.overlay.removeAttribute("src");
+      delete item.overlay.dataset.target;
+      delete item.overlay.dataset.label;
+      item.preview.classList.remove("is-explaining");
+      setHeatCaption(item, "");
+      previewsResized.unobserve(item.preview);
+    }
+    markPressed(item, null);
+  }
+
+  function hideHeat(item) {
+    item.heat.on = false;
+    if (item.heatToggle) item.heatToggle.checked = false;
+    const hint = item.body.querySelector(".heat-hint");
+    if (hint) hint.hidden = true;
+    clearHeat(item);
+  }
+
+  /** Clicking a bar maps its class (turning the heatmap on); clicking the pressed one again
+   *  turns the heatmap off, as a toggle button does. */
+  function pickClass(item, index) {
+    const pressed = item.barButtons.some((b) => b.getAttribute("aria-pressed") === "true" && Number(b.dataset.index) === index);
+    if (item.heat.on && pressed) {
+      hideHeat(item);
+      return;
+    }
+    item.heat.target = index;
+    showHeat(item);
+  }
+
+  async function showHeat(item) {
+    if (!canExplain(item) || !item.predictions) return;
+    const heat = item.heat;
+    heat.on = true;
+    if (item.heatToggle) item.heatToggle.checked = true;
+    const hint = item.body.querySelector(".heat-hint");
+    if (hint) hint.hidden = false;
+    // No bar picked yet: the top class (target=top1), which is the first bar.
+    const target = heat.target === null ? "top1" : String(heat.target);
+    const key = `${item.model}|${target}`;
+    const wanted = heat.target === null ? item.predictions[0].index : heat.target;
+    const known = item.maps.get(key);
+    if (heat.abort) heat.abort.abort();
+    const seq = ++heat.seq;
+    if (known) {
+      drawHeat(item, known);
+      return;
+    }
+    markPressed(item, wanted);
+    const label = (item.predictions.find((p) => p.index === wanted) || {}).label || `class ${wanted}`;
+    setHeatCaption(item, `Mapping ${label}…`, "busy");
+    const controller = new AbortController();
+    heat.abort = controller;
+    const params = new URLSearchParams({ target, top_k: String(item.k) });
+    if (item.model) params.set("model", item.model);
+    const form = new FormData();
+    form.append("image", item.file, item.name);
+    let body = null;
+    let problem = null;
+    try {
+      const response = await fetch(`/explain?${params}`, {
+        method: "POST",
+        body: form,
+        headers: authHeaders(),
+        signal: controller.signal,
+      });
+      if (response.ok) body = await response.json();
+      else {
+        if (response.status === 401) showTokenField();
+        problem = await problemDetail(response);
+      }
+    } catch (error) {
+      if (error && error.name === "AbortError") return;
+      problem = "Could not reach the service. Check that it is running and try again.";
+    }
+    if (seq !== heat.seq || !heat.on) return; // superseded, switched off or removed meanwhile
+    heat.abort = null;
+    if (problem !== null) {
+      if (item.overlay) item.overlay.hidden = true;
+      heat.shown = null;
+      setHeatCaption(item, problem, "error");
+      return;
+    }
+    item.maps.set(key, body);
+    item.maps.set(`${item.model}|${body.target.index}`, body);
+    drawHeat(item, body);
   }
 
   function makeCard(item) {
-    const img = h("img", { alt: `Preview of ${item.name}`, src: item.url, decoding: "async" });
-    const preview = h("div", { class: "preview" }, img);
+    const img = h("img", { class: "photo", alt: `Preview of ${item.name}`, src: item.url, decoding: "async" });
+    // Drawn over the crop the model saw (in the preview only while shown); the caption names
+    // the class it maps.
+    item.overlay = h("img", { class: "heatmap", alt: "", "data-testid": "heatmap", hidden: "" });
+    item.caption = h("p", { class: "heat-caption", "data-testid": "heatmap-label", "aria-live": "polite" });
+    item.img = img;
+    const preview = h("div", { class: "preview" }, img, item.caption);
+    item.preview = preview;
+    img.addEventListener("load", () => placeHeat(item));
     img.addEventListener(
       "error",
-      () => preview.replaceChildren(h("span", { class: "no-preview", text: "No preview" })),
+      () => {
+        item.previewBroken = true; // nothing to draw a heatmap over
+        hideHeat(item);
+        if (item.heatToggle) item.heatToggle.closest(".heat-row").hidden = true;
+        preview.replaceChildren(h("span", { class: "no-preview", text: "No preview" }));
+      },
       { once: true },
     );
     const remove = h("button", {
@@ -217,7 +450,16 @@
     for (const file of files) {
       const id = nextId++;
       const name = file.name || `pasted-image-${id}`;
-      const item = { id, file, name, url: URL.createObjectURL(file), k: null };
+      const item = {
+        id,
+        file,
+        name,
+        url: URL.createObjectURL(file),
+        k: null,
+        model: "",
+        maps: new Map(), // "model|target" -> the /explain answer
+        heat: { on: false, target: null, shown: null, seq: 0, abort: null },
+      };
       makeCard(item);
       if (file.size > limits.maxUploadBytes) {
         showError(
@@ -236,6 +478,7 @@
   }
 
   function forget(item) {
+    hideHeat(item);
     URL.revokeObjectURL(item.url);
     item.card.remove();
     items.splice(items.indexOf(item), 1);
@@ -263,9 +506,10 @@
   async function sendChunk(chunk, k) {
     const form = new FormData();
     for (const item of chunk) form.append("images", item.file, item.name);
+    const model = ui.model.value; // the picker may change while this request is out
     let response;
     try {
-      response = await fetch(`/classify/batch?top_k=${k}${modelQuery("&")}`, {
+      response = await fetch(`/classify/batch?top_k=${k}${model ? `&model=${encodeURIComponent(model)}` : ""}`, {
         method: "POST",
         body: form,
         headers: authHeaders(),
@@ -282,6 +526,7 @@
     for (const result of body.results) {
       const item = chunk[result.index];
       if (!item) continue;
+      item.model = model; // its heatmaps come from the model that classified it
       if (result.error) {
         item.retriable = result.error.status >= 500;
         showError(item, result.error.detail);
@@ -393,6 +638,14 @@
     }
     const info = await response.json();
     const settings = info.settings || {};
+    const mappable = info.explainable !== false;
+    if (explainable.get(ui.model.value) !== mappable) {
+      explainable.set(ui.model.value, mappable);
+      // Cards of this model already showing bars: offer (or withdraw) the heatmap.
+      for (const item of items) {
+        if (item.state === "done" && item.model === ui.model.value) showPredictions(item, item.predictions, item.k);
+      }
+    }
     limits.maxBatchFiles = Number(settings.max_batch_files) || limits.maxBatchFiles;
     limits.maxUploadBytes = Number(settings.max_upload_bytes) || limits.maxUploadBytes;
     limits.maxBatchBytes = Number(settings.max_batch_bytes) || limits.maxBatchBytes;

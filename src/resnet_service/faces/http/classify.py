@@ -16,19 +16,16 @@ from resnet_service.asgi.deps import (
     require_token,
 )
 from resnet_service.core.classifier import Classification
-from resnet_service.core.errors import MissingField, ServiceError
-from resnet_service.faces.http.multipart import FormLimits, uploaded_files
 from resnet_service.faces.http.openapi import multipart_body, problems
-from resnet_service.faces.http.problems import item_error
 from resnet_service.faces.http.schemas import (
     BatchItemResult,
     BatchResponse,
     ClassifyResponse,
+    ItemError,
     Prediction,
-    Timings,
     model_ref,
 )
-from resnet_service.service.state import ServiceState
+from resnet_service.faces.http.uploads import batch_items, many_images, one_image, timings_of
 
 router = APIRouter(dependencies=[Depends(require_token)])
 
@@ -44,16 +41,6 @@ def predictions_of(result: Classification) -> list[Prediction]:
         Prediction(label=label, index=index, score=score)
         for label, index, score in zip(p.labels, p.indices, p.scores, strict=True)
     ]
-
-
-def timings_of(result: Classification) -> Timings:
-    t = result.timings
-    return Timings(
-        decode_ms=round(t.decode_s * 1000, 3),
-        queue_ms=round(t.queue_s * 1000, 3),
-        inference_ms=round(t.inference_s * 1000, 3),
-        total_ms=round(t.total_s * 1000, 3),
-    )
 
 
 @router.post(
@@ -74,13 +61,8 @@ async def classify(
     top_k: TopK = None,
 ) -> ClassifyResponse:
     k = classifier.check_top_k(top_k)
-    limits, timeout = FormLimits.single_image(service.settings), service.settings.body_timeout_s
-    async with uploaded_files(request, limits, service.upload_budget, timeout) as files:
-        ticket.uploaded()
-        if not files:
-            raise MissingField("Missing the multipart file field 'image'.")
-        request.state.images = 1
-        result = await classifier.classify(files[0].data, k, scope)
+    async with one_image(request, service, ticket) as upload:
+        result = await classifier.classify(upload.data, k, scope)
     if classifier.cache is not None:
         response.headers["X-Cache"] = "hit" if result.cached else "miss"
     request.state.timings = result.timings
@@ -112,18 +94,10 @@ async def classify_batch(
 ) -> BatchResponse:
     started = time.perf_counter()
     k = classifier.check_top_k(top_k)
-    limits, timeout = FormLimits.batch(service.settings), service.settings.body_timeout_s
-    async with uploaded_files(request, limits, service.upload_budget, timeout) as files:
-        ticket.uploaded()
-        if not files:
-            raise MissingField("Missing the multipart file field 'images' (repeat it per image).")
-        request.state.images = len(files)
+    async with many_images(request, service, ticket) as files:
         outcomes = await classifier.classify_many([f.data for f in files], k, scope)
         names = [f.filename for f in files]
-    results = [
-        _batch_item(service, index, filename, outcome)
-        for index, (filename, outcome) in enumerate(zip(names, outcomes, strict=True))
-    ]
+    results = batch_items(service, names, outcomes, _batch_item)
     failed = sum(1 for r in results if r.error is not None)
     return BatchResponse(
         results=results,
@@ -135,16 +109,13 @@ async def classify_batch(
 
 
 def _batch_item(
-    service: ServiceState, index: int, filename: str | None, outcome: Classification | ServiceError
+    index: int, filename: str | None, result: Classification | None, error: ItemError | None
 ) -> BatchItemResult:
-    if isinstance(outcome, ServiceError):
-        service.metrics.rejections.labels(outcome.code).inc()
-        service.metrics.images.labels("error").inc()
-        return BatchItemResult(index=index, filename=filename, error=item_error(outcome))
-    service.metrics.images.labels("ok").inc()
+    if result is None:
+        return BatchItemResult(index=index, filename=filename, error=error)
     return BatchItemResult(
         index=index,
         filename=filename,
-        predictions=predictions_of(outcome),
-        timings=timings_of(outcome),
+        predictions=predictions_of(result),
+        timings=timings_of(result),
     )

@@ -18,6 +18,7 @@ _PROBLEM_DESCRIPTIONS: Final = {
     401: "Missing or wrong bearer token.",
     404: "No such model or version (GET /models lists them).",
     408: "The client stalled while sending the request.",
+    409: "This model cannot give that output (built by an older version: rebuild it).",
     413: "Upload too large: bytes, or pixels from the image header.",
     415: "Not an allowed image format, or undecodable.",
     422: "Invalid parameter or missing field.",

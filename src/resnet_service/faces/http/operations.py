@@ -92,6 +92,8 @@ async def model(classifier: ClassifierDep) -> ModelResponse:
             "response_cache_mb": settings.response_cache_mb,
             "grpc_port": settings.grpc_port if settings.grpc_enabled else 0,
         },
+        embedding_size=classifier.embedding_size,
+        explainable=classifier.explainable,
     )
 
 

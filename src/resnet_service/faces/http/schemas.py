@@ -100,6 +100,85 @@ class BatchResponse(BaseModel):
     total_ms: float = Field(ge=0)
 
 
+class EmbeddingFormat(BaseModel):
+    """How the vectors of a response are written."""
+
+    encoding: Literal["json", "float16", "float32"] = Field(
+        description="json: a list of numbers; float16/float32: base64 of the little-endian "
+        "values (numpy: np.frombuffer(base64.b64decode(s), '<f4'))."
+    )
+    dimensions: int = Field(ge=1, description="The vector's length (512 for ResNet18).")
+    normalized: bool = Field(description="True: L2-normalised (cosine = dot product).")
+
+
+class EmbedResponse(EmbeddingFormat):
+    """One image's embedding: the pooled features in front of the classifier. Vectors are
+    comparable only within one model (name, version and weights say which space)."""
+
+    embedding: list[float] | str
+    model: ModelRef
+    timings: Timings
+    batch_size: int = Field(ge=1, description="How many images shared the forward pass.")
+
+
+class EmbedBatchItem(BaseModel):
+    """One image of a batch: its embedding or an error, never both."""
+
+    index: int = Field(ge=0, description="Position in the request.")
+    filename: str | None
+    embedding: list[float] | str | None = None
+    timings: Timings | None = None
+    error: ItemError | None = None
+
+
+class EmbedBatchResponse(EmbeddingFormat):
+    """Embeddings in request order."""
+
+    results: list[EmbedBatchItem]
+    succeeded: int = Field(ge=0)
+    failed: int = Field(ge=0)
+    model: ModelRef
+    total_ms: float = Field(ge=0)
+
+
+class CropBoxModel(BaseModel):
+    """Where the model's centre crop lies in the image as sent (upright, its pixels)."""
+
+    left: float
+    top: float
+    right: float
+    bottom: float
+
+
+class ClassActivationMap(BaseModel):
+    """Why the model gave the target class its score: the class activation map at the last
+    stage (equal to Grad-CAM there for this head)."""
+
+    grid: list[list[float]] = Field(
+        description="h x w (7 x 7): each cell's contribution to the target's logit (they sum "
+        "to the logit minus the class's bias); row 0 is the top of the crop."
+    )
+    heatmap_png: str = Field(
+        description="base64 RGBA PNG of the map's positive part over its maximum, upsampled "
+        "to the crop the model saw; its alpha follows the heat."
+    )
+    heatmap_size: int = Field(ge=1, description="The PNG's side in pixels (the crop size).")
+    crop_box: CropBoxModel = Field(description="Draw the PNG over this box of the image.")
+    image_width: int = Field(ge=1, description="The image as sent, upright.")
+    image_height: int = Field(ge=1)
+
+
+class ExplainResponse(BaseModel):
+    """Top-k for one image and the class activation map of the target class."""
+
+    predictions: list[Prediction] = Field(description="Best first.")
+    target: Prediction = Field(description="The class explained, with its score.")
+    cam: ClassActivationMap
+    model: ModelRef
+    timings: Timings
+    batch_size: int = Field(ge=1)
+
+
 class Problem(BaseModel):
     """RFC 9457 problem details, the body of every error response."""
 
@@ -146,6 +225,10 @@ class ModelResponse(BaseModel):
     settings: dict[str, int | float | str | bool] = Field(
         description="The settings that shape behaviour: threads, batching, limits."
     )
+    embedding_size: int | None = Field(
+        description="The length of /embed's vectors (None: this model cannot embed)."
+    )
+    explainable: bool = Field(description="True when /explain can map this model's classes.")
 
 
 class VersionStatus(BaseModel):

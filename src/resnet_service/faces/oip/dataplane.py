@@ -7,6 +7,9 @@ The model takes one input per request:
 - ``input``: FP32, shape ``[N, 3, H, W]``, images already preprocessed (normalised).
 It returns ``probabilities`` (FP32 ``[N, classes]``); asked with the classification extension
 (``"classification": k``) that output becomes BYTES ``[N, k]`` of ``"score:index:label"``.
+Asked by name, from the same forward: ``embedding`` (FP32 ``[N, D]``, L2-normalised as
+``/embed``'s default) and ``cam`` (FP32 ``[N, h, w]``, the class activation map of the output's
+or the request's ``target`` parameter, else of each image's top class; as ``/explain``'s grid).
 A request fails as a whole when any image fails (the protocol has no per-item errors): the
 message names the element.
 """
@@ -23,6 +26,8 @@ import numpy as np
 from resnet_service import __version__
 from resnet_service.core.classifier import Classification, Classifier, top_k
 from resnet_service.core.errors import InvalidInferRequest, NotReady, ServiceError
+from resnet_service.core.outputs import class_activation_map, l2_normalised
+from resnet_service.core.runtime import LOGITS_ONLY, Output, Wants
 from resnet_service.faces.oip.tensors import (
     InferRequest,
     InferResponse,
@@ -36,6 +41,10 @@ from resnet_service.service.state import ServiceState
 IMAGE_INPUT: Final = "image"
 TENSOR_INPUT: Final = "input"
 PROBABILITIES: Final = "probabilities"
+EMBEDDING: Final = "embedding"
+CAM: Final = "cam"
+#: What each output asks the forward for besides the logits.
+_WANTS: Final[dict[str, Output]] = {EMBEDDING: Output.EMBEDDING, CAM: Output.FEATURE_MAP}
 SERVER_NAME: Final = "resnet-service"
 EXTENSIONS: Final = ("classification", "binary_tensor_data")
 
@@ -111,10 +120,17 @@ class DataPlane:
             "versions": self._versions(classifier.name),
             "platform": f"{info.runtime}_{info.precision}",
             "inputs": [_tensor_metadata(t) for t in self.inputs(classifier)],
-            "outputs": [
-                {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, info.num_classes]}
-            ],
+            "outputs": [_tensor_metadata(t) for t in self.outputs(classifier)],
         }
+
+    def outputs(self, classifier: Classifier) -> list[TensorSpec]:
+        specs = [TensorSpec(PROBABILITIES, "FP32", (-1, classifier.model.info.num_classes))]
+        if classifier.embedding_size is not None:
+            specs.append(TensorSpec(EMBEDDING, "FP32", (-1, classifier.embedding_size)))
+        if classifier.explainable:
+            side = classifier.map_side
+            specs.append(TensorSpec(CAM, "FP32", (-1, side, side)))
+        return specs
 
     # --- inference -----------------------------------------------------------------------
     async def infer(
@@ -129,34 +145,48 @@ class DataPlane:
                 f"got {len(request.inputs)}."
             )
         outputs = self._requested(classifier, request)
-        results = await self._run(classifier, request.inputs[0])
+        wants = LOGITS_ONLY.union(_WANTS[o.name] for o in outputs if o.name in _WANTS)
+        classifier.check_outputs(wants)
+        results = await self._run(classifier, request.inputs[0], wants)
         return InferResponse(
             model_name=classifier.name,
             model_version=classifier.version,
             id=request.id,
-            outputs=[self._output(classifier, wanted, results) for wanted in outputs],
+            outputs=[self._output(classifier, wanted, results, request) for wanted in outputs],
         )
 
     def _requested(self, classifier: Classifier, request: InferRequest) -> list[RequestedOutput]:
         if not request.outputs:
             return [RequestedOutput(PROBABILITIES, binary=request.binary_output)]
+        names = [PROBABILITIES, EMBEDDING, CAM]
         for wanted in request.outputs:
-            if wanted.name != PROBABILITIES:
+            if wanted.name not in names:
                 raise InvalidInferRequest(
-                    f"Unknown output '{wanted.name}'; the model has '{PROBABILITIES}'."
+                    f"Unknown output '{wanted.name}'; the model has "
+                    + ", ".join(f"'{n}'" for n in names)
+                    + "."
                 )
             k = wanted.classification
-            if k is not None and not 1 <= k <= classifier.max_top_k:
+            if k is not None and (
+                wanted.name != PROBABILITIES or not 1 <= k <= classifier.max_top_k
+            ):
                 raise InvalidInferRequest(
-                    f"classification must be between 1 and {classifier.max_top_k}; got {k}."
+                    f"classification applies to '{PROBABILITIES}', between 1 and "
+                    f"{classifier.max_top_k}; got {k} on '{wanted.name}'."
                 )
+            for target in (wanted.target, request.target):
+                if target is not None and not isinstance(target, int):
+                    raise InvalidInferRequest(f"target must be a class index; got {target!r}.")
+                classifier.check_target(target)
         return request.outputs
 
-    async def _run(self, classifier: Classifier, tensor: InputTensor) -> list[Classification]:
+    async def _run(
+        self, classifier: Classifier, tensor: InputTensor, wants: Wants
+    ) -> list[Classification]:
         limit = classifier.settings.max_batch_files
         if tensor.name == IMAGE_INPUT:
             images = _image_elements(tensor, limit)
-            outcomes = await classifier.classify_many(images, 1)
+            outcomes = await classifier.classify_many(images, 1, wants=wants)
             for index, outcome in enumerate(outcomes):
                 if isinstance(outcome, ServiceError):
                     outcome.detail = f"input '{IMAGE_INPUT}' element {index}: {outcome.detail}"
@@ -164,15 +194,41 @@ class DataPlane:
             return [o for o in outcomes if isinstance(o, Classification)]
         if tensor.name == TENSOR_INPUT:
             arrays = _preprocessed(tensor, classifier, limit)
-            return list(await asyncio.gather(*(classifier.classify_array(a, 1) for a in arrays)))
+            return list(
+                await asyncio.gather(*(classifier.classify_array(a, 1, wants) for a in arrays))
+            )
         raise InvalidInferRequest(
             f"Unknown input '{tensor.name}'; send '{IMAGE_INPUT}' (BYTES, encoded images) or "
             f"'{TENSOR_INPUT}' (FP32, preprocessed)."
         )
 
     def _output(
-        self, classifier: Classifier, wanted: RequestedOutput, results: list[Classification]
+        self,
+        classifier: Classifier,
+        wanted: RequestedOutput,
+        results: list[Classification],
+        request: InferRequest,
     ) -> OutputTensor:
+        if wanted.name == EMBEDDING:
+            vectors = np.stack([l2_normalised(_present(r.embedding)) for r in results])
+            return OutputTensor(
+                EMBEDDING, "FP32", vectors.shape, array=vectors, binary=wanted.binary
+            )
+        if wanted.name == CAM:
+            head = classifier.model.head
+            assert head is not None, "check_outputs passed"
+            target = wanted.target if wanted.target is not None else request.target
+            maps = np.stack(
+                [
+                    class_activation_map(
+                        _present(r.feature_map),
+                        head,
+                        r.prediction.indices[0] if target is None else target,
+                    )
+                    for r in results
+                ]
+            )
+            return OutputTensor(CAM, "FP32", maps.shape, array=maps, binary=wanted.binary)
         if wanted.classification is None:
             probabilities = np.stack([r.probabilities for r in results])
             return OutputTensor(
@@ -193,6 +249,11 @@ class DataPlane:
         return OutputTensor(
             PROBABILITIES, "BYTES", (len(results), k), elements=elements, binary=wanted.binary
         )
+
+
+def _present(array: Any) -> Any:
+    assert array is not None, "asked of the forward"
+    return array
 
 
 def _tensor_metadata(tensor: TensorSpec) -> dict[str, Any]:

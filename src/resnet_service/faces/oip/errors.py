@@ -36,6 +36,7 @@ GRPC_STATUS: Final[dict[str, grpc.StatusCode]] = {
     errors.ModelNotFound.code: grpc.StatusCode.NOT_FOUND,
     errors.ControlOff.code: grpc.StatusCode.PERMISSION_DENIED,
     errors.ModelLoadFailed.code: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.OutputUnavailable.code: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Unauthorized.code: grpc.StatusCode.UNAUTHENTICATED,
     errors.InferenceFailed.code: grpc.StatusCode.INTERNAL,
     errors.Overloaded.code: _UNAVAILABLE,

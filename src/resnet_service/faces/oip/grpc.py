@@ -76,7 +76,12 @@ def parse_request(request: pb.ModelInferRequest) -> InferRequest:
         )
     inputs = [_input(tensor, raw[i] if raw else None) for i, tensor in enumerate(request.inputs)]
     outputs = [
-        RequestedOutput(o.name, _param(o.parameters, "classification"), binary=True)
+        RequestedOutput(
+            o.name,
+            _param(o.parameters, "classification"),
+            binary=True,
+            target=_param(o.parameters, "target"),
+        )
         for o in request.outputs
     ]
     return InferRequest(
@@ -86,6 +91,7 @@ def parse_request(request: pb.ModelInferRequest) -> InferRequest:
         outputs=outputs or None,
         id=request.id or None,
         binary_output=True,
+        target=_param(request.parameters, "target"),
     )
 
 

@@ -231,14 +231,25 @@ def parse_infer(
         outputs=[_requested(o) for o in request.outputs] if request.outputs else None,
         id=request.id,
         binary_output=bool(_parameter(request.parameters, "binary_data_output")),
+        target=_integer(request.parameters, "target", "The request"),
     )
 
 
+def _integer(parameters: dict[str, Any] | None, name: str, what: str) -> int | None:
+    value = _parameter(parameters, name)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise InvalidInferRequest(f"{what}: {name} must be an integer.")
+    return value
+
+
 def _requested(output: RequestOutput) -> RequestedOutput:
-    k = _parameter(output.parameters, "classification")
-    if k is not None and (not isinstance(k, int) or isinstance(k, bool)):
-        raise InvalidInferRequest(f"Output '{output.name}': classification must be an integer.")
-    return RequestedOutput(output.name, k, bool(_parameter(output.parameters, "binary_data")))
+    what = f"Output '{output.name}'"
+    return RequestedOutput(
+        output.name,
+        _integer(output.parameters, "classification", what),
+        bool(_parameter(output.parameters, "binary_data")),
+        _integer(output.parameters, "target", what),
+    )
 
 
 def encode_response(response: InferResponse) -> Response:
@@ -363,7 +374,9 @@ _INFER_DOC: Final[dict[str, Any]] = {
     "summary": "Inference: encoded images (BYTES) or preprocessed FP32 tensors",
     "description": "JSON body (BYTES as base64 with `content_type: base64`), or the binary "
     "tensor data extension (`Inference-Header-Content-Length`). Outputs: `probabilities` "
-    "FP32 [N, classes], or with `classification: k` BYTES [N, k] of `score:index:label`.",
+    "FP32 [N, classes], or with `classification: k` BYTES [N, k] of `score:index:label`; "
+    "`embedding` FP32 [N, D] (L2-normalised) and `cam` FP32 [N, 7, 7] (class activation map "
+    "of the `target` parameter, per output or per request, else of the top class).",
     "response_model": InferenceResponse,
     "responses": _ERRORS,
     "dependencies": [Depends(require_token)],

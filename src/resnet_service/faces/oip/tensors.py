@@ -37,6 +37,8 @@ class RequestedOutput:
     #: The classification extension: return the top ``k`` as "score:index:label" strings.
     classification: int | None = None
     binary: bool = False
+    #: ``cam``'s class (its parameter ``target``); None: the request's, else the top class.
+    target: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,8 @@ class InferRequest:
     id: str | None = None
     #: Request-level ``binary_data_output``: every output in binary form.
     binary_output: bool = False
+    #: Request-level ``target`` parameter: ``cam``'s class for outputs that name none.
+    target: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

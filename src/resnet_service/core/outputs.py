@@ -1,0 +1,105 @@
+"""What one forward gives beyond Top-k: embeddings and class activation maps, numpy only.
+
+- The embedding is the pooled feature vector in front of the classifier (512 numbers for
+  ResNet18), L2-normalised unless asked raw, as JSON floats or base64 little-endian
+  float16/float32.
+- The class activation map (CAM, Zhou et al. 2016) of class ``c``: ``w[c] . A / (h * w)`` over
+  the last stage's map ``A`` (D x h x w); its cells sum to the class's logit minus its bias.
+  With a global-average-pool + linear head, Grad-CAM's channel weights at that stage are
+  exactly ``w[c] / (h * w)``, so this is Grad-CAM at ``layer4`` without a backward pass: the
+  same on every runtime, int8 included (tested against torch autograd).
+- The heatmap is the CAM's positive part over its maximum (Grad-CAM's ReLU and scaling),
+  upsampled bilinearly to the crop the model saw and coloured as an RGBA PNG whose alpha
+  follows the map, so it can be laid over the image where ``crop_box`` says.
+Hand-written: a dot product and a 256-entry colour table; no plotting library in a worker.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import io
+from dataclasses import dataclass
+from typing import Final, Literal
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+from resnet_service.core.errors import InvalidParameter
+from resnet_service.core.runtime import FloatBatch, Head
+
+Encoding = Literal["json", "float16", "float32"]
+ENCODINGS: Final[tuple[Encoding, ...]] = ("json", "float16", "float32")
+#: The heatmap's most opaque alpha (the map's peak): the image stays visible under it.
+_MAX_ALPHA: Final = 0.75
+
+
+@dataclass(frozen=True, slots=True)
+class CropBox:
+    """The region of the image as sent (upright, in its pixels) that the model saw."""
+
+    left: float
+    top: float
+    right: float
+    bottom: float
+
+
+def l2_normalised(vector: FloatBatch) -> FloatBatch:
+    """``vector`` over its L2 norm (a zero vector stays zero)."""
+    norm = float(np.linalg.norm(vector))
+    out: FloatBatch = vector / norm if norm > 0 else vector.copy()
+    return out.astype(np.float32, copy=False)
+
+
+def encode_vector(vector: FloatBatch, encoding: Encoding) -> list[float] | str:
+    """JSON floats, or base64 of the little-endian float16/float32 bytes."""
+    if encoding == "json":
+        values: list[float] = vector.astype(float).tolist()
+        return values
+    dtype = "<f2" if encoding == "float16" else "<f4"
+    return base64.b64encode(vector.astype(dtype).tobytes()).decode("ascii")
+
+
+def class_activation_map(feature_map: FloatBatch, head: Head, target: int) -> FloatBatch:
+    """Class ``target``'s map (h x w): each cell's contribution to its logit."""
+    channels, height, width = feature_map.shape
+    if head.weight.shape[1] != channels:
+        raise InvalidParameter(
+            f"the classifier takes {head.weight.shape[1]} features, the map has {channels}"
+        )
+    grid = np.tensordot(head.weight[target], feature_map, axes=1) / (height * width)
+    out: FloatBatch = grid.astype(np.float32, copy=False)
+    return out
+
+
+def heat_scale(grid: FloatBatch) -> FloatBatch:
+    """Grad-CAM's display form: the positive part over its maximum, in 0..1."""
+    positive = np.maximum(grid, np.float32(0))
+    peak = float(positive.max())
+    out: FloatBatch = (positive / np.float32(peak) if peak > 0 else positive).astype(np.float32)
+    return out
+
+
+@functools.cache
+def _colours() -> npt.NDArray[np.uint8]:
+    """256 colours from dark blue through cyan, yellow to red (a 'jet'-like ramp)."""
+    t = np.linspace(0.0, 1.0, 256)
+    red = np.clip(1.5 - np.abs(4 * t - 3), 0, 1)
+    green = np.clip(1.5 - np.abs(4 * t - 2), 0, 1)
+    blue = np.clip(1.5 - np.abs(4 * t - 1), 0, 1)
+    return (np.stack([red, green, blue], axis=1) * 255).round().astype(np.uint8)
+
+
+def heatmap_png(grid: FloatBatch, side: int) -> bytes:
+    """The map as a ``side`` x ``side`` RGBA PNG (bilinear upsampling, alpha with the heat)."""
+    scaled = Image.fromarray(heat_scale(grid).astype(np.float32), mode="F").resize(
+        (side, side), Image.Resampling.BILINEAR
+    )
+    heat = np.clip(np.asarray(scaled), 0.0, 1.0)
+    rgba = np.empty((side, side, 4), dtype=np.uint8)
+    rgba[..., :3] = _colours()[(heat * 255).round().astype(np.intp)]
+    rgba[..., 3] = (heat * _MAX_ALPHA * 255).round().astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(rgba, mode="RGBA").save(out, format="PNG", optimize=False, compress_level=1)
+    return out.getvalue()
