@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 WORKERS ?= 0  # 0 = one worker process per usable CPU
 
-.PHONY: install test-deps run test test-fast lint lint-deploy format typecheck openapi bench bench-quick bench-peers bench-http bench-tracing robustness check clean
+.PHONY: install test-deps run test test-fast lint lint-deploy format typecheck openapi bench bench-quick bench-peers bench-http bench-tracing bench-outputs robustness check clean
 
 install: $(BIN)/resnet-service
 
@@ -69,6 +69,10 @@ bench-http: install
 # interleaved rounds (~3 min); writes bench/tracing.json.
 bench-tracing: install
 	$(BIN)/python -m resnet_bench.tracing --out bench
+
+# What the embedding and map outputs cost /classify, /embed and /explain against it (~5 min).
+bench-outputs: install
+	$(BIN)/python -m resnet_bench.outputs --out bench --rounds 4
 
 # Overload, soak, kill -9, SIGTERM and fuzzing at full size (~30 min); writes bench/robustness.json.
 robustness: install

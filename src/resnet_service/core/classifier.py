@@ -137,7 +137,7 @@ class Explanation:
     target: int
     #: h x w: each cell's contribution to the target's logit.
     grid: FloatBatch
-    #: The map over the model's crop, as an RGBA PNG of ``side`` x ``side`` pixels.
+    #: The map over the model's crop, as a PNG (with alpha) of ``side`` x ``side`` pixels.
     heatmap_png: bytes
     side: int
     #: Where that crop lies in the image as sent (None for a preprocessed array).

@@ -9,8 +9,8 @@
   exactly ``w[c] / (h * w)``, so this is Grad-CAM at ``layer4`` without a backward pass: the
   same on every runtime, int8 included (tested against torch autograd).
 - The heatmap is the CAM's positive part over its maximum (Grad-CAM's ReLU and scaling),
-  upsampled bilinearly to the crop the model saw and coloured as an RGBA PNG whose alpha
-  follows the map, so it can be laid over the image where ``crop_box`` says.
+  upsampled bilinearly to the crop the model saw and coloured as a PNG whose alpha follows the
+  map (a palette with transparency), so it can be laid over the image where ``crop_box`` says.
 Hand-written: a dot product and a 256-entry colour table; no plotting library in a worker.
 """
 
@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 import numpy as np
-import numpy.typing as npt
 from PIL import Image
 
 from resnet_service.core.errors import InvalidParameter
@@ -82,24 +81,26 @@ def heat_scale(grid: FloatBatch) -> FloatBatch:
 
 
 @functools.cache
-def _colours() -> npt.NDArray[np.uint8]:
-    """256 colours from dark blue through cyan, yellow to red (a 'jet'-like ramp)."""
+def _palette() -> bytes:
+    """256 RGBA entries from dark blue through cyan and yellow to red (a 'jet'-like ramp),
+    transparent at zero heat and ``_MAX_ALPHA`` opaque at the peak."""
     t = np.linspace(0.0, 1.0, 256)
     red = np.clip(1.5 - np.abs(4 * t - 3), 0, 1)
     green = np.clip(1.5 - np.abs(4 * t - 2), 0, 1)
     blue = np.clip(1.5 - np.abs(4 * t - 1), 0, 1)
-    return (np.stack([red, green, blue], axis=1) * 255).round().astype(np.uint8)
+    rgba = np.stack([red, green, blue, t * _MAX_ALPHA], axis=1)
+    return bytes((rgba * 255).round().astype(np.uint8).tobytes())
 
 
 def heatmap_png(grid: FloatBatch, side: int) -> bytes:
-    """The map as a ``side`` x ``side`` RGBA PNG (bilinear upsampling, alpha with the heat)."""
-    scaled = Image.fromarray(heat_scale(grid).astype(np.float32), mode="F").resize(
+    """The map as a ``side`` x ``side`` PNG (bilinear upsampling; a 256-colour palette whose
+    alpha follows the heat: a quarter of RGBA's bytes to compress, ~1 ms at 224 pixels)."""
+    scaled = Image.fromarray(heat_scale(grid), mode="F").resize(
         (side, side), Image.Resampling.BILINEAR
     )
-    heat = np.clip(np.asarray(scaled), 0.0, 1.0)
-    rgba = np.empty((side, side, 4), dtype=np.uint8)
-    rgba[..., :3] = _colours()[(heat * 255).round().astype(np.intp)]
-    rgba[..., 3] = (heat * _MAX_ALPHA * 255).round().astype(np.uint8)
+    levels = (np.clip(np.asarray(scaled), 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+    image = Image.fromarray(levels, mode="L").convert("P")
+    image.putpalette(_palette(), rawmode="RGBA")
     out = io.BytesIO()
-    Image.fromarray(rgba, mode="RGBA").save(out, format="PNG", optimize=False, compress_level=1)
+    image.save(out, format="PNG", optimize=False, compress_level=1)
     return out.getvalue()

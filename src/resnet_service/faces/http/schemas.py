@@ -159,8 +159,8 @@ class ClassActivationMap(BaseModel):
         "to the logit minus the class's bias); row 0 is the top of the crop."
     )
     heatmap_png: str = Field(
-        description="base64 RGBA PNG of the map's positive part over its maximum, upsampled "
-        "to the crop the model saw; its alpha follows the heat."
+        description="base64 PNG of the map's positive part over its maximum, upsampled to "
+        "the crop the model saw; its alpha follows the heat (see-through where cold)."
     )
     heatmap_size: int = Field(ge=1, description="The PNG's side in pixels (the crop size).")
     crop_box: CropBoxModel = Field(description="Draw the PNG over this box of the image.")
