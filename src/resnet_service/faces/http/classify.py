@@ -25,7 +25,13 @@ from resnet_service.faces.http.schemas import (
     Prediction,
     model_ref,
 )
-from resnet_service.faces.http.uploads import batch_items, many_images, one_image, timings_of
+from resnet_service.faces.http.uploads import (
+    batch_items,
+    batch_totals,
+    many_images,
+    one_image,
+    timings_of,
+)
 
 router = APIRouter(dependencies=[Depends(require_token)])
 
@@ -98,14 +104,7 @@ async def classify_batch(
         outcomes = await classifier.classify_many([f.data for f in files], k, scope)
         names = [f.filename for f in files]
     results = batch_items(service, names, outcomes, _batch_item)
-    failed = sum(1 for r in results if r.error is not None)
-    return BatchResponse(
-        results=results,
-        succeeded=len(results) - failed,
-        failed=failed,
-        model=model_ref(classifier),
-        total_ms=round((time.perf_counter() - started) * 1000, 3),
-    )
+    return BatchResponse(results=results, **batch_totals(results, classifier, started).model_dump())
 
 
 def _batch_item(

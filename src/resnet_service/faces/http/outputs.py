@@ -26,7 +26,13 @@ from resnet_service.faces.http.schemas import (
     Prediction,
     model_ref,
 )
-from resnet_service.faces.http.uploads import batch_items, many_images, one_image, timings_of
+from resnet_service.faces.http.uploads import (
+    batch_items,
+    batch_totals,
+    many_images,
+    one_image,
+    timings_of,
+)
 
 router = APIRouter(dependencies=[Depends(require_token)])
 
@@ -127,16 +133,12 @@ async def embed_batch(
         )
 
     results = batch_items(service, names, outcomes, item)
-    failed = sum(1 for r in results if r.error is not None)
     return EmbedBatchResponse(
         results=results,
-        succeeded=len(results) - failed,
-        failed=failed,
         encoding=encoding,
         dimensions=size,
         normalized=normalize,
-        model=model_ref(classifier),
-        total_ms=round((time.perf_counter() - started) * 1000, 3),
+        **batch_totals(results, classifier, started).model_dump(),
     )
 
 

@@ -80,24 +80,34 @@ class ItemError(BaseModel):
     detail: str
 
 
-class BatchItemResult(BaseModel):
-    """One image of a batch: predictions or an error, never both."""
+class BatchItem(BaseModel):
+    """What every batch route says of one image; its result or its error, never both."""
 
     index: int = Field(ge=0, description="Position in the request.")
     filename: str | None
-    predictions: list[Prediction] | None = None
     timings: Timings | None = None
     error: ItemError | None = None
 
 
-class BatchResponse(BaseModel):
-    """Results in request order."""
+class BatchItemResult(BatchItem):
+    """One image of a batch: predictions or an error."""
 
-    results: list[BatchItemResult]
+    predictions: list[Prediction] | None = None
+
+
+class BatchTotals(BaseModel):
+    """What every batch route says of the whole request."""
+
     succeeded: int = Field(ge=0)
     failed: int = Field(ge=0)
     model: ModelRef
     total_ms: float = Field(ge=0)
+
+
+class BatchResponse(BatchTotals):
+    """Results in request order."""
+
+    results: list[BatchItemResult]
 
 
 class EmbeddingFormat(BaseModel):
@@ -121,24 +131,16 @@ class EmbedResponse(EmbeddingFormat):
     batch_size: int = Field(ge=1, description="How many images shared the forward pass.")
 
 
-class EmbedBatchItem(BaseModel):
-    """One image of a batch: its embedding or an error, never both."""
+class EmbedBatchItem(BatchItem):
+    """One image of a batch: its embedding or an error."""
 
-    index: int = Field(ge=0, description="Position in the request.")
-    filename: str | None
     embedding: list[float] | str | None = None
-    timings: Timings | None = None
-    error: ItemError | None = None
 
 
-class EmbedBatchResponse(EmbeddingFormat):
+class EmbedBatchResponse(EmbeddingFormat, BatchTotals):
     """Embeddings in request order."""
 
     results: list[EmbedBatchItem]
-    succeeded: int = Field(ge=0)
-    failed: int = Field(ge=0)
-    model: ModelRef
-    total_ms: float = Field(ge=0)
 
 
 class CropBoxModel(BaseModel):

@@ -3,6 +3,7 @@ admission it is in, refuse an empty form, count its images; and one batch item's
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TypeVar
@@ -10,14 +11,14 @@ from typing import TypeVar
 from fastapi import Request
 
 from resnet_service.core.admission import Ticket
-from resnet_service.core.classifier import Classification
+from resnet_service.core.classifier import Classification, Classifier
 from resnet_service.core.errors import MissingField, ServiceError
 from resnet_service.faces.http.multipart import FormLimits, UploadedFile, uploaded_files
 from resnet_service.faces.http.problems import item_error
-from resnet_service.faces.http.schemas import ItemError, Timings
+from resnet_service.faces.http.schemas import BatchItem, BatchTotals, ItemError, Timings, model_ref
 from resnet_service.service.state import ServiceState
 
-Item = TypeVar("Item")
+Item = TypeVar("Item", bound=BatchItem)
 
 
 @asynccontextmanager
@@ -82,3 +83,14 @@ def batch_items(
             service.metrics.images.labels("ok").inc()
             items.append(make(index, filename, outcome, None))
     return items
+
+
+def batch_totals(items: list[Item], classifier: Classifier, started: float) -> BatchTotals:
+    """How many succeeded and failed, which model answered, the whole request's time."""
+    failed = sum(1 for item in items if item.error is not None)
+    return BatchTotals(
+        succeeded=len(items) - failed,
+        failed=failed,
+        model=model_ref(classifier),
+        total_ms=round((time.perf_counter() - started) * 1000, 3),
+    )
