@@ -69,8 +69,8 @@ def test_fp32_cam_is_grad_cam(runtime: RuntimeName, weights_file: Path, model_ca
 def test_a_model_built_without_the_extra_outputs_says_so(
     weights_file: Path, model_cache: Path, tmp_path: Path
 ) -> None:
-    """An artifact from before the head was kept (no head.npz) still classifies and embeds;
-    explaining is refused with 409 and how to fix it, never a 500."""
+    """An artifact from before the head was kept (no head.npz) still classifies; embedding
+    and explaining are refused (409) saying how to fix it, never a 500."""
     settings = make_settings(weights_file, model_cache, "onnxruntime")
     old = tmp_path / "old"
     shutil.copytree(find_or_build(settings), old)
@@ -85,6 +85,8 @@ def test_a_model_built_without_the_extra_outputs_says_so(
         assert not classifier.explainable
         with pytest.raises(OutputUnavailable, match="rebuild it"):
             asyncio.run(classifier.explain(jpeg_of("chelsea")))
+        with pytest.raises(OutputUnavailable, match="without embedding"):
+            asyncio.run(classifier.embed(jpeg_of("chelsea")))
         assert asyncio.run(classifier.classify(jpeg_of("chelsea"))).prediction.indices
     finally:
         classifier.stop()

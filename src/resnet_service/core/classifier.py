@@ -325,8 +325,8 @@ class Classifier:
     def check_outputs(self, wants: Wants) -> None:
         """``OutputUnavailable`` when this model cannot give what ``wants`` names."""
         missing = wants - self.engine.outputs
-        if Output.FEATURE_MAP in wants and self.model.head is None:
-            missing |= {Output.FEATURE_MAP}
+        if self.model.head is None:  # an artifact from before the head was kept beside it
+            missing |= wants - {Output.LOGITS}
         if missing:
             raise OutputUnavailable(
                 f"model {self.name} version {self.version} was built without "

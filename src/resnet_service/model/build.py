@@ -131,7 +131,10 @@ OUTPUT_NAMES: tuple[str, ...] = tuple(
 
 
 class GraphOutputs(nn.Module):
-    """A ResNet whose forward returns (logits, embedding, feature map): what is exported."""
+    """A ResNet whose forward returns (logits, embedding, feature map): what is exported.
+    Exported in eval mode (``.eval()``): a new module starts in training mode, and the ONNX
+    exporter keeps the top module's mode, which would export BatchNorm with batch statistics
+    (found by the fidelity test: 37.5% agreement)."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
@@ -157,7 +160,7 @@ def _export_openvino(
     example = torch.zeros(1, 3, spec_side, spec_side)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracing chatter from torch and openvino
-        model = ov.convert_model(GraphOutputs(module), example_input=example)
+        model = ov.convert_model(GraphOutputs(module).eval(), example_input=example)
     for port, name in zip(model.outputs, OUTPUT_NAMES, strict=True):
         port.get_tensor().set_names({name})
     model.reshape({0: ov.PartialShape([-1, 3, spec_side, spec_side])})
@@ -200,7 +203,7 @@ def _export_onnx(
         # trace torchvision's ResNet with a dynamic batch here; this one can.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            GraphOutputs(module),
+            GraphOutputs(module).eval(),
             (torch.zeros(1, 3, spec_side, spec_side),),
             str(fp32_path),
             input_names=["input"],

@@ -11,7 +11,6 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from resnet_service.asgi.deps import ClassifierDep, ServiceDep, TicketDep, require_token
 from resnet_service.core.classifier import EMBEDDING, FEATURE_MAP, Classification, Classifier
-from resnet_service.core.errors import InvalidParameter
 from resnet_service.core.outputs import Encoding, encode_vector, l2_normalised
 from resnet_service.faces.http.classify import TopK, predictions_of
 from resnet_service.faces.http.openapi import multipart_body, problems
@@ -175,8 +174,8 @@ async def explain(
     request.state.timings = result.timings
     service.metrics.images.labels("ok").inc()
     box = explained.crop_box
-    if box is None or result.size is None:  # an uploaded image always has both
-        raise InvalidParameter("an image upload has no size")
+    assert box is not None, "an uploaded image has a size, hence a crop box"
+    assert result.size is not None, "an uploaded image has a size"
     return ExplainResponse(
         predictions=predictions_of(result),
         target=Prediction(
