@@ -49,11 +49,20 @@ def grad_cam(module: torch.nn.Module, x: torch.Tensor, target: int) -> FloatBatc
 
 def assert_cam_is_grad_cam(model: ServedModel, reference: torch.nn.Module, x: FloatBatch) -> None:
     """Our map (any runtime's forward + the fp32 head) against autograd's Grad-CAM on the
-    fp32 torch module, for the top class and one other, on every image of ``x``."""
+    fp32 torch module, for its top class and its bottom one, on every image of ``x``; the
+    runtime's logits and embedding are the module's too (a map can only be as right as the
+    forward it comes from)."""
     assert model.head is not None
     outputs = model.runtime.forward(x, ALL_OUTPUTS)
     assert outputs.feature_map is not None
-    for row, logits in enumerate(outputs.logits):
+    assert outputs.embedding is not None
+    with torch.inference_mode():
+        expected = reference(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(outputs.logits, expected, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(
+        outputs.embedding, outputs.feature_map.mean(axis=(2, 3)), rtol=1e-4, atol=1e-5
+    )
+    for row, logits in enumerate(expected):
         for target in (int(logits.argmax()), int(logits.argmin())):
             ours = class_activation_map(outputs.feature_map[row], model.head, target)
             theirs = grad_cam(reference, torch.from_numpy(x[row]), target)

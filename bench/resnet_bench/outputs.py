@@ -114,7 +114,7 @@ def _ratios(
 
 def summarise(rows: list[dict[str, Any]], clients: int) -> dict[str, Any]:
     def median(config: str, path: str, c: int, field: str) -> float:
-        values = [
+        values: list[float] = [
             r[field] for r in rows if (r["config"], r["path"], r["clients"]) == (config, path, c)
         ]
         return round(statistics.median(values), 2)
