@@ -136,6 +136,18 @@ def isa_in_effect() -> str:
     return isa_level(info.flags if info else frozenset(), os.environ.get("ONEDNN_MAX_CPU_ISA"))
 
 
+#: The levels whose int8 dot products are exact (VNNI), without AVX2's int16 saturation.
+VNNI_LEVELS: Final = frozenset(
+    {"avx2_vnni", "avx512_core_vnni", "avx512_core_bf16", "avx512_core_amx"}
+)
+
+
+def vnni_in_effect() -> bool:
+    """``has_vnni`` as the int8 kernels see it: False under an ``ONEDNN_MAX_CPU_ISA`` cap below
+    VNNI, so a capped process builds what a host of that level would (its qconfig)."""
+    return has_vnni() and isa_in_effect() in VNNI_LEVELS
+
+
 def reachable_isa_levels() -> list[str]:
     """Every level from AVX2 up that this CPU reaches, as ``ONEDNN_MAX_CPU_ISA`` values: capped
     at each in turn, one host measures the kinds of host below it."""

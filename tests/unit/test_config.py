@@ -133,3 +133,19 @@ AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
 def test_instruction_set_level(flags: set[str], cap: str | None, level: str) -> None:
     assert isa_level(flags, cap) == level
     assert level in ISA_LEVELS
+
+
+def test_a_cap_below_vnni_builds_what_a_host_without_it_would(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torch's int8 qconfig follows VNNI as the kernels see it: under an AVX2 cap the 7-bit
+    activations of a host without VNNI (8-bit ones saturate there: measured 2.5 points)."""
+    from resnet_service.cpus import has_vnni, vnni_in_effect
+    from resnet_service.model.architecture import host_qconfig
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not vnni_in_effect()
+    assert host_qconfig() == "x86"
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert vnni_in_effect() == has_vnni()
+    assert host_qconfig() == ("onednn" if has_vnni() else "x86")

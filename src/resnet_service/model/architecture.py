@@ -14,6 +14,7 @@ from torchvision.models.quantization import resnet18 as qresnet18
 from torchvision.models.quantization import resnet50 as qresnet50
 
 from resnet_service.core.errors import BundleInvalid
+from resnet_service.cpus import vnni_in_effect
 from resnet_service.model.manifest import ARCHITECTURES
 
 _FP32: Final[dict[str, Callable[..., nn.Module]]] = {"resnet18": resnet18, "resnet50": resnet50}
@@ -57,9 +58,9 @@ def host_qconfig() -> str:
     """The qconfig for this CPU: oneDNN's 8-bit activations where it has VNNI (exact u8 x s8
     dot products), else the x86 qconfig's 7-bit activations: without VNNI the AVX2 kernels sum
     u8 x s8 pairs into saturating int16 (``vpmaddubsw``), which 8-bit activations overflow;
-    torch warns exactly about that."""
-    vnni = getattr(torch.cpu, "_is_vnni_supported", None)
-    return "onednn" if vnni is None or vnni() else "x86"
+    torch warns exactly about that. Read from ``cpus`` (honouring ``ONEDNN_MAX_CPU_ISA``, which
+    the oneDNN kernels obey too), so a capped build is the one a host of that level makes."""
+    return "onednn" if vnni_in_effect() else "x86"
 
 
 def select_quantized_engine() -> None:
