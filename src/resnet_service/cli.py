@@ -259,8 +259,9 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
 
     model = open_served_model(settings)
     classifier = Classifier(model, settings)
-    wants = LOGITS_ONLY | (EMBEDDING if args.embed else LOGITS_ONLY)
-    wants |= FEATURE_MAP if args.explain else LOGITS_ONLY
+    wants = LOGITS_ONLY.union(
+        *([EMBEDDING] if args.embed else []), *([FEATURE_MAP] if args.explain else [])
+    )
     classifier.check_outputs(wants)
     classifier.check_target(args.target)
     classifier.start()

@@ -174,10 +174,8 @@ class DataPlane:
                     f"classification applies to '{PROBABILITIES}', between 1 and "
                     f"{classifier.max_top_k}; got {k} on '{wanted.name}'."
                 )
-            for target in (wanted.target, request.target):
-                if target is not None and not isinstance(target, int):
-                    raise InvalidInferRequest(f"target must be a class index; got {target!r}.")
-                classifier.check_target(target)
+            _check_target(classifier, wanted.target)
+        _check_target(classifier, request.target)
         return request.outputs
 
     async def _run(
@@ -249,6 +247,12 @@ class DataPlane:
         return OutputTensor(
             PROBABILITIES, "BYTES", (len(results), k), elements=elements, binary=wanted.binary
         )
+
+
+def _check_target(classifier: Classifier, target: object) -> None:
+    if target is not None and not isinstance(target, int):
+        raise InvalidInferRequest(f"target must be a class index; got {target!r}.")
+    classifier.check_target(target)
 
 
 def _present(array: Any) -> Any:
