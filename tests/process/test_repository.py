@@ -370,28 +370,35 @@ def test_explicit_mode_driven_by_tritonclient_under_load(
             ).status_code
             == 404
         )
-        # Load and unload twice more: the first cycle leaves the runtime's process-wide
-        # caches (oneDNN kernels, allocator arenas) warm; the second is the model itself.
-        unloaded = worker_rss(server)
-        cycles = []
-        for _ in range(2):
+        # One warm-up cycle leaves the runtime's process-wide caches (oneDNN kernels, allocator
+        # arenas) warm; the three after it are the model itself. Each cycle is read against the
+        # RSS just before its load, and the median of the three per worker is held to the goal:
+        # a worker's floor can step by ~20 MB between two reads for reasons of its own (CI saw
+        # one such step once), which one cycle cannot tell from the model.
+        grpc.load_model("extra", headers=admin)
+        grpc.unload_model("extra", headers=admin)
+        before = worker_rss(server)
+        added: dict[int, list[float]] = {pid: [] for pid in before}
+        returned: dict[int, list[float]] = {pid: [] for pid in before}
+        for _ in range(3):
             grpc.load_model("extra", headers=admin)
             assert index_of(rest)[("extra", "1")] == "READY"
             loaded_rss = worker_rss(server)
             grpc.unload_model("extra", headers=admin)
-            cycles.append((loaded_rss, worker_rss(server)))
-        (_, warm), (reloaded, unloaded_again) = cycles
-        mb = 2**20
-        for pid in unloaded:
-            added = (reloaded[pid] - warm[pid]) / mb
-            returned = (unloaded_again[pid] - warm[pid]) / mb
+            after_rss = worker_rss(server)
+            for pid in before:
+                added[pid].append((loaded_rss[pid] - before[pid]) / 2**20)
+                returned[pid].append((after_rss[pid] - before[pid]) / 2**20)
+            before = after_rss
+        for pid in added:
             print(
-                f"worker {pid}: +{added:.1f} MB for one more OpenVINO int8 ResNet18, "
-                f"{returned:+.1f} MB after its unload (vs before its load); the first "
-                f"cycle kept {(warm[pid] - unloaded[pid]) / mb:+.1f} MB of runtime caches"
+                f"worker {pid}: +{statistics.median(added[pid]):.1f} MB for one more OpenVINO "
+                f"int8 ResNet18 (cycles {', '.join(f'{a:+.1f}' for a in added[pid])}), "
+                f"{statistics.median(returned[pid]):+.1f} MB after its unload "
+                f"(cycles {', '.join(f'{r:+.1f}' for r in returned[pid])})"
             )
-            assert added <= 80
-            assert abs(returned) <= 20
+            assert statistics.median(added[pid]) <= 80
+            assert abs(statistics.median(returned[pid])) <= 20
         with pytest.raises(InferenceServerException, match="No model named"):
             rest.load_model("missing", headers=admin)
 
