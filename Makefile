@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 WORKERS ?= 0  # 0 = one worker process per usable CPU
 
-.PHONY: install test-deps run test test-fast lint lint-deploy format typecheck openapi bench bench-quick bench-peers bench-http bench-tracing bench-outputs robustness check clean
+.PHONY: install test-deps run test test-fast lint lint-deploy format typecheck openapi bench bench-quick bench-peers bench-http bench-tracing bench-outputs finetune-suite robustness check clean
 
 install: $(BIN)/resnet-service
 
@@ -73,6 +73,15 @@ bench-tracing: install
 # What the embedding and map outputs cost /classify, /embed and /explain against it (~5 min).
 bench-outputs: install
 	$(BIN)/python -m resnet_bench.outputs --out bench --rounds 4
+
+# The fine-tuning task suite over three seeds, torch int8 at every ISA level too (~20 min);
+# prints the table the README gives (bench/finetune-suite.jsonl keeps the rows).
+finetune-suite: install test-deps
+	rm -f bench/finetune-suite.jsonl
+	RESNET_SUITE_SEEDS=0,1,2 RESNET_SUITE_ISA_RUNTIMES=openvino,torch \
+	RESNET_SUITE_REPORT=bench/finetune-suite.jsonl \
+	$(BIN)/pytest -s tests/process/test_training_quality.py
+	$(BIN)/python scripts/task_table.py bench/finetune-suite.jsonl
 
 # Overload, soak, kill -9, SIGTERM and fuzzing at full size (~30 min); writes bench/robustness.json.
 robustness: install

@@ -377,19 +377,19 @@ def test_explicit_mode_driven_by_tritonclient_under_load(
         # one such step once), which one cycle cannot tell from the model.
         grpc.load_model("extra", headers=admin)
         grpc.unload_model("extra", headers=admin)
-        before = worker_rss(server)
-        added: dict[int, list[float]] = {pid: [] for pid in before}
-        returned: dict[int, list[float]] = {pid: [] for pid in before}
+        floor = worker_rss(server)
+        added: dict[int, list[float]] = {pid: [] for pid in floor}
+        returned: dict[int, list[float]] = {pid: [] for pid in floor}
         for _ in range(3):
             grpc.load_model("extra", headers=admin)
             assert index_of(rest)[("extra", "1")] == "READY"
             loaded_rss = worker_rss(server)
             grpc.unload_model("extra", headers=admin)
             after_rss = worker_rss(server)
-            for pid in before:
-                added[pid].append((loaded_rss[pid] - before[pid]) / 2**20)
-                returned[pid].append((after_rss[pid] - before[pid]) / 2**20)
-            before = after_rss
+            for pid in floor:
+                added[pid].append((loaded_rss[pid] - floor[pid]) / 2**20)
+                returned[pid].append((after_rss[pid] - floor[pid]) / 2**20)
+            floor = after_rss
         for pid in added:
             print(
                 f"worker {pid}: +{statistics.median(added[pid]):.1f} MB for one more OpenVINO "

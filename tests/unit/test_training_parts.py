@@ -18,12 +18,16 @@ from resnet_service.training.finetune import FinetuneConfig
 from resnet_service.training.head import (
     StandardizedLinear,
     accuracy,
+    cross_validated_correct,
     fit_head,
     fit_head_cv,
     fold_of_each_image,
+    l2_grid,
+    probe_l2,
 )
 from resnet_service.training.loop import LoopConfig, train_block
 from resnet_service.training.probe import linear_probe
+from resnet_service.training.selection import Candidate, choose_linear, paired, pool
 
 
 def blobs(n: int, dim: int, classes: int, noise: float, seed: int) -> tuple[torch.Tensor, ...]:
@@ -165,3 +169,76 @@ def test_time_budget_is_planned_so_the_schedule_completes() -> None:
     assert result.stopped_because in ("max_steps", "time_budget")
     assert result.steps_run <= result.planned_steps
     assert time.monotonic() - started < 10
+
+
+# --- the selection: the probe's configuration unless another clearly wins --------------------
+def test_probe_strength_is_sklearns_default() -> None:
+    """``probe_l2(n)`` is scikit-learn's ``C=1`` on n images: the probe is on the grid."""
+    x, y = blobs(200, 32, 3, 3.0, seed=5)
+    head = fit_head(x, y, 3, probe_l2(len(y)))
+    z = ((x - x.mean(0)) / x.std(0)).double().numpy()
+    reference = LogisticRegression(C=1.0, max_iter=10_000).fit(z, y.numpy())
+    with torch.no_grad():
+        assert (head(x).argmax(1).numpy() == reference.predict(z)).mean() >= 0.99
+    assert probe_l2(len(y)) in l2_grid(len(y))
+
+
+def _candidate(
+    correct: list[int] | list[float], l2: float = 1e-3, recalibrated: bool = True
+) -> Candidate:
+    return Candidate(recalibrated, l2, torch.tensor(correct, dtype=torch.float32))
+
+
+def test_a_lead_within_the_noise_keeps_the_probe() -> None:
+    incumbent = _candidate([1, 0, 1, 0] * 25, l2=0.01, recalibrated=False)
+    flips = [1, 0, 1, 0] * 25
+    flips[1] = flips[3] = flips[5] = 1  # right on 3 more images,
+    flips[0] = flips[2] = 0  # wrong on 2 more: +1 of 100, well within the noise
+    lucky = _candidate(flips)
+    assert lucky.accuracy > incumbent.accuracy
+    chosen, why = choose_linear([incumbent, lucky], incumbent)
+    assert chosen is incumbent
+    assert "within 2 standard errors" in why
+
+
+def test_a_clear_lead_is_taken() -> None:
+    incumbent = _candidate([1, 0, 1, 0] * 25, l2=0.01, recalibrated=False)
+    better = _candidate([1, 1, 1, 0] * 25)  # right on 25 more of 100, wrong on none more
+    chosen, why = choose_linear([incumbent, better], incumbent)
+    assert chosen is better
+    assert "beat the probe's configuration" in why
+
+
+def test_block_training_needs_a_clear_paired_win() -> None:
+    targets = torch.zeros(40, dtype=torch.long)
+    head = torch.tensor([0] * 30 + [1] * 10)
+    assert not paired(targets, head, torch.tensor([0] * 33 + [1] * 7)).clear_win  # +3 of 40
+    win = paired(targets, head, torch.tensor([0] * 39 + [1]))  # +9, no losses
+    assert (win.wins, win.losses) == (9, 0)
+    assert win.clear_win
+    mixed = paired(targets, head, torch.tensor([1] * 6 + [0] * 34))  # +10 -6
+    assert (mixed.wins, mixed.losses) == (10, 6)
+    assert not mixed.clear_win
+
+
+def test_pooled_rows_put_every_serving_view_first() -> None:
+    train_views = [torch.full((3, 2), float(v)) for v in range(3)]  # 3 images, 3 views
+    pooled = pool(
+        train_views, torch.tensor([0, 1, 2]), torch.full((2, 2), 9.0), torch.tensor([1, 0])
+    )
+    assert pooled.images == 5
+    assert pooled.image.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2]
+    assert pooled.y.tolist() == [0, 1, 2, 1, 0, 0, 1, 2, 0, 1, 2]
+    assert pooled.x[:5, 0].tolist() == [0, 0, 0, 9, 9]
+    assert pooled.train.tolist() == [True] * 3 + [False] * 2 + [True] * 6
+
+
+def test_cross_validated_correctness_is_per_image_and_repeated() -> None:
+    x, y = blobs(60, 8, 3, 0.5, seed=6)
+    correct = cross_validated_correct(x, y, torch.arange(60), 3, repeats=2)
+    assert correct is not None
+    assert set(correct) == set(l2_grid(60))
+    for shares in correct.values():
+        assert shares.shape == (60,)
+        assert set(shares.tolist()) <= {0.0, 0.5, 1.0}  # each image scored once per repeat
+    assert max(float(c.mean()) for c in correct.values()) >= 0.9  # separable blobs

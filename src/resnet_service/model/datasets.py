@@ -135,8 +135,15 @@ def bundle_splits(directory: Path) -> tuple[ImageFiles | None, ImageFiles | None
     train = spread(train, MAX_CALIBRATION_IMAGES)
     root = splits.get("root")
     calibration = ImageFiles(tuple(p for p, _ in train), f"{root} (train split)") if train else None
+    seen = (
+        ", which the served head was refitted on"
+        if splits.get("head_fitted_on") == "train+val"
+        else ""
+    )
     holdout = (
-        ImageFiles(tuple(p for p, _ in val), f"{root} (validation split)", tuple(t for _, t in val))
+        ImageFiles(
+            tuple(p for p, _ in val), f"{root} (validation split{seen})", tuple(t for _, t in val)
+        )
         if val
         else None
     )

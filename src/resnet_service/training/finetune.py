@@ -4,18 +4,21 @@ The recipe, and why (``--train auto``, the default):
 
 1. **Cache the frozen trunk's activations once** (``features.py``): every later step reads
    the cache, so fitting to convergence costs seconds, not epochs of forward passes.
-2. **Fit the head to convergence** (``head.py``): L-BFGS logistic regression, its L2 strength
-   chosen by cross-validation on the training split. The old recipe (a few epochs of Adam,
-   stopped early) underfit: on weak features it ended barely above chance.
-3. **BatchNorm statistics** (``--recalibrate-bn auto``): the head is fitted twice, on
-   features with the trunk's own statistics and with statistics re-estimated on the training
-   images; the trunk's own are kept only if they validate strictly better. Re-estimating
-   helps when the images are far from the trunk's training domain (their activations are
-   mis-normalised) and can cost a little when they are not, so it is measured, not guessed.
-4. **Train the last block** (``loop.py``), starting from that head, when the head is not
-   already perfect on validation, within ``time_budget`` seconds for the whole run. The best
-   validation checkpoint is kept, the untouched block included, so this phase can only replace
-   the head-only model by one that validates better.
+2. **Fit the head to convergence** (``head.py``): L-BFGS logistic regression. The old
+   recipe (a few epochs of Adam, stopped early) underfit: on weak features it ended barely
+   above chance.
+3. **Choose the linear head by repeated cross-validation** (``selection.py``): both BatchNorm
+   variants (``--recalibrate-bn auto``: the trunk's own statistics and statistics
+   re-estimated on the training images) and every L2 strength on the grid, the probe's own
+   among them, scored over several fold assignments of *every* labelled image. The probe's
+   configuration is kept unless another beats it by two standard errors of the paired
+   per-image gain: re-estimating helps when the images are far from the trunk's domain and
+   can cost several points when they are not, and one small validation split cannot tell.
+4. **Train the last block** (``loop.py``), starting from that head fitted on the training
+   split, when the head is not already perfect on validation, within ``time_budget`` seconds
+   for the whole run. The block is kept only when it is right on clearly more validation
+   images than the head (a paired sign test); otherwise it is put back and the head, refitted
+   on every labelled image, is served.
 5. **Compare with a baseline the run did not tune** (``probe.py``): scikit-learn logistic
    regression on the frozen features and the same split, written next to the model's own
    accuracy in ``report.json``/``report.png``.
@@ -46,7 +49,7 @@ from torch import nn
 
 from resnet_service import logs
 from resnet_service.config import Settings
-from resnet_service.core.images import PreprocessSpec, preprocess
+from resnet_service.core.images import PreprocessSpec
 from resnet_service.cpus import threads_per_worker
 from resnet_service.model.architecture import build_fp32
 from resnet_service.model.bundle import BundleManifest, write_bundle
@@ -60,10 +63,16 @@ from resnet_service.training.features import (
     add_views,
     cache_views,
     recalibrate_bn,
-    run_batched,
     split_trunk,
 )
-from resnet_service.training.head import StandardizedLinear, fit_head_cv
+from resnet_service.training.head import (
+    StandardizedLinear,
+    cross_validated_correct,
+    fit_head,
+    one_thread,
+    probe_l2,
+    refit,
+)
 from resnet_service.training.loop import LoopConfig, LoopResult, evaluate, train_block
 from resnet_service.training.probe import ProbeResult, linear_probe
 from resnet_service.training.report import REPORT_JSON as REPORT_JSON
@@ -74,6 +83,14 @@ from resnet_service.training.report import (
     HeadSummary,
     Timings,
     write_report,
+)
+from resnet_service.training.selection import (
+    Candidate,
+    Paired,
+    Pooled,
+    choose_linear,
+    paired,
+    pool,
 )
 
 log = logging.getLogger(__name__)
@@ -118,19 +135,33 @@ class FinetuneResult:
 
 @dataclass
 class _Variant:
-    """One BatchNorm choice: its network, cached stem activations and fitted head."""
+    """One BatchNorm choice: its network, cached activations and cross-validated heads."""
 
     recalibrated: bool
     model: nn.Module
     trunk: Trunk
     train: ViewCache
     val: ViewCache
-    head: StandardizedLinear
+    pooled: Pooled
+    val_x: torch.Tensor  # the validation split's features
+    correct: dict[float, torch.Tensor] | None  # per L2: per-image cross-validated correctness
+    seconds: float
+
+    def candidates(self) -> list[Candidate]:
+        correct = self.correct or {}
+        return [Candidate(self.recalibrated, l2, c) for l2, c in correct.items()]
+
+
+@dataclass
+class _Chosen:
+    """The linear head chosen: its variant and strength, fitted on the training split."""
+
+    variant: _Variant
     l2: float
     cv_accuracy: float | None
-    val_loss: float
+    head: StandardizedLinear
     val_accuracy: float
-    head_seconds: float
+    val_preds: torch.Tensor
 
 
 def spec_for(image_size: int) -> PreprocessSpec:
@@ -206,7 +237,8 @@ def _variant(
     config: FinetuneConfig,
     spec: PreprocessSpec,
 ) -> _Variant:
-    """Cache activations (after re-estimating BatchNorm if asked) and fit the head on them."""
+    """Cache activations (after re-estimating BatchNorm if asked) and cross-validate the
+    head's L2 grid over every labelled image."""
     model = copy.deepcopy(base_model)
     if recalibrated:
         recalibrate_bn(model, train_set.images, spec)
@@ -215,53 +247,51 @@ def _variant(
     val = cache_views(trunk.stem, val_set.images, val_set.targets(), spec)
     if config.train == "head" and config.augment != "none":  # the head is all there is
         _add_augmented_views(train, trunk.stem, train_set, spec, config)
-    stem_rows, targets, image = train.stacked()
-    fit = fit_head_cv(
-        trunk.features(stem_rows), targets, image, len(train_set.classes), config.seed
-    )
-    val_loss, val_accuracy, _ = evaluate(fit.head, trunk.features(val.views[0]), val.targets)
-    log.info(
-        "head on %s BatchNorm statistics: l2 %g, validation accuracy %.3f (%.1fs)",
-        "re-estimated" if recalibrated else "the trunk's own",
-        fit.l2,
-        val_accuracy,
-        fit.seconds,
-    )
+    val_x = trunk.features(val.views[0])
+    pooled = pool([trunk.features(v) for v in train.views], train.targets, val_x, val.targets)
+    started = time.perf_counter()
+    with one_thread():
+        correct = cross_validated_correct(
+            pooled.x, pooled.y, pooled.image, len(train_set.classes), config.seed
+        )
     return _Variant(
         recalibrated,
         model,
         trunk,
         train,
         val,
-        fit.head,
-        fit.l2,
-        fit.cv_accuracy,
-        val_loss,
-        val_accuracy,
-        fit.seconds,
+        pooled,
+        val_x,
+        correct,
+        time.perf_counter() - started,
     )
 
 
-def _choose_bn(variants: list[_Variant], setting: BnChoice) -> tuple[_Variant, Decision]:
-    """Re-estimate unless the trunk's own statistics validate strictly better.
-
-    Validation decides when it can; on a tie the re-estimated statistics win, because they
-    normalise every channel for *these* images, which is also what per-tensor int8 activation
-    ranges need (digits test: 100% int8/fp32 agreement with them, 97.5% without, at equal
-    head accuracy)."""
-    if setting != "auto":
-        chosen = variants[0]
-        return chosen, Decision("recalibrate_bn", setting, "forced by --recalibrate-bn")
-    base, recal = variants
-    if base.val_accuracy > recal.val_accuracy:
-        chosen, verb = base, "validated better"
+def _choose_linear(
+    variants: list[_Variant], setting: BnChoice, classes: int
+) -> tuple[_Chosen, list[Decision]]:
+    """The probe's configuration unless another head clearly cross-validates better
+    (``selection.choose_linear``), then that head fitted on the training split."""
+    incumbent_variant = next((v for v in variants if not v.recalibrated), variants[0])
+    images = incumbent_variant.pooled.images
+    if incumbent_variant.correct is None:  # a class too small to cross-validate
+        variant, l2, cv, why = incumbent_variant, probe_l2(images), None, "no cross-validation"
     else:
-        chosen, verb = recal, "did not validate better"
-    reason = (
-        f"head on the trunk's own statistics {verb} than on re-estimated ones "
-        f"({base.val_accuracy:.1%} vs {recal.val_accuracy:.1%})"
-    )
-    return chosen, Decision("recalibrate_bn", "yes" if chosen.recalibrated else "no", reason)
+        incumbent = next(c for c in incumbent_variant.candidates() if c.l2 == probe_l2(images))
+        best, why = choose_linear([c for v in variants for c in v.candidates()], incumbent)
+        variant = next(v for v in variants if v.recalibrated == best.recalibrated)
+        l2, cv = best.l2, best.accuracy
+    pooled = variant.pooled
+    with one_thread():
+        head = fit_head(pooled.x[pooled.train], pooled.y[pooled.train], classes, l2)
+    _, val_accuracy, val_preds = evaluate(head, variant.val_x, variant.val.targets)
+    log.info("head: %s; validation accuracy %.3f", why, val_accuracy)
+    bn = "forced by --recalibrate-bn" if setting != "auto" else why
+    decisions = [
+        Decision("recalibrate_bn", "yes" if variant.recalibrated else "no", bn),
+        Decision("l2", f"{l2:g}", why),
+    ]
+    return _Chosen(variant, l2, cv, head, val_accuracy, val_preds), decisions
 
 
 def _probe(
@@ -285,20 +315,21 @@ def _probe(
 
 
 def _train_block(
-    chosen: _Variant,
+    chosen: _Chosen,
     part: Literal["layer4", "all"],
     train_set: Dataset,
     val_set: Dataset,
     config: FinetuneConfig,
     spec: PreprocessSpec,
     deadline: float,
-) -> LoopResult:
-    """Layer4 (+ head) on cached stem activations, or everything on cached images."""
-    trunk, head = chosen.trunk, chosen.head
+) -> tuple[LoopResult, torch.Tensor]:
+    """Layer4 (+ head) on cached stem activations, or everything on cached images; the
+    result and the kept checkpoint's validation predictions."""
+    trunk, head, targets = chosen.variant.trunk, chosen.head, chosen.variant.val.targets
     if part == "layer4":
         model = nn.Sequential(trunk.block, trunk.pool, head)
         trainable: list[nn.Module] = [trunk.block, head]
-        train, val_inputs = chosen.train, chosen.val.views[0]
+        train, val_inputs = chosen.variant.train, chosen.variant.val.views[0]
         _add_augmented_views(train, trunk.stem, train_set, spec, config)
     else:
         model = nn.Sequential(trunk.stem, trunk.block, trunk.pool, head)
@@ -327,7 +358,8 @@ def _train_block(
         seed=config.seed,
         progress=config.progress,
     )
-    return train_block(model, trainable, train, val_inputs, chosen.val.targets, loop)
+    result = train_block(model, trainable, train, val_inputs, targets, loop)
+    return result, evaluate(model, val_inputs, targets)[2]
 
 
 def _block_decision(
@@ -345,15 +377,6 @@ def _block_decision(
     return "layer4", Decision("train", "layer4", "tried: the head is not perfect on validation")
 
 
-def _final_predictions(
-    model: nn.Module, val_set: Dataset, spec: PreprocessSpec
-) -> tuple[float, torch.Tensor]:
-    """The exported network end to end on the validation images (what quantize will see)."""
-    preds = run_batched(model, val_set.images, lambda img: preprocess(img, spec)).argmax(1)
-    accuracy = float((preds == torch.tensor(val_set.targets())).float().mean())
-    return accuracy, preds
-
-
 def finetune(config: FinetuneConfig, settings: Settings) -> FinetuneResult:
     """Train, choose on validation, write a bundle with its report (see the module doc)."""
     logs.adopt("torch")  # torch installed its own stderr handler on import
@@ -367,43 +390,82 @@ def _fit_heads(
     train_set: Dataset,
     val_set: Dataset,
     spec: PreprocessSpec,
-) -> tuple[_Variant, Decision, HeadSummary, ProbeResult | None]:
+) -> tuple[_Chosen, list[Decision], HeadSummary, ProbeResult | None]:
     """Heads on each BatchNorm variant asked for, the one kept, and the probe baseline.
     Only the kept variant outlives this call (its caches are what block training needs)."""
     recal_options = {"auto": [False, True], "yes": [True], "no": [False]}[config.recalibrate_bn]
     variants = [_variant(base_model, r, train_set, val_set, config, spec) for r in recal_options]
-    chosen, decision = _choose_bn(variants, config.recalibrate_bn)
+    chosen, decisions = _choose_linear(variants, config.recalibrate_bn, len(train_set.classes))
     probe = _probe(base_model, variants, train_set, val_set, spec)
-    others = [v.val_accuracy for v in variants if v is not chosen]
+    others = [
+        max(c.accuracy for c in v.candidates())
+        for v in variants
+        if v is not chosen.variant and v.correct
+    ]
     summary = HeadSummary(
         l2=chosen.l2,
         cv_accuracy=chosen.cv_accuracy,
         val_accuracy=chosen.val_accuracy,
-        val_accuracy_other_bn=others[0] if others else None,
-        seconds=sum(v.head_seconds for v in variants),
+        cv_accuracy_other_bn=others[0] if others else None,
+        seconds=sum(v.seconds for v in variants),
     )
-    return chosen, decision, summary, probe
+    return chosen, decisions, summary, probe
+
+
+@dataclass(frozen=True)
+class _Trained:
+    """What the train phase kept: its name, why, the loop's record, validation predictions."""
+
+    part: str
+    decision: Decision
+    result: LoopResult | None
+    val_preds: torch.Tensor
 
 
 def _train_phase(
     config: FinetuneConfig,
-    chosen: _Variant,
+    chosen: _Chosen,
     train_set: Dataset,
     val_set: Dataset,
     spec: PreprocessSpec,
     deadline: float,
-) -> tuple[str, Decision, LoopResult | None]:
-    """What was trained in the end (the block only if it validated better), and why."""
+) -> _Trained:
+    """What was trained in the end, and why. Under ``--train auto`` the block is kept only on
+    a clear paired win over the head (``selection.py``); otherwise it is put back as it was."""
     part, decision = _block_decision(config, chosen.val_accuracy, deadline)
     if part is None:
-        return "head", decision, None
-    result = _train_block(chosen, part, train_set, val_set, config, spec, deadline)
-    trained = part if result.best_step > 0 else "head"
+        return _Trained("head", decision, None, chosen.val_preds)
+    block = chosen.variant.trunk.block
+    before = copy.deepcopy((block.state_dict(), chosen.head.state_dict()))
+    result, preds = _train_block(chosen, part, train_set, val_set, config, spec, deadline)
     outcome = f"best validation at step {result.best_step} of {result.steps_run}"
-    if result.best_step == 0:
-        outcome += f": {part} did not improve on the head"
+    if config.train == "auto":
+        comparison: Paired = paired(chosen.variant.val.targets, chosen.val_preds, preds)
+        kept = comparison.clear_win
+        outcome += f"; {comparison.describe()}"
+    else:
+        kept = result.best_step > 0
+    if not kept:
+        block.load_state_dict(before[0])
+        chosen.head.load_state_dict(before[1])
+        outcome += f": {part} not kept, the head is served"
     reason = f"{decision.reason}; {outcome} (stopped: {result.stopped_because})"
-    return trained, Decision("train", trained, reason), result
+    trained = part if kept else "head"
+    return _Trained(
+        trained, Decision("train", trained, reason), result, preds if kept else chosen.val_preds
+    )
+
+
+def _served_head(chosen: _Chosen, classes: int) -> tuple[nn.Linear, Decision]:
+    """The head that goes into the bundle when the head is all that was trained: the chosen
+    strength refitted on every labelled image (training and validation splits)."""
+    pooled = chosen.variant.pooled
+    head = refit(pooled.x, pooled.y, classes, chosen.l2)
+    reason = (
+        f"refitted on all {pooled.images} labelled images (the validation figures are the "
+        "training split's fit)"
+    )
+    return head.folded(), Decision("refit", "train+val", reason)
 
 
 def _finetune(config: FinetuneConfig, settings: Settings) -> FinetuneResult:
@@ -419,25 +481,29 @@ def _finetune(config: FinetuneConfig, settings: Settings) -> FinetuneResult:
     )
     base_model = _base_model(base, len(data.classes))
     loaded = time.monotonic()
-    chosen, bn_decision, head, probe = _fit_heads(config, base_model, train_set, val_set, spec)
+    chosen, head_decisions, head, probe = _fit_heads(config, base_model, train_set, val_set, spec)
     heads_done = time.monotonic()
-    trained, train_decision, result = _train_phase(
-        config, chosen, train_set, val_set, spec, deadline
-    )
+    trained = _train_phase(config, chosen, train_set, val_set, spec, deadline)
+    result = trained.result
     block_done = time.monotonic()
 
-    model = chosen.model
-    model.fc = chosen.head.folded()
-    val_acc, preds = _final_predictions(model, val_set, spec)
+    model = chosen.variant.model
+    decisions = [*head_decisions, trained.decision]
+    if trained.part == "head":
+        model.fc, head_decision = _served_head(chosen, len(data.classes))
+        decisions.append(head_decision)
+    else:
+        model.fc = chosen.head.folded()
+    val_targets = torch.tensor(val_set.targets())
     report = FinetuneReport(
-        val_accuracy=val_acc,
-        trained=trained,
-        recalibrated_bn=chosen.recalibrated,
+        val_accuracy=float((trained.val_preds == val_targets).float().mean()),
+        trained=trained.part,
+        recalibrated_bn=chosen.variant.recalibrated,
         best_step=result.best_step if result else 0,
         steps_run=result.steps_run if result else 0,
         head=head,
         probe=probe,
-        decisions=[bn_decision, train_decision],
+        decisions=decisions,
         timings=Timings(
             load=loaded - started,
             features=heads_done - loaded - head.seconds,
@@ -447,7 +513,7 @@ def _finetune(config: FinetuneConfig, settings: Settings) -> FinetuneResult:
         ),
         time_budget=config.time_budget,
         history=result.history if result else [],
-        confusion=confusion_matrix(torch.tensor(val_set.targets()), preds, len(data.classes)),
+        confusion=confusion_matrix(val_targets, trained.val_preds, len(data.classes)),
     )
     manifest = _write(config, data, train_set, val_set, base, model, report, spec)
     _log_summary(report)
@@ -501,6 +567,9 @@ def _write(
         "root": str(root),
         "train": [[str(s.path.resolve()), s.target] for s in train_set.samples],
         "val": [[str(s.path.resolve()), s.target] for s in val_set.samples],
+        # A served head alone is refitted on both splits (``_served_head``): int8 fidelity
+        # measured on "validation" then reads images the head has seen, and says so.
+        "head_fitted_on": "train+val" if report.trained == "head" else "train",
     }
     (config.out_dir / SPLITS_FILE).write_text(json.dumps(splits))
     write_report(config.out_dir, report, data.classes)

@@ -41,7 +41,7 @@ class HeadSummary:
     l2: float
     cv_accuracy: float | None
     val_accuracy: float
-    val_accuracy_other_bn: float | None  # the BatchNorm variant that was not kept
+    cv_accuracy_other_bn: float | None  # the best of the BatchNorm variant not kept
     seconds: float
 
 

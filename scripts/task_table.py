@@ -1,0 +1,68 @@
+"""The fine-tuning suite's table from the JSON lines ``RESNET_SUITE_REPORT`` collected.
+
+    RESNET_SUITE_SEEDS=0,1,2 RESNET_SUITE_REPORT=/tmp/suite.jsonl \\
+        .venv/bin/pytest -s tests/process/test_training_quality.py
+    .venv/bin/python scripts/task_table.py /tmp/suite.jsonl
+
+One row per task: the probe and the served int8 default on the held-out split (mean over
+seeds), the per-seed gap (served - probe: mean, min, max), fp32, what was trained per seed,
+and the fine-tuning wall time; then the mean over tasks, per seed and overall.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def table(rows: list[dict[str, object]]) -> str:
+    by_task: dict[str, list[dict[str, object]]] = defaultdict(list)
+    for row in rows:
+        by_task[str(row["task"])].append(row)
+    lines = [
+        "| task | probe | default (served int8) | gap per seed: mean [min, max] | fp32 "
+        "| trained (per seed) | wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for task, runs in sorted(by_task.items()):
+        runs.sort(key=lambda r: int(r["seed"]))  # type: ignore[call-overload]
+        probe = [float(r["probe_test_accuracy"]) for r in runs]  # type: ignore[arg-type]
+        served = [float(r["int8_http_test_accuracy"]) for r in runs]  # type: ignore[arg-type]
+        fp32 = [float(r["fp32_test_accuracy"]) for r in runs]  # type: ignore[arg-type]
+        gaps = [s - p for s, p in zip(served, probe, strict=True)]
+        wall = [float(r["finetune_wall_seconds"]) for r in runs]  # type: ignore[arg-type]
+        lines.append(
+            f"| {task} | {_pct(statistics.mean(probe))} | {_pct(statistics.mean(served))} "
+            f"| {100 * statistics.mean(gaps):+.1f} [{100 * min(gaps):+.1f}, "
+            f"{100 * max(gaps):+.1f}] | {_pct(statistics.mean(fp32))} "
+            f"| {', '.join(str(r['trained']) for r in runs)} | {statistics.mean(wall):.0f} |"
+        )
+    seeds = sorted({int(r["seed"]) for r in rows})  # type: ignore[call-overload]
+    per_seed = []
+    for seed in seeds:
+        mine = [r for r in rows if r["seed"] == seed]
+        gap = statistics.mean(
+            float(r["int8_http_test_accuracy"]) - float(r["probe_test_accuracy"])  # type: ignore[arg-type]
+            for r in mine
+        )
+        per_seed.append(f"seed {seed}: {100 * gap:+.2f}")
+    lines.append("")
+    lines.append("Mean over tasks, served int8 - probe: " + "; ".join(per_seed))
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    rows = [json.loads(line) for line in Path(argv[1]).read_text().splitlines() if line]
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
