@@ -34,7 +34,7 @@ import torch
 
 @dataclass(frozen=True)
 class Pooled:
-    """Features of every labelled image, laid out as ``cross_validated_l2`` reads them: the
+    """Features of every labelled image, laid out as ``cross_validated_correct`` reads them: the
     serving view of each image first (training images, then validation images), then the
     training images' augmented views; ``image`` is each row's image, ``train`` marks the rows
     that come from the training split."""
