@@ -20,10 +20,10 @@ from resnet_service.training.head import (
     accuracy,
     cross_validated_correct,
     fit_head,
-    fit_head_cv,
     fold_of_each_image,
     l2_grid,
     probe_l2,
+    refit,
 )
 from resnet_service.training.loop import LoopConfig, train_block
 from resnet_service.training.probe import linear_probe
@@ -62,14 +62,18 @@ def test_head_fits_to_convergence_like_sklearn() -> None:
 
 
 def test_cross_validation_regularises_noisy_features_and_generalises() -> None:
-    """Few images, many dimensions, heavy noise: CV must not pick the weakest L2, and the
-    head must beat chance clearly on fresh data from the same classes."""
+    """Few images, many dimensions, heavy noise: the weakest L2 must not cross-validate best,
+    and the head chosen as the recipe chooses must beat chance clearly on fresh data."""
     x, y = blobs(400, 256, 4, 6.0, seed=3)
     train_x, train_y, test_x, test_y = x[:120], y[:120], x[120:], y[120:]
-    fit = fit_head_cv(train_x, train_y, torch.arange(120), 4)
-    assert fit.l2 > 1e-4
-    assert fit.cv_accuracy is not None
-    assert accuracy(fit.head, test_x, test_y) >= 0.5  # chance: 0.25
+    correct = cross_validated_correct(train_x, train_y, torch.arange(120), 4)
+    assert correct is not None
+    assert max(correct, key=lambda l2: float(correct[l2].mean())) > 1e-4
+    candidates = [Candidate(False, l2, c) for l2, c in correct.items()]
+    incumbent = next(c for c in candidates if c.l2 == probe_l2(120))
+    chosen, _ = choose_linear(candidates, incumbent)
+    head = refit(train_x, train_y, 4, chosen.l2)
+    assert accuracy(head, test_x, test_y) >= 0.5  # chance: 0.25
 
 
 def test_folds_are_stratified_and_views_stay_together() -> None:
@@ -78,17 +82,20 @@ def test_folds_are_stratified_and_views_stay_together() -> None:
     for k in range(5):
         assert int(((fold == k) & (targets == 1)).sum()) == 1
         assert int(((fold == k) & (targets == 0)).sum()) == 2
-    # Two views of each of 6 images: rows of one image share a fold.
-    x, y = blobs(12, 8, 2, 0.5, seed=4)
+    # Two views of each of 6 well-separated images: only the serving views are scored, once
+    # per image, and a head that never saw an image's other view still gets it right.
+    x, y = blobs(12, 8, 2, 0.05, seed=4)
     image = torch.arange(6).repeat(2)
-    fit = fit_head_cv(x, y[image], image, 2)
-    assert fit.cv_accuracy is not None
+    correct = cross_validated_correct(x, y[image], image, 2)
+    assert correct is not None
+    assert all(c.shape == (6,) for c in correct.values())
+    assert float(correct[probe_l2(6)].mean()) == 1.0
 
 
 def test_too_few_images_for_cross_validation() -> None:
     x, y = blobs(3, 8, 3, 0.5, seed=5)
-    fit = fit_head_cv(x, y, torch.arange(3), 3)
-    assert fit.cv_accuracy is None  # one image per class: a fixed L2, said so
+    # one image per class: nothing to cross-validate, said so (the recipe then uses the probe's L2)
+    assert cross_validated_correct(x, y, torch.arange(3), 3) is None
 
 
 def _tiny_problem(seed: int) -> tuple[nn.Sequential, ViewCache, torch.Tensor, torch.Tensor]:

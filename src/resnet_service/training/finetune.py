@@ -286,12 +286,33 @@ def _choose_linear(
         head = fit_head(pooled.x[pooled.train], pooled.y[pooled.train], classes, l2)
     _, val_accuracy, val_preds = evaluate(head, variant.val_x, variant.val.targets)
     log.info("head: %s; validation accuracy %.3f", why, val_accuracy)
-    bn = "forced by --recalibrate-bn" if setting != "auto" else why
     decisions = [
-        Decision("recalibrate_bn", "yes" if variant.recalibrated else "no", bn),
+        Decision(
+            "recalibrate_bn",
+            "yes" if variant.recalibrated else "no",
+            _bn_reason(variants, variant, setting),
+        ),
         Decision("l2", f"{l2:g}", why),
     ]
     return _Chosen(variant, l2, cv, head, val_accuracy, val_preds), decisions
+
+
+def _bn_reason(variants: list[_Variant], kept: _Variant, setting: BnChoice) -> str:
+    """The BatchNorm half of the one joint choice: the best cross-validated accuracy of each
+    variant (the ``l2`` decision says which head and why)."""
+    if setting != "auto":
+        return "forced by --recalibrate-bn"
+    best = {
+        v.recalibrated: max((c.accuracy for c in v.candidates()), default=None) for v in variants
+    }
+    if any(a is None for a in best.values()):
+        return "no cross-validation: the trunk's own statistics, as the probe uses"
+    name = {False: "the trunk's own statistics", True: "re-estimated statistics"}
+    other = not kept.recalibrated
+    return (
+        f"chosen with the L2 strength as one head configuration; best cross-validated: "
+        f"{name[kept.recalibrated]} {best[kept.recalibrated]:.1%}, {name[other]} {best[other]:.1%}"
+    )
 
 
 def _probe(

@@ -8,8 +8,8 @@ budget runs out, which on weak features was barely below chance.
 The one choice that matters is the L2 strength. It is chosen by cross-validation repeated over
 several fold assignments (one split of a few dozen images is too noisy to choose by), among a
 grid that includes the probe's own strength (scikit-learn's ``C=1`` is ``l2 = 1/n`` here), so
-the probe's solution is always a candidate and loses only when another validates better over
-every image. Features are standardised first (mean 0, variance 1 per
+the probe's solution is always a candidate; ``selection.py`` keeps it unless another is
+clearly better over every image. Features are standardised first (mean 0, variance 1 per
 dimension, from the training split) so one grid of strengths fits any trunk, random or
 pretrained; the standardisation is kept as a fixed layer while training and folded into the
 final ``nn.Linear`` when the bundle is written.
@@ -22,10 +22,8 @@ exactly the module that is served; scikit-learn only provides the independent ba
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -63,16 +61,6 @@ class StandardizedLinear(nn.Module):
             fc.weight.copy_(weight)
             fc.bias.copy_(self.linear.bias - weight @ mean)
         return fc
-
-
-@dataclass(frozen=True)
-class HeadFit:
-    """A fitted head and how it was chosen."""
-
-    head: StandardizedLinear
-    l2: float
-    cv_accuracy: float | None  # None when a class has too few images to cross-validate
-    seconds: float
 
 
 def _lbfgs(
@@ -186,24 +174,6 @@ def cross_validated_correct(
     return correct
 
 
-def cross_validated_l2(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    image: torch.Tensor,
-    classes: int,
-    seed: int = 0,
-    grid: tuple[float, ...] | None = None,
-    repeats: int = REPEATS,
-) -> tuple[float, float | None]:
-    """(best L2, its mean cross-validated accuracy); the probe's strength and None when a
-    class is too small to cross-validate. Ties go to the stronger regularisation."""
-    correct = cross_validated_correct(x, y, image, classes, seed, grid, repeats)
-    if correct is None:
-        return probe_l2(int(image.max()) + 1), None
-    best = max(correct, key=lambda l2: (float(correct[l2].mean()), l2))
-    return best, float(correct[best].mean())
-
-
 @contextmanager
 def one_thread() -> Iterator[None]:
     """L-BFGS on a few thousand x 512 features is a stream of tiny ops: a second thread only
@@ -215,24 +185,6 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def fit_head_cv(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    image: torch.Tensor,
-    classes: int,
-    seed: int = 0,
-    fit_rows: torch.Tensor | None = None,
-) -> HeadFit:
-    """Choose the L2 strength by cross-validation over all of ``x``, then fit on
-    ``fit_rows`` (a boolean mask; all rows when None)."""
-    started = time.perf_counter()
-    with one_thread():
-        l2, cv_accuracy = cross_validated_l2(x, y, image, classes, seed)
-        rows = slice(None) if fit_rows is None else fit_rows
-        head = fit_head(x[rows], y[rows], classes, l2)
-    return HeadFit(head, l2, cv_accuracy, time.perf_counter() - started)
 
 
 def refit(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float) -> StandardizedLinear:
