@@ -6,7 +6,9 @@
 
 One row per task: the probe and the served int8 default on the held-out split (mean over
 seeds), the per-seed gap (served - probe: mean, min, max), fp32, what was trained per seed,
-and the fine-tuning wall time; then the mean over tasks, per seed and overall.
+and the fine-tuning wall time; then the mean over tasks, per seed and overall; then the int8
+agreement with fp32 per runtime and capped instruction-set level (``isa_task`` rows: the
+lowest agreement and the largest accuracy drop over the seeds).
 """
 
 from __future__ import annotations
@@ -58,9 +60,36 @@ def table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def isa_table(rows: list[dict[str, object]]) -> str:
+    by_key: dict[tuple[str, str], list[dict[str, object]]] = defaultdict(list)
+    for row in rows:
+        by_key[(str(row["runtime"]), str(row["level"]))].append(row)
+    levels = list(dict.fromkeys(level for _, level in by_key))  # the order they were run in
+    lines = [
+        f"Int8 against fp32 on {rows[0]['isa_task']}'s held-out images, agreement (lowest over "
+        f"{len({r['seed'] for r in rows})} seeds) / accuracy drop in points (largest):",
+        "",
+        "| runtime | " + " | ".join(levels) + " |",
+        "| --- |" + " --- |" * len(levels),
+    ]
+    for runtime in sorted({runtime for runtime, _ in by_key}):
+        cells = []
+        for level in levels:
+            runs = by_key.get((runtime, level), [])
+            agreement = min(float(r["agreement"]) for r in runs)  # type: ignore[arg-type]
+            drop = max(float(r["drop"]) for r in runs)  # type: ignore[arg-type]
+            cells.append(f"{100 * agreement:.1f}% / {100 * drop:+.1f}")
+        lines.append(f"| {runtime} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     rows = [json.loads(line) for line in Path(argv[1]).read_text().splitlines() if line]
-    print(table(rows))
+    print(table([r for r in rows if "isa_task" not in r]))
+    isa = [r for r in rows if "isa_task" in r]
+    if isa:
+        print()
+        print(isa_table(isa))
     return 0
 
 

@@ -20,7 +20,7 @@ import json
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -29,6 +29,8 @@ import numpy as np
 from resnet_bench.jsonable import OMITTED_WHEN_NONE, to_json
 
 MAX_OPEN_LOOP_CONNECTIONS = 512
+#: Arrivals between two polls of an open loop's ``stop`` (a file check: cheap, not free).
+STOP_POLL = 50
 _CLIENT_ERRORS: Final = (
     OSError,
     ConnectionError,
@@ -359,8 +361,11 @@ async def open_loop(
     duration_s: float,
     max_connections: int = MAX_OPEN_LOOP_CONNECTIONS,
     timeout_s: float = 60.0,
+    stop: Callable[[], bool] | None = None,
 ) -> LoadResult:
-    """Arrivals every 1/rate seconds whatever the server does; latency from the arrival time."""
+    """Arrivals every 1/rate seconds whatever the server does; latency from the arrival time.
+    ``duration_s`` is the most it runs: ``stop`` (polled every ``STOP_POLL`` arrivals) ends the
+    arrivals early, once the caller has what it measured under the load."""
     result = LoadResult("open", None, rate, 0.0)
     idle: list[_Connection] = []
     open_count = [0]
@@ -383,6 +388,8 @@ async def open_loop(
             open_count[0] -= 1
 
     for i in range(total):
+        if stop is not None and i % STOP_POLL == 0 and stop():
+            break
         arrival = result.started + i / rate
         delay = arrival - time.perf_counter()
         if delay > 0:

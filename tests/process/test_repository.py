@@ -424,13 +424,16 @@ def p99(values: list[float]) -> float:
 #: Sequential requests per latency sample: p99 of 200 is the 2nd-highest, so one stall of the
 #: shared host (300 ms seen in a quiet run) does not decide the ratio alone.
 SAMPLES = 200
-#: The flood outlasts the flooded sample (200 x up to ~0.1 s, after the spawn): 20 s once did not.
-FLOOD_S = 45.0
+#: The most the flood runs: it stops once the flooded sample is taken (``done`` appears), and
+#: the sample (200 x up to ~0.1 s, after the spawn) must end first: 20 s once did not.
+FLOOD_S = 60.0
 
 
-def flood(port: int, request: bytes, rate: float, seconds: float) -> loadgen.LoadResult:
-    """An open-loop flood (run in a process of its own)."""
-    return asyncio.run(loadgen.open_loop("127.0.0.1", port, request, rate, seconds))
+def flood(port: int, request: bytes, rate: float, done: Path) -> loadgen.LoadResult:
+    """An open-loop flood (run in a process of its own) until the file ``done`` exists."""
+    return asyncio.run(
+        loadgen.open_loop("127.0.0.1", port, request, rate, FLOOD_S, stop=done.exists)
+    )
 
 
 def test_a_flood_on_one_model_does_not_starve_the_others(
@@ -456,7 +459,8 @@ def test_a_flood_on_one_model_does_not_starve_the_others(
         # The flood runs in a process of its own: in a thread of this one its ~1000 req/s would
         # hold the GIL the measuring client needs, and the ratio would be the client's own.
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            flooding = pool.submit(flood, server.port, request, 10 * capacity, FLOOD_S)
+            done = tmp_path / "sample-taken"
+            flooding = pool.submit(flood, server.port, request, 10 * capacity, done)
             wait_until(
                 lambda: metric_sum(server.url, "resnet_service_rejections") > 0,
                 60,
@@ -465,6 +469,7 @@ def test_a_flood_on_one_model_does_not_starve_the_others(
             )
             loaded = latencies(server.url, "shapes", SAMPLES)
             assert not flooding.done(), "the flood ended before the flooded sample did"
+            done.touch()
             result = flooding.result(timeout=120)
         ratio = p99(loaded) / p99(quiet)
         median_ratio = statistics.median(loaded) / statistics.median(quiet)

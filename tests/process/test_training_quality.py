@@ -33,9 +33,11 @@ import pytest
 
 from resnet_bench.tasks import WRITERS, write_task
 from tests.process.test_finetune import (
+    ISA_MAX_DROP,
+    ISA_MIN_AGREEMENT,
     TaskFigures,
     evaluate_bundle,
-    int8_agrees_at_every_isa_level,
+    int8_at_every_isa_level,
     run_default_finetune,
     show,
 )
@@ -50,7 +52,10 @@ PER_TASK_MARGIN = 0.03
 PAIRED_SIGMAS = 2.0
 #: The suite's mean (goal: no loss at all).
 MEAN_MARGIN = 0.005
-#: The served int8 model against the fp32 bundle on the same held-out images.
+#: The served int8 model against the fp32 bundle on the same held-out images: a loss of at
+#: most this. One-sided: near chance the two disagree on borderline images either way, and
+#: int8 came out *ahead* by 4.2 points (ellipses, seed 1: 44.2% against 40.0%) and 3.3
+#: (grey-marks, seed 2); the largest loss over seeds 0-2 was 1.7 points (shapes, seed 0).
 MAX_INT8_DROP = 0.03
 SEEDS = [int(s) for s in os.environ.get("RESNET_SUITE_SEEDS", "0").split(",")]
 #: The second fine-tuned model whose int8 fidelity is checked at every instruction-set level
@@ -59,13 +64,21 @@ SEEDS = [int(s) for s in os.environ.get("RESNET_SUITE_SEEDS", "0").split(",")]
 #: keep ``make test`` short; ``RESNET_SUITE_ISA_RUNTIMES=openvino,torch`` adds torch.
 ISA_TASK = "stripes"
 ISA_RUNTIMES = tuple(os.environ.get("RESNET_SUITE_ISA_RUNTIMES", "openvino").split(","))
+#: Stripes' int8 agreement with fp32 at every level, per runtime, on 120 held-out images.
+#: OpenVINO (the default): 98.3-99.2% over seeds 0-2, the same at every level; the digits
+#: test's bar (two images of margin). Torch below VNNI (AVX2, AVX512_CORE) quantises
+#: activations to 7 bits (x86's ``reduce_range``, against the saturation of its u8 x s8
+#: multiply-adds): 95.0-98.3% over the seeds (seed 2 at AVX2: 95.0%), VNNI levels 98.3%;
+#: it is never the default runtime. Its bar is two images below its lowest. The accuracy
+#: drop bar is the digits test's for both: at most 2 points.
+ISA_MIN_AGREEMENT_BY_RUNTIME = {"openvino": ISA_MIN_AGREEMENT, "torch": 0.933}
 
 
-def _record(figures: TaskFigures, seed: int) -> None:
+def _record(row: dict[str, object], seed: int) -> None:
     target = os.environ.get("RESNET_SUITE_REPORT")
     if target:
         with Path(target).open("a") as out:
-            out.write(json.dumps({"seed": seed, **asdict(figures)}) + "\n")
+            out.write(json.dumps({"seed": seed, **row}) + "\n")
 
 
 @pytest.mark.slow
@@ -75,6 +88,7 @@ def test_default_recipe_holds_against_the_probe_on_every_task(
     seed: int, weights_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     suite: list[TaskFigures] = []
+    isa_files: list[Path] = []
     for task in sorted(WRITERS):
         data = write_task(task, tmp_path / task / "data", seed)
         bundle = tmp_path / task / "bundle"
@@ -85,18 +99,25 @@ def test_default_recipe_holds_against_the_probe_on_every_task(
             task, summary, bundle, data.test, tmp_path / task, weights_file, capsys
         )
         show(figures, capsys)
-        _record(figures, seed)
-        if task == ISA_TASK:
-            with capsys.disabled():
-                files = sorted(data.test.rglob("*.png"))
-                cache = tmp_path / task / "cache"
-                int8_agrees_at_every_isa_level(ISA_RUNTIMES, bundle, cache, files)
+        _record(asdict(figures), seed)
         suite.append(figures)
+        if task == ISA_TASK:
+            isa_files = sorted(data.test.rglob("*.png"))
+    with capsys.disabled():  # every task recorded first, so a miss here loses no row
+        bundle, cache = tmp_path / ISA_TASK / "bundle", tmp_path / ISA_TASK / "cache"
+        isa = int8_at_every_isa_level(ISA_RUNTIMES, bundle, cache, isa_files)
+    for level in isa:
+        _record({"isa_task": ISA_TASK, **asdict(level)}, seed)
     for figures in suite:
         behind = figures.probe_test_accuracy - figures.int8_http_test_accuracy
         noise = PAIRED_SIGMAS * math.sqrt(figures.wins + figures.losses)
         assert behind <= PER_TASK_MARGIN or figures.losses - figures.wins <= noise, figures
-        assert abs(figures.int8_http_test_accuracy - figures.fp32_test_accuracy) <= MAX_INT8_DROP
+        assert figures.fp32_test_accuracy - figures.int8_http_test_accuracy <= MAX_INT8_DROP, (
+            figures
+        )
+    for level in isa:
+        assert level.agreement >= ISA_MIN_AGREEMENT_BY_RUNTIME[level.runtime], level
+        assert level.drop <= ISA_MAX_DROP, level
     served = sum(f.int8_http_test_accuracy for f in suite) / len(suite)
     probe = sum(f.probe_test_accuracy for f in suite) / len(suite)
     with capsys.disabled():
