@@ -74,7 +74,7 @@ bench-tracing: install
 bench-outputs: install
 	$(BIN)/python -m resnet_bench.outputs --out bench --rounds 4
 
-# The fine-tuning task suite over three seeds, torch int8 at every ISA level too (~20 min);
+# The fine-tuning task suite over three seeds, torch int8 at every ISA level too (~14 min);
 # prints the table the README gives (bench/finetune-suite.jsonl keeps the rows).
 finetune-suite: install test-deps
 	rm -f bench/finetune-suite.jsonl

@@ -65,13 +65,13 @@ SEEDS = [int(s) for s in os.environ.get("RESNET_SUITE_SEEDS", "0").split(",")]
 ISA_TASK = "stripes"
 ISA_RUNTIMES = tuple(os.environ.get("RESNET_SUITE_ISA_RUNTIMES", "openvino").split(","))
 #: Stripes' int8 agreement with fp32 at every level, per runtime, on 120 held-out images.
-#: OpenVINO (the default): 98.3-99.2% over seeds 0-2, the same at every level; the digits
-#: test's bar (two images of margin). Torch below VNNI (AVX2, AVX512_CORE) quantises
-#: activations to 7 bits (x86's ``reduce_range``, against the saturation of its u8 x s8
-#: multiply-adds): 95.0-98.3% over the seeds (seed 2 at AVX2: 95.0%), VNNI levels 98.3%;
-#: it is never the default runtime. Its bar is two images below its lowest. The accuracy
-#: drop bar is the digits test's for both: at most 2 points.
-ISA_MIN_AGREEMENT_BY_RUNTIME = {"openvino": ISA_MIN_AGREEMENT, "torch": 0.933}
+#: OpenVINO (the default): 98.3-99.2% over seeds 0-2, the same at every level; held to the
+#: digits test's bar (97.5%: two images of margin). Torch: 94.2-98.3% over the seeds (seed
+#: 2: 95.0% below VNNI, where x86's qconfig quantises activations to 7 bits against the
+#: saturation of its u8 x s8 multiply-adds, and 94.2% with VNNI), its accuracy within 0.8
+#: points (-1.7 to +0.8); it is never the default runtime. Its bar is two images below its
+#: lowest. The accuracy drop bar is the digits test's for both: 2 points.
+ISA_MIN_AGREEMENT_BY_RUNTIME = {"openvino": ISA_MIN_AGREEMENT, "torch": 0.925}
 
 
 def _record(row: dict[str, object], seed: int) -> None:
