@@ -151,6 +151,11 @@ class _Variant:
         correct = self.correct or {}
         return [Candidate(self.recalibrated, l2, c) for l2, c in correct.items()]
 
+    @property
+    def best_cv_accuracy(self) -> float | None:
+        """Its best head's cross-validated accuracy; None when nothing was cross-validated."""
+        return max((c.accuracy for c in self.candidates()), default=None)
+
 
 @dataclass
 class _Chosen:
@@ -302,9 +307,7 @@ def _bn_reason(variants: list[_Variant], kept: _Variant, setting: BnChoice) -> s
     variant (the ``l2`` decision says which head and why)."""
     if setting != "auto":
         return "forced by --recalibrate-bn"
-    best = {
-        v.recalibrated: max((c.accuracy for c in v.candidates()), default=None) for v in variants
-    }
+    best = {v.recalibrated: v.best_cv_accuracy for v in variants}
     if any(a is None for a in best.values()):
         return "no cross-validation: the trunk's own statistics, as the probe uses"
     name = {False: "the trunk's own statistics", True: "re-estimated statistics"}
@@ -419,9 +422,9 @@ def _fit_heads(
     chosen, decisions = _choose_linear(variants, config.recalibrate_bn, len(train_set.classes))
     probe = _probe(base_model, variants, train_set, val_set, spec)
     others = [
-        max(c.accuracy for c in v.candidates())
+        v.best_cv_accuracy
         for v in variants
-        if v is not chosen.variant and v.correct
+        if v is not chosen.variant and v.best_cv_accuracy is not None
     ]
     summary = HeadSummary(
         l2=chosen.l2,
