@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 WORKERS ?= 0  # 0 = one worker process per usable CPU
 
-.PHONY: install test-deps run test test-fast lint lint-deploy format typecheck openapi bench bench-quick bench-peers bench-http bench-tracing bench-outputs finetune-suite robustness check clean
+.PHONY: install test-deps run test test-fast lint lint-deploy format typecheck openapi bench bench-quick bench-peers bench-http bench-tracing bench-outputs bench-tag finetune-suite robustness check clean
 
 install: $(BIN)/resnet-service
 
@@ -73,6 +73,17 @@ bench-tracing: install
 # What the embedding and map outputs cost /classify, /embed and /explain against it (~5 min).
 bench-outputs: install
 	$(BIN)/python -m resnet_bench.outputs --out bench --rounds 4
+
+# The tag job against this machine's limit for it (decode + batch-8 forward, measured in the
+# same run) and against a /classify/batch loop; peak RSS over 10k and 100k inputs (~20 min;
+# TAG_MEMORY_SIZES= skips that part). Writes bench/tagjob.json. Speed does not depend on the
+# weights, so a machine without them measures with seeded random ones.
+TAG_MEMORY_SIZES ?= 10000,100000
+bench-tag: install
+	$(BIN)/resnet-service quantize --runtime openvino --allow-random-weights \
+		--out bench/results/tag-model > /dev/null
+	$(BIN)/python -m resnet_bench.tagjob --artifact bench/results/tag-model --out bench \
+		--memory-sizes "$(TAG_MEMORY_SIZES)"
 
 # The fine-tuning task suite over three seeds, torch int8 at every ISA level too (~14 min);
 # prints the table the README gives (bench/finetune-suite.jsonl keeps the rows).

@@ -1,4 +1,4 @@
-"""``resnet-service``: serve, predict, quantize, info, finetune, bench, openapi.
+"""``resnet-service``: serve, predict, tag, quantize, info, finetune, bench, openapi.
 
 Flags map onto the one ``Settings`` class (flags win over ``RESNET_SERVICE_*`` variables).
 """
@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import dataclasses
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -247,13 +248,21 @@ def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _predict_inputs(files: list[Path]) -> Iterator[Path]:
+    """The files named, folders walked (recursively, in name order) as the tag job lists them."""
+    from resnet_service.faces.tag.sources import walk
+
+    for path in files:
+        if path.is_dir():
+            yield from (Path(item.location) for item in walk(str(path)))
+        else:
+            yield path
+
+
 def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
-    from resnet_service.core.classifier import (
-        EMBEDDING,
-        FEATURE_MAP,
-        Classification,
-        Classifier,
-    )
+    """One JSON line per file, in the order given, each written as soon as it and those before
+    it are done; at most a window of files is in memory (half the engine's queue)."""
+    from resnet_service.core.classifier import EMBEDDING, FEATURE_MAP, Classifier
     from resnet_service.core.runtime import LOGITS_ONLY
     from resnet_service.model.opening import open_served_model
 
@@ -264,33 +273,42 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
     )
     classifier.check_outputs(wants)
     classifier.check_target(args.target)
+    classifier.check_top_k(args.top_k)
     classifier.start()
-    payloads: list[bytes | ServiceError] = []
-    for path in args.files:
-        try:
-            payloads.append(Path(path).read_bytes())
-        except OSError as exc:
-            payloads.append(ServiceError(f"cannot read {path}: {exc.strerror}"))
+    window = max(1, settings.queue_capacity // 2)
 
-    async def run() -> list[dict[str, Any]]:
-        readable = [p for p in payloads if isinstance(p, bytes)]
-        done = iter(await classifier.classify_many(readable, args.top_k, wants=wants))
-        lines = []
-        for path, payload in zip(args.files, payloads, strict=True):
-            result = next(done) if isinstance(payload, bytes) else payload
-            if isinstance(result, Classification):
-                lines.append(await _predict_line(classifier, path, result, args))
-            else:
-                lines.append({"file": str(path), "error": _error(result)})
-        return lines
+    async def one(path: Path) -> dict[str, Any]:
+        try:
+            data = await asyncio.to_thread(path.read_bytes)
+        except OSError as exc:
+            unreadable = ServiceError(f"cannot read {path}: {exc.strerror}")
+            return {"file": str(path), "error": _error(unreadable)}
+        try:
+            result = await classifier.classify(data, args.top_k, wants=wants)
+        except ServiceError as exc:
+            return {"file": str(path), "error": _error(exc)}
+        return await _predict_line(classifier, path, result, args)
+
+    async def run() -> bool:
+        pending: collections.deque[asyncio.Task[dict[str, Any]]] = collections.deque()
+        failed = False
+        for path in _predict_inputs(args.files):
+            pending.append(asyncio.create_task(one(path)))
+            if len(pending) >= window:
+                line = await pending.popleft()
+                failed |= "error" in line
+                _emit(line)
+        while pending:
+            line = await pending.popleft()
+            failed |= "error" in line
+            _emit(line)
+        return failed
 
     try:
-        lines = asyncio.run(run())
+        failed = asyncio.run(run())
     finally:
         classifier.stop()
-    for line in lines:
-        _emit(line)
-    return 1 if any("error" in line for line in lines) else 0
+    return 1 if failed else 0
 
 
 def _error(error: ServiceError | BaseException) -> dict[str, str]:
@@ -356,6 +374,12 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     result = run_benchmark(speed_settings(settings), opts)
     log.info("wrote %s (%.0fs)", args.out / "bench.json", result.seconds)
     return 0
+
+
+def cmd_tag(args: argparse.Namespace, settings: Settings) -> int:
+    from resnet_service.faces.tag.command import cmd_tag as run_tag
+
+    return run_tag(args, settings)
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -470,8 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    predict = sub.add_parser("predict", help="classify image files; one JSON line per file")
-    predict.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    predict = sub.add_parser(
+        "predict", help="classify image files and folders; one JSON line per file, as it is done"
+    )
+    predict.add_argument(
+        "files", nargs="+", type=Path, metavar="FILE", help="image files or folders (recursive)"
+    )
     predict.add_argument("-k", "--top-k", type=int, default=None)
     predict.add_argument(
         "--embed", action="store_true", help="add each image's L2-normalised embedding"
@@ -487,6 +515,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_flags(predict)
     predict.set_defaults(handler=cmd_predict)
+
+    tag = sub.add_parser(
+        "tag",
+        help="tag a whole library (folders, manifests, s3://...) into Parquet; resumable",
+        description="Every image of the sources through the model into a folder of Parquet "
+        "(or JSON-lines) parts, one row per input. Resumable: rerun the same command after a "
+        "crash, or nightly, and only what is new or changed is tagged. Exit status: 0 all "
+        "tagged, 3 completed with error rows, 1 the job failed, 128+N stopped by signal N.",
+    )
+    from resnet_service.faces.tag.arguments import add_arguments as add_tag_arguments
+
+    add_tag_arguments(tag)
+    _add_model_flags(tag)
+    tag.set_defaults(handler=cmd_tag)
 
     quantize = sub.add_parser(
         "quantize",

@@ -350,3 +350,43 @@ def test_8bit_images_need_a_way_to_be_normalised(engine: InferenceEngine) -> Non
         engine.submit(pixels())  # this engine has no normaliser and a float-only runtime
     with pytest.raises(InferenceFailed, match="shape"):
         engine.submit(pixels()[:100])
+
+
+# --- the compute gate shared by a worker's engines ---------------------------------------------------------------
+def test_a_batch_is_sliced_only_while_another_engine_is_active() -> None:
+    from resnet_service.core.engine import ComputeGate
+
+    gate = ComputeGate()
+    one, other = object(), object()
+    assert gate.slice_for(one, 8) == 8  # alone: the whole batch in one turn
+    assert gate.slice_for(other, 8) == ComputeGate.shared_slice
+    assert gate.slice_for(one, 8) == ComputeGate.shared_slice
+    assert gate.slice_for(one, 1) == 1
+
+
+def test_beside_another_active_model_a_batch_runs_in_slices_with_the_same_results(
+    gated: GatedRuntime,
+) -> None:
+    from resnet_service.core.engine import ComputeGate
+
+    gate = ComputeGate()
+    other_runtime = GatedRuntime()
+    mine = make_engine(gated, compute=gate)
+    other = make_engine(other_runtime, compute=gate)
+    try:
+        other.submit(image(99)).result(5)  # the other model is active
+        gated.batch_sizes.clear()
+        inputs = [image(i) for i in range(5)]
+        first = hold_engine(mine, gated)
+        futures = [mine.submit(x) for x in inputs]
+        gated.gate.set()
+        first.result(5)
+        expected = torch.from_numpy(gated.logits(np.stack(inputs))).softmax(1)
+        for row, fut in enumerate(futures):
+            scores = fut.result(5)
+            assert scores.batch_size == 5  # one batch of the engine ...
+            np.testing.assert_allclose(scores.probabilities, expected[row].numpy(), atol=1e-6)
+        assert gated.batch_sizes == [1, 2, 2, 1]  # ... in turns of two at the gate
+    finally:
+        mine.stop(timeout=5)
+        other.stop(timeout=5)

@@ -25,6 +25,7 @@ HTTP_STATUS: Final[dict[str, int]] = {
     errors.ServiceError.code: 500,
     errors.InputError.code: 400,
     errors.EmptyUpload.code: 400,
+    errors.UnreadableFile.code: 400,
     errors.MalformedRequest.code: 400,
     errors.DatasetError.code: 400,
     errors.InvalidInferRequest.code: 400,

@@ -301,11 +301,15 @@ class Classifier:
 
     # --- classification ------------------------------------------------------------------
     async def classify(
-        self, data: bytes, top_k: int | None = None, scope: str = ""
+        self, data: bytes, top_k: int | None = None, scope: str = "", wants: Wants = LOGITS_ONLY
     ) -> Classification:
-        """Bytes -> Top-k; raises a ``ServiceError`` subclass for anything the caller can fix.
-        ``scope``: whose cached answers this caller may share (see ``response_cache``)."""
-        return await self._classify(data, self.check_top_k(top_k), scope)
+        """Bytes -> Top-k (and the outputs ``wants`` names); raises a ``ServiceError`` subclass
+        for anything the caller can fix. ``scope``: whose cached answers this caller may share
+        (see ``response_cache``)."""
+        k = self.check_top_k(top_k)
+        if wants != LOGITS_ONLY:
+            self.check_outputs(wants)
+        return await self._classify(data, k, scope, wants)
 
     @property
     def embedding_size(self) -> int | None:

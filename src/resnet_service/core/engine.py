@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -98,6 +98,24 @@ def _is_pixels(array: FloatBatch | Pixels) -> TypeIs[Pixels]:
     return array.dtype == np.uint8
 
 
+def forward_batch(
+    runtime: Runtime,
+    batch: FloatBatch | Pixels,
+    wants: Wants,
+    normalise: Callable[[Pixels], FloatBatch] | None = None,
+) -> Forward:
+    """One forward of a batch that is all 8-bit images or all preprocessed arrays, on the
+    caller's thread: images go into the graph where the runtime takes them, else through
+    ``normalise`` (the engine's model thread and the tag job's workers both call this)."""
+    if not _is_pixels(batch):
+        return runtime.forward(batch, wants)
+    takes_pixels = pixel_input(runtime)
+    if takes_pixels is not None:
+        return takes_pixels.forward_pixels(batch, wants)
+    assert normalise is not None, "a runtime that takes no images needs a normaliser"
+    return runtime.forward(normalise(batch), wants)
+
+
 def softmax(logits: FloatBatch) -> FloatBatch:
     """Row-wise softmax in float32, stable for large logits."""
     shifted: FloatBatch = logits - logits.max(axis=1, keepdims=True)
@@ -111,17 +129,57 @@ def _row(batch: FloatBatch | None, row: int, wanted: bool) -> FloatBatch | None:
     return batch[row].copy() if wanted and batch is not None else None
 
 
+def _copied(forward: Forward) -> Forward:
+    """A forward's outputs out of the runtime's buffers (the next forward reuses them)."""
+    return Forward(
+        logits=forward.logits.copy(),
+        embedding=None if forward.embedding is None else forward.embedding.copy(),
+        feature_map=None if forward.feature_map is None else forward.feature_map.copy(),
+    )
+
+
+def _joined(parts: list[FloatBatch | None]) -> FloatBatch | None:
+    present = [p for p in parts if p is not None]
+    return np.concatenate(present) if len(present) == len(parts) and present else None
+
+
 class ComputeGate:
     """One forward at a time among a worker's engines (one per model version), handed over in
     arrival order: each worker's inference threads are its whole CPU budget, so two models'
     forwards side by side would only oversubscribe the cores, and a lock without order would
     let a flooded model's engine take it back again and again. Hand-written: the standard
-    library's locks promise no order."""
+    library's locks promise no order.
+
+    While more than one engine has used it lately, a batch takes its turns ``shared_slice``
+    images at a time, so another model's request waits behind one slice of a flooded model's
+    batch rather than the whole batch of 8."""
+
+    #: Images a turn holds while engines share the gate.
+    shared_slice: Final = 2
+    #: How long another engine's forward counts as "lately".
+    shared_window_s: Final = 1.0
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._busy = False
         self._waiting: collections.deque[threading.Event] = collections.deque()
+        self._last_turn: dict[int, float] = {}
+
+    def slice_for(self, engine: object, batch: int) -> int:
+        """Images per turn for ``engine``'s batch: all of it unless another engine is active."""
+        now = time.monotonic()
+        mine = id(engine)
+        with self._lock:
+            self._last_turn[mine] = now
+            if len(self._last_turn) > 64:  # engines come and go with versions
+                self._last_turn = {
+                    k: t for k, t in self._last_turn.items() if now - t < self.shared_window_s
+                }
+            shared = any(
+                key != mine and now - at < self.shared_window_s
+                for key, at in self._last_turn.items()
+            )
+        return min(batch, self.shared_slice) if shared else batch
 
     def __enter__(self) -> None:
         with self._lock:
@@ -428,12 +486,7 @@ class InferenceEngine:
 
     def _run(self, batch: FloatBatch | Pixels, wants: Wants) -> Forward:
         """One forward of a batch that is all images or all preprocessed arrays."""
-        if not _is_pixels(batch):
-            return self._runtime.forward(batch, wants)
-        if self._pixel_runtime is not None:
-            return self._pixel_runtime.forward_pixels(batch, wants)
-        assert self._normalise is not None  # submit accepts images only then
-        return self._runtime.forward(self._normalise(batch), wants)
+        return forward_batch(self._runtime, batch, wants, self._normalise)
 
     def _as_float(self, array: FloatBatch | Pixels) -> FloatBatch:
         if not _is_pixels(array):
@@ -443,20 +496,35 @@ class InferenceEngine:
 
     def _forward(self, live: list[_Work]) -> tuple[Probabilities, Forward]:
         """Probabilities (a copy) and the batch's outputs: the rows are copied out by the
-        caller before the next forward reuses the runtime's buffers."""
+        caller before the next forward reuses the runtime's buffers. The batch runs in the
+        turns the compute gate gives it (slices when another model is active)."""
         arrays = [work.array for work in live]
         if len({a.dtype for a in arrays}) > 1:  # images beside preprocessed arrays: rare
             arrays = [self._as_float(a) for a in arrays]
         batch = np.stack(arrays)
         wants = frozenset().union(*(work.wants for work in live))
-        with self._compute:
-            outputs = self._run(batch, wants)  # type: ignore[arg-type]  # one dtype, either
-            logits = outputs.logits
-            if logits.ndim != 2 or logits.shape != (len(live), self._num_classes):
-                raise InferenceFailed(
-                    f"the model returned {logits.shape} outputs for {len(live)} inputs"
-                )
-            return softmax(logits.astype(np.float32, copy=True)), outputs
+        step = self._compute.slice_for(self, len(live))
+        if step >= len(live):
+            with self._compute:
+                outputs = self._run(batch, wants)  # type: ignore[arg-type]  # one dtype, either
+                return self._probabilities(outputs, len(live)), outputs
+        slices = []
+        for start in range(0, len(live), step):
+            with self._compute:
+                part = self._run(batch[start : start + step], wants)  # type: ignore[arg-type]
+                slices.append(_copied(part))
+        outputs = Forward(
+            logits=np.concatenate([p.logits for p in slices]),
+            embedding=_joined([p.embedding for p in slices]),
+            feature_map=_joined([p.feature_map for p in slices]),
+        )
+        return self._probabilities(outputs, len(live)), outputs
+
+    def _probabilities(self, outputs: Forward, count: int) -> Probabilities:
+        logits = outputs.logits
+        if logits.ndim != 2 or logits.shape != (count, self._num_classes):
+            raise InferenceFailed(f"the model returned {logits.shape} outputs for {count} inputs")
+        return softmax(logits.astype(np.float32, copy=True))
 
     def _fail_queued(self, error: ServiceError) -> None:
         while True:

@@ -47,6 +47,14 @@ class UndecodableImage(InputError):
     title = "Image could not be decoded"
 
 
+class UnreadableFile(InputError):
+    """A file the tag job listed could not be read: gone since, no permission, a symlink loop
+    (no HTTP request can cause it: uploads are never files)."""
+
+    code = "unreadable_file"
+    title = "File could not be read"
+
+
 class RequestTimeout(InputError):
     """The client was too slow sending its request."""
 

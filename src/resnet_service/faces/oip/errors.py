@@ -22,6 +22,7 @@ GRPC_STATUS: Final[dict[str, grpc.StatusCode]] = {
     errors.ServiceError.code: grpc.StatusCode.INTERNAL,
     errors.InputError.code: _INVALID,
     errors.EmptyUpload.code: _INVALID,
+    errors.UnreadableFile.code: _INVALID,
     errors.MalformedRequest.code: _INVALID,
     errors.DatasetError.code: _INVALID,
     errors.InvalidInferRequest.code: _INVALID,
