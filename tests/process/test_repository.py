@@ -43,34 +43,6 @@ COLOURS = ["red", "green", "blue", "yellow"]
 IMAGE = jpeg_of("chelsea", (320, 240))
 
 
-@pytest.fixture(scope="module")
-def artifact(
-    tmp_path_factory: pytest.TempPathFactory, weights_file: Path, model_cache: Path
-) -> Path:
-    """The OpenVINO int8 model of the test weights, built once by ``quantize --out``."""
-    out = tmp_path_factory.mktemp("artifact") / "imagenet-int8"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "resnet_service",
-            "quantize",
-            "--runtime",
-            "openvino",
-            "--weights",
-            str(weights_file),
-            "--cache-dir",
-            str(model_cache),
-            "--offline",
-            "--out",
-            str(out),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return out
-
-
 def publish(model_dir: Path, version: int, source: Path) -> Path:
     """A version written under a temporary name, then renamed into place (what poll expects)."""
     model_dir.mkdir(parents=True, exist_ok=True)

@@ -26,34 +26,6 @@ from tests.harness import PHOTOS, encode, jpeg_of, wait_until
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def artifact(
-    tmp_path_factory: pytest.TempPathFactory, weights_file: Path, model_cache: Path
-) -> Path:
-    """The OpenVINO int8 model of the test weights, built once by ``quantize --out``."""
-    out = tmp_path_factory.mktemp("tag-artifact") / "int8"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "resnet_service",
-            "quantize",
-            "--runtime",
-            "openvino",
-            "--weights",
-            str(weights_file),
-            "--cache-dir",
-            str(model_cache),
-            "--offline",
-            "--out",
-            str(out),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return out
-
-
 def tag_cmd(artifact: Path, *args: str) -> list[str]:
     return [
         sys.executable,

@@ -62,4 +62,10 @@ def add_arguments(tag: argparse.ArgumentParser) -> None:
         action="store_true",
         help="add rows of this model to an output made with another one",
     )
+    tag.add_argument(
+        "--error-rows-ok",
+        action="store_true",
+        help="exit 0, not 3, when the job completed with error rows (for schedulers that "
+        "count 3 as a failure; the rows still say what failed)",
+    )
     tag.add_argument("--no-progress", action="store_true", help="no progress bar")

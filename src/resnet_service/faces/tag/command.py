@@ -170,7 +170,7 @@ def cmd_tag(args: argparse.Namespace, settings: Settings) -> int:
         bar.close(job.progress)
     if store.parts_before and store.parts_written:
         store.compact()  # inputs re-tagged (changed, or retried) replace their older rows
-    summary = _summary(job, progress, stamp, store, started, reason)
+    summary = _summary(job, progress, stamp, store, started, reason, args.error_rows_ok)
     _report(summary)
     return summary.exit_code
 
@@ -214,6 +214,7 @@ def _summary(
     store: OutputStore,
     started: float,
     reason: str | None,
+    error_rows_ok: bool = False,
 ) -> Summary:
     ended = time.monotonic()
     ready = progress.workers_ready_at or ended
@@ -223,7 +224,7 @@ def _summary(
     elif job.stopped_by is not None:
         status, code = "interrupted", 128 + job.stopped_by
     elif progress.error_rows:
-        status, code = "completed_with_errors", EXIT_WITH_ERRORS
+        status, code = "completed_with_errors", EXIT_OK if error_rows_ok else EXIT_WITH_ERRORS
     else:
         status, code = "completed", EXIT_OK
     return Summary(
