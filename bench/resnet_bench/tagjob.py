@@ -316,8 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--artifact", type=Path, required=True, help="a quantize --out folder")
     parser.add_argument("--out", type=Path, default=Path("bench"))
-    parser.add_argument("--images", type=int, default=500)
-    parser.add_argument("--large-images", type=int, default=60)
+    parser.add_argument("--images", type=int, default=1500)
+    parser.add_argument("--large-images", type=int, default=240)
     parser.add_argument("--loop-seconds", type=float, default=20.0)
     parser.add_argument(
         "--memory-sizes",
@@ -363,7 +363,15 @@ def main(argv: list[str] | None = None) -> int:
                 args.artifact, work / "jpeg-500x375", sizes, work
             )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "tagjob.json").write_text(json.dumps(report, indent=2) + "\n")
+    target = args.out / "tagjob.json"
+    if not sizes and target.exists():  # memory not measured this time: keep the last figures
+        previous = json.loads(target.read_text())
+        for key in ("peak_rss_mb_by_inputs", "memory_measured_on"):
+            if key in previous:
+                report[key] = previous[key]
+    elif sizes:
+        report["memory_measured_on"] = time.strftime("%Y-%m-%d")
+    target.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 
