@@ -521,3 +521,29 @@ def test_a_repository_model_tags_and_its_version_is_on_every_row(
     )
     assert missing.returncode == 1
     assert "has no version 7" in missing.stderr
+
+
+def test_an_output_that_cannot_be_written_stops_the_job_and_a_rerun_resumes(
+    tmp_path: Path, artifact: Path, big_library: tuple[Path, dict[str, Any]]
+) -> None:
+    """The output folder goes away mid-job (a file where it was: every write fails, as on a
+    read-only or lost disk, even for root): exit 1 with the reason, nothing committed lost."""
+    lib, reference = big_library
+    out = tmp_path / "out"
+    job = start_job(artifact, lib, out)
+    moved = tmp_path / "moved"
+    try:
+        wait_until(lambda: len(parts(out)) >= 1, 120, "a first committed part")
+        out.rename(moved)
+        out.write_text("not a folder")
+        assert job.wait(120) == 1
+    finally:
+        stop_process_group(job)
+    out.unlink()
+    moved.rename(out)
+    committed = len(rows_of(out))
+    assert 0 < committed < len(reference)
+    rerun = tag(artifact, str(lib), "--out", str(out))
+    assert rerun.code == 0, rerun.stderr
+    assert rerun.summary["skipped"] == committed
+    assert sorted(r["path"] for r in rows_of(out)) == sorted(reference)

@@ -168,7 +168,7 @@ def cmd_tag(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         undo()
         bar.close(job.progress)
-    if store.parts_before and store.parts_written:
+    if reason is None and store.parts_before and store.parts_written:
         store.compact()  # inputs re-tagged (changed, or retried) replace their older rows
     summary = _summary(job, progress, stamp, store, started, reason, args.error_rows_ok)
     _report(summary)

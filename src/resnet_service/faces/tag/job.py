@@ -29,7 +29,7 @@ from typing import Final
 
 from resnet_service.faces.tag.rows import WORKER_CRASHED, RowError, TagRow
 from resnet_service.faces.tag.sources import Item
-from resnet_service.faces.tag.store import Committed, OutputStore
+from resnet_service.faces.tag.store import Committed, OutputStore, OutputUnwritable
 from resnet_service.faces.tag.worker import Done, Failed, Ready, Task, WorkerSpec, main
 
 log = logging.getLogger(__name__)
@@ -242,7 +242,10 @@ class TagJob:
     def _maybe_commit(self, force: bool = False) -> None:
         due = time.monotonic() - self._last_commit >= self.options.commit_interval_s
         if self._pending and (force or due or len(self._pending) >= self.options.commit_rows):
-            self.store.commit(self._pending)
+            try:
+                self.store.commit(self._pending)
+            except OutputUnwritable as exc:
+                raise JobFailed(str(exc)) from exc
             self.progress.committed_rows += len(self._pending)
             self._pending = []
             self._last_commit = time.monotonic()

@@ -18,6 +18,7 @@ need CPUs kept for them, or the actor pool that takes them all stalls it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -28,10 +29,10 @@ from typing import Any, Final
 
 import pyarrow as pa
 
-from resnet_service.faces.tag.job import Progress
+from resnet_service.faces.tag.job import JobFailed, Progress
 from resnet_service.faces.tag.rows import ModelStamp, RowError
 from resnet_service.faces.tag.sources import Item
-from resnet_service.faces.tag.store import Committed, OutputStore, to_table
+from resnet_service.faces.tag.store import Committed, OutputStore, OutputUnwritable, to_table
 from resnet_service.faces.tag.worker import Tagger, WorkerSpec, open_model
 
 log = logging.getLogger(__name__)
@@ -171,10 +172,20 @@ class RayJob:
             for window in _windows(
                 items, committed, self.progress, self.options.window, self._stop
             ):
-                self._tag_window(ray, window, actors)
+                try:
+                    self._tag_window(ray, window, actors)
+                except OutputUnwritable as exc:
+                    raise JobFailed(str(exc)) from exc
+                except Exception as exc:  # Ray gave up on the dataset: keep what came back
+                    with contextlib.suppress(OutputUnwritable):
+                        self._commit(force=True)
+                    raise JobFailed(f"Ray Data failed: {type(exc).__name__}: {exc}") from exc
                 if self._stop.is_set():
                     break
-            self._commit(force=True)
+            try:
+                self._commit(force=True)
+            except OutputUnwritable as exc:
+                raise JobFailed(str(exc)) from exc
         finally:
             ray.shutdown()
         return self.progress

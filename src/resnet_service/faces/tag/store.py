@@ -112,6 +112,11 @@ def to_table(rows: list[TagRow], stamp: ModelStamp, embed: bool, tagged_at: int)
     return pa.Table.from_pydict(columns, schema=schema(embed))
 
 
+class OutputUnwritable(Exception):
+    """A part could not be written (a full or read-only disk, the folder gone): the job stops;
+    what was committed before stays, and a rerun resumes from it."""
+
+
 class OutputConflict(Exception):
     """The output folder holds another job's results (another model, format or columns)."""
 
@@ -254,9 +259,15 @@ class OutputStore:
         table = table.cast(self.schema)
         name = f"part-{self._next:06d}.{self.suffix}"
         self._next += 1
-        self._write(table, self.root / name)
-        errors = table.num_rows - table.column("error").null_count
-        self._log(name, table.num_rows, errors)
+        try:
+            self._write(table, self.root / name)
+            errors = table.num_rows - table.column("error").null_count
+            self._log(name, table.num_rows, errors)
+        except OSError as exc:
+            raise OutputUnwritable(
+                f"cannot write {self.root / name}: {exc.strerror or exc}; the parts committed "
+                "before are kept, and the same command resumes once the folder is writable"
+            ) from exc
         self.parts_written += 1
         return self.root / name
 
