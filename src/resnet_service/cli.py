@@ -290,19 +290,21 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
             return {"file": str(path), "error": _error(exc)}
         return await _predict_line(classifier, path, result, args)
 
+    async def emit(task: asyncio.Task[dict[str, Any]]) -> bool:
+        """Write one line once it is done; True when it is an error."""
+        line = await task
+        _emit(line)
+        return "error" in line
+
     async def run() -> bool:
         pending: collections.deque[asyncio.Task[dict[str, Any]]] = collections.deque()
         failed = False
         for path in _predict_inputs(args.files):
             pending.append(asyncio.create_task(one(path)))
             if len(pending) >= window:
-                line = await pending.popleft()
-                failed |= "error" in line
-                _emit(line)
+                failed |= await emit(pending.popleft())
         while pending:
-            line = await pending.popleft()
-            failed |= "error" in line
-            _emit(line)
+            failed |= await emit(pending.popleft())
         return failed
 
     try:

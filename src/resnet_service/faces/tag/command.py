@@ -30,7 +30,13 @@ from resnet_service.faces.tag.job import (
 )
 from resnet_service.faces.tag.rows import ModelStamp
 from resnet_service.faces.tag.sources import Item, check_sources, listing
-from resnet_service.faces.tag.store import Committed, JobRecord, OutputConflict, OutputStore
+from resnet_service.faces.tag.store import (
+    Committed,
+    JobRecord,
+    OutputConflict,
+    OutputStore,
+    OutputUnwritable,
+)
 from resnet_service.faces.tag.worker import WorkerSpec
 
 log = logging.getLogger("resnet_service.tag")
@@ -162,7 +168,7 @@ def cmd_tag(args: argparse.Namespace, settings: Settings) -> int:
     reason = None
     try:
         progress = job.run(listing(args.sources, args.manifest, args.column), committed)
-    except JobFailed as exc:
+    except (JobFailed, OutputUnwritable) as exc:  # nothing committed is lost either way
         reason = str(exc)
         progress = job.progress
     finally:

@@ -29,7 +29,7 @@ from typing import Final
 
 from resnet_service.faces.tag.rows import WORKER_CRASHED, RowError, TagRow
 from resnet_service.faces.tag.sources import Item
-from resnet_service.faces.tag.store import Committed, OutputStore, OutputUnwritable
+from resnet_service.faces.tag.store import Committed, OutputStore, PendingRows
 from resnet_service.faces.tag.worker import Done, Failed, Ready, Task, WorkerSpec, main
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,26 @@ class JobFailed(Exception):
     """The job itself could not go on (the model would not load, a worker kept dying)."""
 
 
+def to_tag(
+    items: Iterable[Item], committed: Committed, progress: Progress, stop: threading.Event
+) -> Iterator[Item]:
+    """The listed inputs that are not committed as they are now, each path once (a local job's
+    listing and the Ray job's windows both take their inputs from here)."""
+    seen: set[str] = set()
+    for item in items:
+        if stop.is_set():
+            return
+        progress.listed += 1
+        if item.path in seen or (
+            item.error is None and committed.has(item.path, item.size, item.source_version)
+        ):
+            progress.skipped += 1
+            continue
+        seen.add(item.path)
+        yield item
+    progress.listing_done = True
+
+
 class _Listing(threading.Thread):
     """Lists in the background into a bounded queue, skipping what is committed."""
 
@@ -87,21 +107,10 @@ class _Listing(threading.Thread):
         self.queue: queue.Queue[object] = queue.Queue(LISTING_BUFFER)
         self.stop = threading.Event()
         self.error: BaseException | None = None
-        self._seen: set[str] = set()
 
     def run(self) -> None:
         try:
-            for item in self.items:
-                if self.stop.is_set():
-                    break
-                self.progress.listed += 1
-                if item.path in self._seen or (
-                    item.error is None
-                    and self.committed.has(item.path, item.size, item.source_version)
-                ):
-                    self.progress.skipped += 1
-                    continue
-                self._seen.add(item.path)
+            for item in to_tag(self.items, self.committed, self.progress, self.stop):
                 while not self.stop.is_set():
                     try:
                         self.queue.put(item, timeout=0.2)
@@ -155,8 +164,7 @@ class TagJob:
         self.on_progress = on_progress
         self._ctx = multiprocessing.get_context("spawn")
         self._workers: list[_Worker] = []
-        self._pending: list[TagRow] = []
-        self._last_commit = time.monotonic()
+        self._pending = PendingRows(store, options.commit_rows, options.commit_interval_s)
         self._task_ids = iter(range(1, 1 << 62))
         self._deaths: Counter[int] = Counter()
         self._retry: list[Task] = []
@@ -233,22 +241,14 @@ class TagJob:
 
     # --- rows --------------------------------------------------------------------------------
     def _add(self, rows: list[TagRow]) -> None:
-        self._pending.extend(rows)
+        self._pending.add(self.store.table(rows))
         self.progress.done += len(rows)
         for row in rows:
             if row.error is not None:
                 self.progress.errors[row.error.code] += 1
 
     def _maybe_commit(self, force: bool = False) -> None:
-        due = time.monotonic() - self._last_commit >= self.options.commit_interval_s
-        if self._pending and (force or due or len(self._pending) >= self.options.commit_rows):
-            try:
-                self.store.commit(self._pending)
-            except OutputUnwritable as exc:
-                raise JobFailed(str(exc)) from exc
-            self.progress.committed_rows += len(self._pending)
-            self._pending = []
-            self._last_commit = time.monotonic()
+        self.progress.committed_rows += self._pending.commit_if_due(force)
 
     # --- the run -----------------------------------------------------------------------------
     def request_stop(self, signum: int) -> None:

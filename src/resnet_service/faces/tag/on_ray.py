@@ -29,10 +29,16 @@ from typing import Any, Final
 
 import pyarrow as pa
 
-from resnet_service.faces.tag.job import JobFailed, Progress
+from resnet_service.faces.tag.job import JobFailed, Progress, to_tag
 from resnet_service.faces.tag.rows import ModelStamp, RowError
 from resnet_service.faces.tag.sources import Item
-from resnet_service.faces.tag.store import Committed, OutputStore, OutputUnwritable, to_table
+from resnet_service.faces.tag.store import (
+    Committed,
+    OutputStore,
+    OutputUnwritable,
+    PendingRows,
+    to_table,
+)
 from resnet_service.faces.tag.worker import Tagger, WorkerSpec, open_model
 
 log = logging.getLogger(__name__)
@@ -109,24 +115,13 @@ def _windows(
     size: int,
     stop: threading.Event,
 ) -> Iterator[list[Item]]:
-    """The listing in windows, skipping what is committed (as the local job's listing does)."""
-    seen: set[str] = set()
+    """What is to tag (as the local job's listing has it), in windows of ``size`` inputs."""
     window: list[Item] = []
-    for item in items:
-        if stop.is_set():
-            return
-        progress.listed += 1
-        if item.path in seen or (
-            item.error is None and committed.has(item.path, item.size, item.source_version)
-        ):
-            progress.skipped += 1
-            continue
-        seen.add(item.path)
+    for item in to_tag(items, committed, progress, stop):
         window.append(item)
         if len(window) >= size:
             yield window
             window = []
-    progress.listing_done = True
     if window:
         yield window
 
@@ -150,9 +145,7 @@ class RayJob:
         self.progress = Progress()
         self.stopped_by: int | None = None
         self._stop = threading.Event()
-        self._pending: list[pa.Table] = []
-        self._pending_rows = 0
-        self._last_commit = time.monotonic()
+        self._pending = PendingRows(store, options.commit_rows, options.commit_interval_s)
 
     def request_stop(self, signum: int) -> None:
         """Stop after the batch in hand (a signal handler calls this); what is back is
@@ -174,18 +167,15 @@ class RayJob:
             ):
                 try:
                     self._tag_window(ray, window, actors)
-                except OutputUnwritable as exc:
-                    raise JobFailed(str(exc)) from exc
+                except OutputUnwritable:
+                    raise
                 except Exception as exc:  # Ray gave up on the dataset: keep what came back
                     with contextlib.suppress(OutputUnwritable):
                         self._commit(force=True)
                     raise JobFailed(f"Ray Data failed: {type(exc).__name__}: {exc}") from exc
                 if self._stop.is_set():
                     break
-            try:
-                self._commit(force=True)
-            except OutputUnwritable as exc:
-                raise JobFailed(str(exc)) from exc
+            self._commit(force=True)
         finally:
             ray.shutdown()
         return self.progress
@@ -209,17 +199,11 @@ class RayJob:
                 return
 
     def _add(self, table: pa.Table) -> None:
-        self._pending.append(table)
-        self._pending_rows += table.num_rows
+        self._pending.add(table)
         self.progress.done += table.num_rows
         for error in table.column("error").to_pylist():
             if error is not None:
                 self.progress.errors[error["code"]] += 1
 
     def _commit(self, force: bool = False) -> None:
-        due = time.monotonic() - self._last_commit >= self.options.commit_interval_s
-        if self._pending and (force or due or self._pending_rows >= self.options.commit_rows):
-            self.store.commit_table(pa.concat_tables(self._pending))
-            self.progress.committed_rows += self._pending_rows
-            self._pending, self._pending_rows = [], 0
-            self._last_commit = time.monotonic()
+        self.progress.committed_rows += self._pending.commit_if_due(force)

@@ -112,6 +112,33 @@ def to_table(rows: list[TagRow], stamp: ModelStamp, embed: bool, tagged_at: int)
     return pa.Table.from_pydict(columns, schema=schema(embed))
 
 
+class PendingRows:
+    """Rows back from the workers (local or Ray), committed as one part every ``every_rows``
+    rows or ``every_s`` seconds, whichever comes first: a crash re-does at most that much."""
+
+    def __init__(self, store: OutputStore, every_rows: int, every_s: float) -> None:
+        self.store = store
+        self.every_rows = every_rows
+        self.every_s = every_s
+        self._tables: list[pa.Table] = []
+        self._rows = 0
+        self._last = time.monotonic()
+
+    def add(self, table: pa.Table) -> None:
+        self._tables.append(table)
+        self._rows += table.num_rows
+
+    def commit_if_due(self, force: bool = False) -> int:
+        """Commit what is pending when it is due (or ``force``); the rows committed."""
+        due = time.monotonic() - self._last >= self.every_s
+        if not self._tables or not (force or due or self._rows >= self.every_rows):
+            return 0
+        self.store.commit_table(pa.concat_tables(self._tables))
+        committed, self._tables, self._rows = self._rows, [], 0
+        self._last = time.monotonic()
+        return committed
+
+
 class OutputUnwritable(Exception):
     """A part could not be written (a full or read-only disk, the folder gone): the job stops;
     what was committed before stays, and a rerun resumes from it."""
@@ -248,11 +275,13 @@ class OutputStore:
         options = pa_json.ParseOptions(explicit_schema=wanted, unexpected_field_behavior="ignore")
         return pa_json.read_json(path, parse_options=options).select(columns)
 
+    def table(self, rows: list[TagRow]) -> pa.Table:
+        """``rows`` as a table of this output, stamped with its model and the time."""
+        return to_table(rows, self.record.model, self.record.embed, int(time.time() * 1000))
+
     def commit(self, rows: list[TagRow]) -> Path:
         """Write ``rows`` as the next part, atomically; then log it."""
-        return self.commit_table(
-            to_table(rows, self.record.model, self.record.embed, int(time.time() * 1000))
-        )
+        return self.commit_table(self.table(rows))
 
     def commit_table(self, table: pa.Table) -> Path:
         """Write a table of this output's schema as the next part, atomically; then log it."""
