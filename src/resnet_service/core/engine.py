@@ -165,10 +165,11 @@ class ComputeGate:
         self._waiting: collections.deque[threading.Event] = collections.deque()
         self._last_turn: dict[int, float] = {}
 
-    def slice_for(self, engine: object, batch: int) -> int:
-        """Images per turn for ``engine``'s batch: all of it unless another engine is active."""
+    def slice_for(self, model: object, batch: int) -> int:
+        """Images per turn for a batch of ``model``: all of it unless another model is active
+        (two versions of one model swapping are one tenant: no slicing while they do)."""
         now = time.monotonic()
-        mine = id(engine)
+        mine = hash(model)
         with self._lock:
             self._last_turn[mine] = now
             if len(self._last_turn) > 64:  # engines come and go with versions
@@ -503,7 +504,9 @@ class InferenceEngine:
             arrays = [self._as_float(a) for a in arrays]
         batch = np.stack(arrays)
         wants = frozenset().union(*(work.wants for work in live))
-        step = self._compute.slice_for(self, len(live))
+        step = self._compute.slice_for(
+            self._trace_attributes.get("model.name", id(self)), len(live)
+        )
         if step >= len(live):
             with self._compute:
                 outputs = self._run(batch, wants)  # type: ignore[arg-type]  # one dtype, either
