@@ -401,15 +401,15 @@ def test_a_flood_on_one_model_does_not_starve_the_others(
         assert result.codes.get("overloaded", 0) > 0  # the flood really was over capacity
         # The goals (issue 30: p99 within 2x, median within 1.3x) are missed; the figures are
         # reported, and held here are sanity bounds against starvation. Measured on a 2-CPU AMD
-        # EPYC Zen 4 with batches sliced at the compute gate (engine.ComputeGate): over seven
-        # runs, five native and two with the forward slowed 2x (ONEDNN_MAX_CPU_ISA=AVX2), the
-        # median x1.37-x2.40, p95 x1.66-x8.80, p99 x3.3-x12. Before slicing: median up to x3.13,
-        # p95 up to x14.9 (on a 2-CPU Xeon: median x2.0-x2.7, p99 x7-x22). p99 of 200 is the
-        # second-worst answer, one stall of the shared VM decides it: reported, not held. The
-        # tail comes when the flood gets more of its requests admitted (~950-1900 answers a run
-        # instead of ~450), so the bounds sit above the worst run seen before slicing.
-        assert median_ratio < 3.5
-        assert p95_ratio < 15.0
+        # EPYC Zen 4 with images decoded just in time, one image a turn at the compute gate
+        # and admission's ramp after shedding: over 14 runs, 9 native and 5 with the forward
+        # slowed 2x (ONEDNN_MAX_CPU_ISA=AVX2), the median x1.65-x2.12, p95 x1.49-x2.75, p99
+        # x1.7-x6.4. Before (decoded ahead, slices of two, the deadline's bound back at once
+        # after a stall of the flood's client): median up to x3.93, p95 up to x14.9. p99 of
+        # 200 is the second-worst answer, one stall of the shared VM decides it: reported, not
+        # held.
+        assert median_ratio < 3.0
+        assert p95_ratio < 5.0
 
 
 # --- live versions by polling ----------------------------------------------------------------

@@ -29,6 +29,8 @@ POLICY = AdmissionPolicy(bound_s=15.0, target_s=0.05, interval_s=0.1)
 class Outcome:
     arrived: float
     refused: bool = False
+    #: Admitted, then refused as stale before it was served (admission's wasted work).
+    dropped: bool = False
     waited: float | None = None  # once served
     latency: float | None = None
 
@@ -71,7 +73,7 @@ class Replica:
             return
         outcome, ticket, done = self.queue.popleft()
         if self.workload.stale(self.now - outcome.arrived):  # as the decode pool does
-            outcome.refused = True
+            outcome.refused = outcome.dropped = True
             self.workload.finished(1)
             ticket.release()
             done(outcome)
@@ -195,3 +197,81 @@ def test_stale_work_is_dropped_only_while_shedding() -> None:
     workload.shedding = True
     assert workload.stale(POLICY.stale_s + 0.001)
     assert not workload.stale(POLICY.stale_s / 2)
+
+
+def test_after_shedding_the_bound_grows_back_from_the_target() -> None:
+    now = [0.0]
+    workload = Workload(POLICY, COST_S, clock=lambda: now[0])
+    assert workload.bound_s() == POLICY.bound_s  # never shed: the deadline's bound
+    workload.shedding = True
+    assert workload.bound_s() == POLICY.target_s
+    workload._switch(False, workload._window, now[0])
+    assert workload.bound_s() == pytest.approx(POLICY.target_s)
+    now[0] += 3 * POLICY.interval_s
+    assert workload.bound_s() == pytest.approx(8 * POLICY.target_s)
+    now[0] += 20 * POLICY.interval_s
+    assert workload.bound_s() == POLICY.bound_s
+
+
+def test_after_a_pause_of_the_flood_little_is_admitted_only_to_be_dropped() -> None:
+    """The flooding client stalls for a third of a second: its queue drains and shedding
+    ends, as after a real flood. When the flood resumes, the bound is still near the target,
+    so it cannot queue seconds of work to be dropped once shedding resumes (back at the
+    deadline's 15 s bound at once, it did)."""
+    replica = Replica()
+    capacity = 1 / COST_S
+    replica.open_loop(10 * capacity, start=0.0, until=2.0)
+    replica.open_loop(10 * capacity, start=2.3, until=4.0)
+    replica.run(until=10.0)
+    resumed = [o for o in replica.outcomes if o.arrived >= 2.3]
+    assert served(resumed), "nothing was served after the pause"
+    assert max(o.waited or 0 for o in served(resumed)) < 4 * POLICY.target_s
+    # What was admitted after the pause and then dropped as stale: a few of the target's
+    # worth, not the interval's whole flood (~140 here without the ramp).
+    assert sum(o.dropped for o in resumed) < 4 * POLICY.target_s / COST_S
+
+
+def test_requests_shed_after_admission_count_as_demand() -> None:
+    """A request admitted and then refused in the pipeline (its decode backlog was full) was
+    not served: counted as answered, a flood of such requests would never look like one."""
+    replica = Replica()
+    backlog = 4
+    arrive = replica.arrive
+
+    def arrive_with_backlog(done: Callable[[Outcome], None] = lambda _: None) -> None:
+        if len(replica.queue) < backlog:
+            arrive(done)
+            return
+        outcome = Outcome(arrived=replica.now, refused=True)
+        replica.outcomes.append(outcome)
+        try:
+            ticket = replica.workload.admit()
+        except Overloaded:
+            return
+        ticket.uploaded()
+        replica.workload.started()
+        replica.workload.shed()  # what the classifier does on Overloaded in the pipeline
+        replica.workload.finished(1)
+        ticket.release()
+
+    replica.arrive = arrive_with_backlog  # type: ignore[method-assign]
+    # A slow model: every served image waits longer than the target behind the backlog.
+    replica.cost_s = 0.05
+    replica.workload.cost_s = 0.05
+    replica.open_loop(10 / 0.05, start=0.0, until=2.0)
+    replica.run(until=2.0)
+    assert replica.workload.shedding
+
+
+def test_while_shedding_a_batch_worth_is_admitted_when_one_image_costs_more_than_the_target() -> (
+    None
+):
+    policy = AdmissionPolicy(bound_s=15.0, target_s=0.05, interval_s=0.1, floor_images=4)
+    workload = Workload(policy, initial_cost_s=0.2)
+    workload.shedding = True
+    tickets = [workload.admit() for _ in range(4)]  # 4 x 0.2 s predicted: past the target
+    with pytest.raises(Overloaded):
+        workload.admit()
+    assert not workload.stale(2 * 4 * 0.2 - 0.01)  # the floor's own wait is not stale
+    for ticket in tickets:
+        ticket.release()

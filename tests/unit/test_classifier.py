@@ -147,3 +147,27 @@ async def test_admission_measures_work_and_refuses_past_the_budget(
         clf.admit().uploaded()  # nothing ahead any more
     finally:
         clf.stop(timeout=5)
+
+
+async def test_images_are_decoded_just_in_time(int8_model: ServedModel, settings: Settings) -> None:
+    """A backlog waits as bytes: at most a batch of decoded images queues ahead of the model
+    (and one more per decode thread), however many requests wait."""
+    clf = Classifier(
+        int8_model, settings.model_copy(update={"max_batch_size": 2, "decode_threads": 2})
+    )
+    clf.start()
+    depths: list[int] = []
+    submit = clf.engine.submit
+
+    def recording_submit(*args, **kwargs):  # type: ignore[no-untyped-def]
+        depths.append(clf.engine.queue_depth)
+        return submit(*args, **kwargs)
+
+    clf.engine.submit = recording_submit  # type: ignore[method-assign]
+    try:
+        results = await clf.classify_many([jpeg_of("coffee")] * 24)
+        assert all(isinstance(r, Classification) for r in results)
+        assert len(depths) == 24
+        assert max(depths) <= 2 + 2 - 1  # a batch, plus what the other decoder had checked
+    finally:
+        clf.stop(timeout=5)

@@ -386,7 +386,21 @@ def test_beside_another_active_model_a_batch_runs_in_slices_with_the_same_result
             scores = fut.result(5)
             assert scores.batch_size == 5  # one batch of the engine ...
             np.testing.assert_allclose(scores.probabilities, expected[row].numpy(), atol=1e-6)
-        assert gated.batch_sizes == [1, 2, 2, 1]  # ... in turns of two at the gate
+        assert gated.batch_sizes == [1] + [1] * 5  # ... in turns of one image at the gate
     finally:
         mine.stop(timeout=5)
         other.stop(timeout=5)
+
+
+def test_room_opens_when_the_model_takes_queued_work(
+    engine: InferenceEngine, gated: GatedRuntime
+) -> None:
+    """What the decode threads wait on: fewer than ``depth`` images queued."""
+    first = hold_engine(engine, gated)
+    queued = [engine.submit(image(i)) for i in range(3)]
+    assert not engine.wait_for_room(3, timeout_s=0.05)  # three wait: no room below three
+    assert engine.wait_for_room(4, timeout_s=0.05)
+    gated.gate.set()  # the model takes the three as its next batch
+    assert engine.wait_for_room(1, timeout_s=5)
+    for future in [first, *queued]:
+        assert future.result(timeout=5).probabilities.shape == (CLASSES,)

@@ -25,6 +25,14 @@ Fresh over stale: while shedding, an image that has already waited longer than
 has waited long, and its decode would delay fresh requests. The first interval of a flood is
 admitted under the deadline bound; this is what clears that backlog quickly.
 
+Leaving shedding: the bound grows back from the target, doubling every interval, instead of
+jumping to the deadline's: a pause of the flooding client (or of the host) looks like the end
+of a flood, and at the deadline's bound the flood's next interval would queue seconds of work
+only to have it dropped as stale. Requests admitted and then refused in the pipeline (a full
+decode backlog, stale work) count as demand, not as answers. While shedding, a batch's worth
+of images (``floor_images``) is admitted whatever its predicted wait, so that a model slower
+than the target per image is still kept busy.
+
 The queue is sized in time, not in count: the cost of one image is measured as busy time per
 completed image, so it follows the host, the runtime, the image sizes and the process layout
 without tuning. Under saturation busy time per image is exactly 1 / throughput; at low load it
@@ -70,6 +78,11 @@ class AdmissionPolicy:
     target_s: float
     #: How long the delay must stay above the target (and arrivals above answers) to shed.
     interval_s: float
+    #: While shedding, this many images are admitted whatever their predicted wait: a batch's
+    #: worth keeps the model busy when one image costs more than the target (a slow runtime,
+    #: or a worker shared with other models), where the target alone would admit one at a time
+    #: and leave the model idle between them.
+    floor_images: int = 1
 
     @property
     def stale_s(self) -> float:
@@ -91,10 +104,14 @@ class _Window:
     arrivals: int = 0
     answered: int = 0
     refused: int = 0
+    #: Of ``answered``, requests admitted and then shed (a full decode backlog, stale work):
+    #: served by no one, so they are demand, not service.
+    shed: int = 0
 
     def overloaded(self) -> bool:
         """More demand than service: what a closed loop, however large, never shows."""
-        return self.arrivals > _EXCESS_FACTOR * self.answered + _EXCESS_REQUESTS
+        served = max(0, self.answered - self.shed)
+        return self.arrivals > _EXCESS_FACTOR * served + _EXCESS_REQUESTS
 
 
 class Workload:
@@ -120,6 +137,8 @@ class Workload:
         self.hold_until = 0.0
         #: True while a standing queue is being shed (the bound is then the target).
         self.shedding = False
+        #: When shedding last ended: the bound grows back from the target from then on.
+        self._calm_since = -math.inf
         self._busy_total = 0.0
         self._busy_since = 0.0
         self._last = _Sample()
@@ -139,8 +158,17 @@ class Workload:
         return max(1, min(MAX_RETRY_AFTER_S, math.ceil(self.predicted_wait_s())))
 
     def bound_s(self) -> float:
-        """The predicted wait admitted now: the target while shedding, else the deadline's."""
-        return self.policy.target_s if self.shedding else self.policy.bound_s
+        """The predicted wait admitted now: the target while shedding, else the deadline's,
+        reached by doubling from the target every interval once shedding ended. The ramp is
+        what makes a wrong end harmless: a stall of the host or of the flooding client looks
+        like the quiet after a flood, and a bound back at the deadline at once would let the
+        flood queue seconds of work in the next interval."""
+        if self.shedding:
+            return self.policy.target_s
+        doublings = (self._clock() - self._calm_since) / self.policy.interval_s
+        if doublings >= math.log2(self.policy.bound_s / self.policy.target_s):
+            return self.policy.bound_s
+        return self.policy.target_s * 2**doublings
 
     def admit(self) -> Ticket:
         """A ticket for one request, or ``Overloaded`` when it would wait past the bound.
@@ -151,7 +179,8 @@ class Workload:
         self._decide(self._clock())
         wait = self.predicted_wait_s()
         bound = self.bound_s()
-        if wait > bound and (self.uploading or self.processing):
+        in_flight = self.uploading + self.processing
+        if wait > bound and in_flight >= (self.policy.floor_images if self.shedding else 1):
             self._window.refused += 1
             why = "a queue is standing" if self.shedding else "its deadline budget is spent"
             raise Overloaded(
@@ -167,8 +196,9 @@ class Workload:
 
     def stale(self, waited_s: float) -> bool:
         """Whether work that has waited ``waited_s`` should be refused instead of started
-        (read-only: the decode threads ask it)."""
-        return self.shedding and waited_s > self.policy.stale_s
+        (read-only: the decode threads ask it). The floor's own wait is never stale."""
+        floor_wait_s = 2 * self.policy.floor_images * self.cost_s
+        return self.shedding and waited_s > max(self.policy.stale_s, floor_wait_s)
 
     def _decide(self, now: float) -> None:
         """Start shedding once the queue has stood above the target for an interval while
@@ -178,8 +208,11 @@ class Workload:
             if now - window.since < self.policy.interval_s:
                 return
             # Over: a whole interval held the target without refusing, or no request came
-            # for an interval (the first one after a quiet spell closes a window this old).
-            if window.refused == 0 or now - window.since >= 2 * self.policy.interval_s:
+            # for an interval (the first one after a quiet spell closes a window this old)
+            # and what is admitted fits the target: a stall of the host or of the flood's
+            # client also leaves a gap, with the queue still standing behind it.
+            quiet = now - window.since >= 2 * self.policy.interval_s
+            if window.refused == 0 or (quiet and self.predicted_wait_s() <= self.policy.target_s):
                 self._switch(False, window, now)
             self._window = _Window(now)
             return
@@ -192,6 +225,8 @@ class Workload:
 
     def _switch(self, shedding: bool, window: _Window, now: float) -> None:
         self.shedding = shedding
+        if not shedding:
+            self._calm_since = now
         log.warning(
             "admission: %s (over %.0f ms: %d arrived, %d answered, %d refused)",
             "a queue stands: shedding" if shedding else "the overload is over",
@@ -235,6 +270,12 @@ class Workload:
         """One admitted request ended (its ticket is released)."""
         self._window.answered += 1
         self.open -= 1
+
+    def shed(self) -> None:
+        """An admitted request's image was refused after all (``Overloaded`` in the pipeline):
+        its answer is a refusal, not service."""
+        self._window.refused += 1
+        self._window.shed += 1
 
     def busy_s(self, now: float) -> float:
         return self._busy_total + (now - self._busy_since if self.processing else 0.0)

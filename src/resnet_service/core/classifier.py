@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -31,6 +31,7 @@ from resnet_service.core.engine import (
     Scores,
 )
 from resnet_service.core.errors import (
+    DeadlineExceeded,
     InvalidParameter,
     NotReady,
     OutputUnavailable,
@@ -70,6 +71,7 @@ def admission_policy(settings: Settings) -> AdmissionPolicy:
         bound_s=settings.queue_bound_ms / 1000,
         target_s=settings.queue_target_ms / 1000,
         interval_s=settings.queue_interval_ms / 1000,
+        floor_images=settings.max_batch_size,
     )
 
 
@@ -83,6 +85,14 @@ class Decoded:
     waited_s: float
     #: The upright (width, height) of the image as sent.
     size: tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """A decoded image and its place in the model's queue."""
+
+    decoded: Decoded
+    scores: Future[Scores]
 
 
 @dataclass(slots=True)
@@ -262,7 +272,17 @@ class Classifier:
         return self.workload.admit()
 
     # --- decoding ------------------------------------------------------------------------
-    def _decode_sync(self, data: bytes, submitted: float) -> Decoded:
+    def _decode_sync(self, data: bytes, submitted: float, wants: Wants) -> Queued:
+        """Decode one image and queue it for the model, on a decode thread.
+
+        Just in time: at most a batch waits for the model (the running one aside, and one
+        image more per other decode thread). Past that an image waits here as its bytes,
+        where a standing queue's stale work is dropped before any CPU is spent on it and
+        where it does not take the cores from other models. Queued from this thread, so the
+        check and the put are one step."""
+        timeout_s = self.settings.request_timeout_s
+        if not self.engine.wait_for_room(self.settings.max_batch_size, timeout_s):
+            raise DeadlineExceeded("the model took no image within the deadline")
         started = time.monotonic()
         waited = started - submitted
         if self.workload.stale(waited):  # fresh over stale: see resnet_service.core.admission
@@ -272,14 +292,16 @@ class Classifier:
                 retry_after_s=1,
             )
         pixels, size = decode_sized(data, self.limits, self.model.spec, fast=self.fast)
-        return Decoded(pixels, time.monotonic() - started, waited, size)
+        decoded = Decoded(pixels, time.monotonic() - started, waited, size)
+        return Queued(decoded, self.engine.submit(pixels, timeout_s, wants))
 
     def _release_decode_slot(self, _: object = None) -> None:
         with self._decoding_lock:
             self._decoding -= 1
 
-    async def decode(self, data: bytes) -> Decoded:
-        """Decode on the pool; ``Overloaded`` at once when the pool's backlog is full."""
+    async def decode(self, data: bytes, wants: Wants = LOGITS_ONLY) -> Queued:
+        """Decode on the pool and queue for the model; ``Overloaded`` at once when the pool's
+        backlog is full."""
         with self._decoding_lock:
             if self._decoding >= self._decode_capacity:
                 raise Overloaded(
@@ -288,16 +310,16 @@ class Classifier:
                 )
             self._decoding += 1
         try:
-            future = self._pool.submit(self._decode_sync, data, time.monotonic())
+            future = self._pool.submit(self._decode_sync, data, time.monotonic(), wants)
         except RuntimeError:  # pool shut down
             self._release_decode_slot()
             raise NotReady("the service is shutting down") from None
         # Released when the decode ends *or* is cancelled before it ran (caller gone).
         future.add_done_callback(self._release_decode_slot)
-        decoded = await asyncio.wrap_future(future)
+        queued = await asyncio.wrap_future(future)
         if self._observer:
-            self._observer.decoded(decoded.decode_s)
-        return decoded
+            self._observer.decoded(queued.decoded.decode_s)
+        return queued
 
     # --- classification ------------------------------------------------------------------
     async def classify(
@@ -376,10 +398,10 @@ class Classifier:
                 return self._from_cache(found, k, started)
         with self._in_pipeline() as slot:
             with child_span("decode"):
-                decoded = await self.decode(data)
-            result = await self._infer(
-                decoded.array, decoded.decode_s, k, started, wants, decoded.size
-            )
+                queued = await self.decode(data, wants)
+            decoded = queued.decoded
+            scores = await self.engine.answer(queued.scores, self.settings.request_timeout_s)
+            result = self._classification(scores, decoded.decode_s, k, started, decoded.size)
             slot.waited_s = decoded.waited_s + result.timings.queue_s
         if key is not None and self.cache is not None:
             self.cache.put(key, result.probabilities)
@@ -405,6 +427,9 @@ class Classifier:
         slot = _Slot()
         try:
             yield slot
+        except Overloaded:
+            self.workload.shed()
+            raise
         finally:
             self.workload.finished(1, slot.waited_s)
 
@@ -418,6 +443,16 @@ class Classifier:
         size: tuple[int, int] | None = None,
     ) -> Classification:
         scores: Scores = await self.engine.infer(array, self.settings.request_timeout_s, wants)
+        return self._classification(scores, decode_s, k, started, size)
+
+    def _classification(
+        self,
+        scores: Scores,
+        decode_s: float,
+        k: int,
+        started: float,
+        size: tuple[int, int] | None = None,
+    ) -> Classification:
         return Classification(
             self._prediction(scores.probabilities, k, scores.batch_size),
             Timings(

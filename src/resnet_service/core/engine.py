@@ -155,7 +155,7 @@ class ComputeGate:
     batch rather than the whole batch of 8."""
 
     #: Images a turn holds while engines share the gate.
-    shared_slice: Final = 2
+    shared_slice: Final = 1
     #: How long another engine's forward counts as "lately".
     shared_window_s: Final = 1.0
 
@@ -237,6 +237,8 @@ class InferenceEngine:
         self._stopping = threading.Event()
         self._startup_error: BaseException | None = None
         self._in_batch = 0
+        #: Notified whenever the model thread takes work from the queue (``wait_for_room``).
+        self._room = threading.Condition()
         #: Smoothed seconds of model time per image (for Retry-After and admission).
         self.per_item_s = 0.005
         self.items_run = 0
@@ -258,6 +260,7 @@ class InferenceEngine:
     def stop(self, timeout: float | None = 30.0) -> None:
         """Stop accepting work, finish what is queued (within ``timeout``), then end the thread."""
         self._stopping.set()
+        self._made_room()
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
@@ -277,6 +280,19 @@ class InferenceEngine:
     @property
     def queue_depth(self) -> int:
         return self._queue.qsize()
+
+    def wait_for_room(self, depth: int, timeout_s: float) -> bool:
+        """Block until fewer than ``depth`` images are queued (or the engine stops); False on
+        timeout. Decode threads call it so that images are decoded just in time: what waits
+        beyond a batch ahead waits as its encoded bytes, cheap to drop, not as pixels."""
+        with self._room:
+            return self._room.wait_for(
+                lambda: self._queue.qsize() < depth or self._stopping.is_set(), timeout_s
+            )
+
+    def _made_room(self) -> None:
+        with self._room:
+            self._room.notify_all()
 
     def retry_after_s(self) -> int:
         """Seconds until the queue has likely drained, from depth and recent service time."""
@@ -328,7 +344,11 @@ class InferenceEngine:
         self, array: FloatBatch | Pixels, timeout_s: float = 30.0, wants: Wants = LOGITS_ONLY
     ) -> Scores:
         """``submit`` for asyncio callers; cancelling the await drops the queued work."""
-        future = self.submit(array, timeout_s, wants)
+        return await self.answer(self.submit(array, timeout_s, wants), timeout_s)
+
+    @staticmethod
+    async def answer(future: Future[Scores], timeout_s: float) -> Scores:
+        """Await what ``submit`` returned; cancelling the await drops the queued work."""
         try:
             # The engine enforces the deadline; this backstop only fires if its thread is gone.
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s + _BACKSTOP_S)
@@ -354,6 +374,7 @@ class InferenceEngine:
                     return
                 continue
             batch = self._collect(first)
+            self._made_room()
             try:
                 self._execute(batch)
             except Exception as exc:  # never let one batch kill the model thread
