@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 WORKERS ?= 0  # 0 = one worker process per usable CPU
 
-.PHONY: install test-deps run test test-fast lint lint-deploy format typecheck openapi bench bench-quick bench-peers bench-http bench-tracing bench-outputs bench-tag finetune-suite robustness check clean
+.PHONY: install test-deps run test test-fast lint lint-deploy format typecheck openapi bench bench-quick bench-peers bench-http bench-tracing bench-outputs bench-tag bench-fair finetune-suite robustness check clean
 
 install: $(BIN)/resnet-service
 
@@ -73,6 +73,12 @@ bench-tracing: install
 # What the embedding and map outputs cost /classify, /embed and /explain against it (~5 min).
 bench-outputs: install
 	$(BIN)/python -m resnet_bench.outputs --out bench --rounds 4
+
+# Priorities and overload against issue 30's goals on 1 and 2 workers: an interactive open
+# loop at 30% of capacity alone and beside 32 bulk clients (marked u=7, then unmarked), and a
+# 10x open-loop flood (~3 min); writes bench/fairness.json.
+bench-fair: install
+	$(BIN)/python -m resnet_bench.fairness --out bench
 
 # The tag job against this machine's limit for it (decode + batch-8 forward, measured in the
 # same run) and against a /classify/batch loop; peak RSS over 10k and 100k inputs (~20 min;

@@ -56,12 +56,21 @@ def multipart_body(
 
 
 def multipart_request(
-    host: str, port: int, path: str, field_name: str, filename: str, data: bytes, content_type: str
+    host: str,
+    port: int,
+    path: str,
+    field_name: str,
+    filename: str,
+    data: bytes,
+    content_type: str,
+    extra_headers: Sequence[tuple[str, str]] = (),
 ) -> bytes:
-    """One complete POST with a single file part, as bytes."""
+    """One complete POST with a single file part, as bytes (``extra_headers``: e.g. a
+    ``Priority``)."""
     body, boundary = multipart_body(field_name, filename, data, content_type)
+    extra = "".join(f"{name}: {value}\r\n" for name, value in extra_headers)
     headers = (
-        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{extra}"
         f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
         f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"
     ).encode()

@@ -5,6 +5,8 @@ asserted here."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -198,3 +200,30 @@ def test_default_layout_is_the_faster_median_when_rounds_ran() -> None:
     assert choose_layout(samples, None) == "workers_1"
     choice = _rounds({"workers_2": 140.0, "workers_1": 104.0})
     assert choose_layout(samples, choice) == "workers_2"
+
+
+def test_the_fairness_bench_writes_every_figure_and_goal(tmp_path: Path) -> None:
+    """``make bench-fair`` at its smallest: one worker, a second a phase."""
+    subprocess.run(
+        [
+            *(sys.executable, "-m", "resnet_bench.fairness"),
+            *("--seconds", "1", "--workers", "1", "--out", str(tmp_path)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    report = json.loads((tmp_path / "fairness.json").read_text())
+    (run,) = report["runs"]
+    assert run["capacity_rps"] > 0
+    assert run["interactive_alone"]["ok"] > 0
+    assert run["beside_bulk_marked"]["bulk_rps"] > 0
+    assert run["flood_10x"]["refused"] > 0  # ten times capacity is refused in part
+    assert set(run["goals"]) == {
+        "interactive_p99_over_alone",
+        "bulk_over_left_over",
+        "goodput_10x_over_capacity",
+        "accepted_p99_10x_over_c16_p99",
+        "refused_p99_10x_ms",
+    }
+    assert all(isinstance(goal["met"], bool) for goal in run["goals"].values())

@@ -43,8 +43,10 @@ from resnet_service.asgi.problems import (
     error_headers,
     problem_body,
 )
+from resnet_service.core import priority
 from resnet_service.core.admission import Ticket
 from resnet_service.core.errors import RetryLater, ServiceError
+from resnet_service.core.priority import Priority
 from resnet_service.logs import request_id_var
 from resnet_service.service import tracing
 from resnet_service.service.metrics import Metrics
@@ -118,6 +120,14 @@ def admitted_route(scope: Scope) -> str | None:
     return OIP_INFER_ROUTE if _OIP_INFER.match(path) else None
 
 
+def requested_priority(scope: Scope) -> Priority:
+    """The class a request asks for with RFC 9218's ``Priority`` header (``u=7``: bulk)."""
+    for name, value in scope["headers"]:
+        if name == b"priority":
+            return priority.from_header(value.decode("latin-1"))
+    return priority.INTERACTIVE
+
+
 def requested_model(scope: Scope, route: str) -> tuple[str | None, str | None]:
     """The model and version a request names: OIP in its path, the JSON API in its query
     (``?model=NAME&version=V``); (None, None) for the default model."""
@@ -159,8 +169,11 @@ class AdmissionGate:
         if route is None:
             return None
         model, version = requested_model(scope, route)
+        wanted = state["priority"] = requested_priority(scope)
         try:
-            classifier, ticket = self.service.admit(model, version, tracing.admitter(self.tracing))
+            with priority.requested(wanted):
+                admit = tracing.admitter(self.tracing)
+                classifier, ticket = self.service.admit(model, version, admit)
         except RetryLater as exc:
             return self._refuse(scope, state, route, exc)
         except ServiceError:
@@ -242,7 +255,8 @@ class AdmissionMiddleware:
             return
         ticket: Ticket | None = state.get("ticket")
         try:
-            await self.app(scope, receive, send)
+            with priority.requested(state.get("priority") or requested_priority(scope)):
+                await self.app(scope, receive, send)
         finally:
             if ticket is not None:
                 ticket.release()
@@ -317,6 +331,11 @@ class RequestRecorder:
         self.metrics.worker_requests.inc()
         latency.observe(elapsed)
         code = state.get("error_code")
+        if (wanted := state.get("priority")) is not None:  # an inference request
+            outcome = "refused" if code == "overloaded" else "ok" if status < 400 else "error"
+            self.metrics.priority_requests.labels(wanted, outcome).inc()
+            if outcome == "ok":
+                self.metrics.priority_latency.labels(wanted).observe(elapsed)
         if code and route not in _PROBES:
             rejections = self._rejections.get(code)
             if rejections is None:

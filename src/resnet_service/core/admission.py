@@ -53,6 +53,7 @@ from types import TracebackType
 from typing import Final
 
 from resnet_service.core.errors import Overloaded
+from resnet_service.core.priority import BULK, INTERACTIVE, Priority
 
 log = logging.getLogger(__name__)
 
@@ -170,16 +171,24 @@ class Workload:
             return self.policy.bound_s
         return self.policy.target_s * 2**doublings
 
-    def admit(self) -> Ticket:
+    def admit(self, priority: Priority = INTERACTIVE) -> Ticket:
         """A ticket for one request, or ``Overloaded`` when it would wait past the bound.
 
         An idle worker admits anything (a large batch request included): the bound limits
-        the wait behind *other* work, not the request's own."""
+        the wait behind *other* work, not the request's own. Bulk work is the first refused:
+        not at all while a standing queue is shed."""
         self._window.arrivals += 1
         self._decide(self._clock())
         wait = self.predicted_wait_s()
         bound = self.bound_s()
         in_flight = self.uploading + self.processing
+        if priority == BULK and self.shedding and in_flight:
+            self._window.refused += 1
+            raise Overloaded(
+                "the service is at capacity (a queue is standing) and refuses bulk work first; "
+                "retry later",
+                retry_after_s=self.retry_after_s(),
+            )
         if wait > bound and in_flight >= (self.policy.floor_images if self.shedding else 1):
             self._window.refused += 1
             why = "a queue is standing" if self.shedding else "its deadline budget is spent"

@@ -14,15 +14,18 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import contextmanager
+from contextvars import Context, copy_context
 from dataclasses import dataclass
 from typing import Final, Protocol
 
 import numpy as np
 
 from resnet_service.config import Settings
+from resnet_service.core import priority
 from resnet_service.core.admission import AdmissionPolicy, Ticket, Workload
+from resnet_service.core.decode_threads import DecodeThreads
 from resnet_service.core.engine import (
     ComputeGate,
     EngineObserver,
@@ -218,7 +221,7 @@ class Classifier:
         )
         self.workload = Workload(admission_policy(settings), _INITIAL_DECODE_S)
         self._observer = observer
-        self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
+        self._pool = DecodeThreads(self.decode_threads, self._has_room, self._stale_error)
         # Decodes waiting or running; bounded like the engine queue so memory stays bounded.
         self._decoding = 0
         self._decoding_lock = threading.Lock()
@@ -241,7 +244,7 @@ class Classifier:
     def stop(self, timeout: float | None = None) -> None:
         """Finish queued work (within ``timeout``), then stop the engine and the decode pool."""
         self.engine.stop(self.settings.shutdown_grace_s if timeout is None else timeout)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
         self.model.runtime.close()
 
     @property
@@ -269,28 +272,39 @@ class Classifier:
         the model loads, ``Overloaded`` (with Retry-After) when it would wait too long."""
         if not self.engine.ready:
             raise NotReady("the model is not ready (starting up or shutting down)")
-        return self.workload.admit()
+        return self.workload.admit(priority.current())
 
     # --- decoding ------------------------------------------------------------------------
-    def _decode_sync(self, data: bytes, submitted: float, wants: Wants) -> Queued:
-        """Decode one image and queue it for the model, on a decode thread.
+    def _stale_error(self, waited_s: float) -> Overloaded | None:
+        """Fresh over stale (see ``resnet_service.core.admission``): the refusal of an image
+        that waited this long for a decoder, or None while it may still be served."""
+        if not self.workload.stale(waited_s):
+            return None
+        return Overloaded(
+            f"this image waited {waited_s * 1000:.0f} ms for a decoder while the service is "
+            "overloaded, and was dropped in favour of newer requests; retry later",
+            retry_after_s=1,
+        )
 
-        Just in time: at most a batch waits for the model (the running one aside, and one
-        image more per other decode thread). Past that an image waits here as its bytes,
-        where a standing queue's stale work is dropped before any CPU is spent on it and
-        where it does not take the cores from other models. Queued from this thread, so the
-        check and the put are one step."""
+    def _has_room(self, timeout_s: float) -> bool:
+        """Just in time: a decode thread takes an image only while fewer than a batch wait for
+        the model (the running one aside; one more per other decode thread at most). Past
+        that an image waits as its bytes, where a standing queue's stale work is dropped
+        before any CPU is spent on it and where it does not take the cores from other
+        models."""
+        return self.engine.wait_for_room(self.settings.max_batch_size, timeout_s)
+
+    def _decode_sync(self, data: bytes, submitted: float, wants: Wants) -> Queued:
+        """Decode one image and queue it for the model, on a decode thread (so that the room
+        check and the put are one thread's steps), in the request's context (its priority,
+        and its span for the batch's trace)."""
         timeout_s = self.settings.request_timeout_s
-        if not self.engine.wait_for_room(self.settings.max_batch_size, timeout_s):
-            raise DeadlineExceeded("the model took no image within the deadline")
         started = time.monotonic()
         waited = started - submitted
-        if self.workload.stale(waited):  # fresh over stale: see resnet_service.core.admission
-            raise Overloaded(
-                f"this image waited {waited * 1000:.0f} ms for a decoder while the service is "
-                "overloaded, and was dropped in favour of newer requests; retry later",
-                retry_after_s=1,
-            )
+        if waited > timeout_s:
+            raise DeadlineExceeded("the request's deadline passed while it waited for a decoder")
+        if (stale := self._stale_error(waited)) is not None:
+            raise stale
         pixels, size = decode_sized(data, self.limits, self.model.spec, fast=self.fast)
         decoded = Decoded(pixels, time.monotonic() - started, waited, size)
         return Queued(decoded, self.engine.submit(pixels, timeout_s, wants))
@@ -299,9 +313,12 @@ class Classifier:
         with self._decoding_lock:
             self._decoding -= 1
 
-    async def decode(self, data: bytes, wants: Wants = LOGITS_ONLY) -> Queued:
-        """Decode on the pool and queue for the model; ``Overloaded`` at once when the pool's
-        backlog is full."""
+    async def decode(
+        self, data: bytes, wants: Wants = LOGITS_ONLY, context: Context | None = None
+    ) -> Queued:
+        """Decode on the pool and queue for the model, in ``context`` (the caller's by
+        default); ``Overloaded`` at once when the pool's backlog is full."""
+        context = context or copy_context()
         with self._decoding_lock:
             if self._decoding >= self._decode_capacity:
                 raise Overloaded(
@@ -310,7 +327,10 @@ class Classifier:
                 )
             self._decoding += 1
         try:
-            future = self._pool.submit(self._decode_sync, data, time.monotonic(), wants)
+            decode = functools.partial(
+                context.run, self._decode_sync, data, time.monotonic(), wants
+            )
+            future: Future[Queued] = self._pool.submit(decode, priority.current())
         except RuntimeError:  # pool shut down
             self._release_decode_slot()
             raise NotReady("the service is shutting down") from None
@@ -397,8 +417,9 @@ class Classifier:
             if found is not None:
                 return self._from_cache(found, k, started)
         with self._in_pipeline() as slot:
+            request = copy_context()  # the batch links to the request's span, not decode's
             with child_span("decode"):
-                queued = await self.decode(data, wants)
+                queued = await self.decode(data, wants, request)
             decoded = queued.decoded
             scores = await self.engine.answer(queued.scores, self.settings.request_timeout_s)
             result = self._classification(scores, decoded.decode_s, k, started, decoded.size)
@@ -517,7 +538,7 @@ class Classifier:
         chosen = result.prediction.indices[0] if target is None else target
         grid = class_activation_map(result.feature_map, self.model.head, chosen)
         side = self.model.spec.crop_size
-        png = await asyncio.wrap_future(self._pool.submit(heatmap_png, grid, side))
+        png = await asyncio.to_thread(heatmap_png, grid, side)
         box = None
         if result.size is not None:
             box = CropBox(*crop_source_box(*result.size, self.model.spec))

@@ -44,6 +44,8 @@ from resnet_service.core.errors import (
     ServiceError,
 )
 from resnet_service.core.images import Pixels
+from resnet_service.core.priority import INTERACTIVE, Lanes, Priority
+from resnet_service.core.priority import current as current_priority
 from resnet_service.core.runtime import (
     LOGITS_ONLY,
     FloatBatch,
@@ -59,6 +61,9 @@ log = logging.getLogger(__name__)
 
 #: Extra seconds an async caller waits past its deadline before giving up on the engine.
 _BACKSTOP_S = 5.0
+#: Images in a bulk batch while interactive work arrived within ``_INTERACTIVE_WINDOW_S``.
+BULK_SLICE: Final = 2
+_INTERACTIVE_WINDOW_S: Final = 1.0
 Probabilities = npt.NDArray[np.float32]
 
 
@@ -92,6 +97,7 @@ class _Work:
     #: The request span to link the batch to, when tracing records it.
     traced: Traced | None = None
     wants: Wants = LOGITS_ONLY
+    priority: Priority = INTERACTIVE
 
 
 def _is_pixels(array: FloatBatch | Pixels) -> TypeIs[Pixels]:
@@ -227,7 +233,9 @@ class InferenceEngine:
         self._num_classes = num_classes
         self.max_batch_size = max_batch_size
         self._max_wait = max_batch_wait_s
-        self._queue: queue.Queue[_Work] = queue.Queue(maxsize=queue_capacity)
+        self._queue: Lanes[_Work] = Lanes(maxsize=queue_capacity)
+        #: When interactive work last arrived (bulk batches stay small for a while after).
+        self._interactive_at = -math.inf
         self.input_shape = input_shape
         self._observer = observer
         #: What every batch span says about the model (name, version, runtime).
@@ -306,10 +314,15 @@ class InferenceEngine:
         return self._runtime.outputs
 
     def submit(
-        self, array: FloatBatch | Pixels, timeout_s: float = 30.0, wants: Wants = LOGITS_ONLY
+        self,
+        array: FloatBatch | Pixels,
+        timeout_s: float = 30.0,
+        wants: Wants = LOGITS_ONLY,
+        priority: Priority | None = None,
     ) -> Future[Scores]:
-        """Queue one CHW float array or HWC uint8 image; the future resolves to its Scores (with
-        the outputs ``wants`` names) or a ServiceError."""
+        """Queue one CHW float array or HWC uint8 image, in the lane of ``priority`` (the
+        request's, by default); the future resolves to its Scores (with the outputs ``wants``
+        names) or a ServiceError."""
         if not wants <= self._runtime.outputs:
             raise InferenceFailed(
                 f"the model's graph does not yield {sorted(wants - self.outputs)}"
@@ -322,10 +335,16 @@ class InferenceEngine:
                 f"shape {self.pixel_shape}, got {array.dtype} {array.shape}"
             )
         work = _Work(
-            array=array, deadline=time.monotonic() + timeout_s, traced=traced_now(), wants=wants
+            array=array,
+            deadline=time.monotonic() + timeout_s,
+            traced=traced_now(),
+            wants=wants,
+            priority=priority or current_priority(),
         )
+        if work.priority == INTERACTIVE:
+            self._interactive_at = work.enqueued
         try:
-            self._queue.put_nowait(work)
+            self._queue.put_nowait(work, work.priority)
         except queue.Full:
             raise Overloaded(
                 f"the inference queue is full ({self._queue.maxsize} waiting); retry later",
@@ -422,11 +441,18 @@ class InferenceEngine:
         )
 
     def _collect(self, first: _Work) -> list[_Work]:
+        """The batch ``first`` starts. Interactive work is batched with interactive work only;
+        a bulk batch stays small (``BULK_SLICE``) while interactive work arrived lately, so
+        that interactive work waits behind a couple of bulk images, not a batch of them."""
+        lane = INTERACTIVE if first.priority == INTERACTIVE else None
+        limit = self.max_batch_size
+        if lane is None and time.monotonic() - self._interactive_at < _INTERACTIVE_WINDOW_S:
+            limit = min(limit, BULK_SLICE)
         batch = [first]
         wait_until = time.monotonic() + self._max_wait
-        while len(batch) < self.max_batch_size:
+        while len(batch) < limit:
             try:
-                batch.append(self._queue.get_nowait())
+                batch.append(self._queue.get_nowait(lane))
                 continue
             except queue.Empty:
                 pass
@@ -435,7 +461,7 @@ class InferenceEngine:
             if len(batch) == 1 or remaining <= 0:
                 break
             try:
-                batch.append(self._queue.get(timeout=remaining))
+                batch.append(self._queue.get(remaining, lane))
             except queue.Empty:
                 break
         return batch

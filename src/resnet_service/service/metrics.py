@@ -74,6 +74,20 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        # By priority class (interactive, bulk: a bounded set), inference routes only.
+        self.priority_requests = Counter(
+            f"{PREFIX}_priority_requests",
+            "Inference requests by priority class and outcome (ok, refused, error).",
+            ["priority", "outcome"],
+            registry=r,
+        )
+        self.priority_latency = Histogram(
+            f"{PREFIX}_priority_request_duration_seconds",
+            "Latency of answered inference requests, by priority class.",
+            ["priority"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.decode_latency = Histogram(
             f"{PREFIX}_decode_duration_seconds",
             "Image decode + preprocess time.",

@@ -26,6 +26,7 @@ from grpc_health.v1._async import HealthServicer
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
+from resnet_service.core import priority
 from resnet_service.core.errors import InvalidInferRequest, RetryLater, ServiceError
 from resnet_service.faces.oip.dataplane import DataPlane
 from resnet_service.faces.oip.errors import grpc_status
@@ -213,11 +214,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         async def work() -> Any:
             self._authorize(context)
             model, version = request.model_name, request.model_version or None
-            classifier, ticket = self.service.admit(model, version, tracing.admitter(self.tracing))
-            with ticket:
-                ticket.uploaded()  # a unary RPC arrives whole
-                parsed = parse_request(request)
-                response = await self.plane.infer(parsed, classifier)
+            metadata = dict(context.invocation_metadata() or ())
+            wanted = priority.from_header(str(metadata.get("priority", "")))
+            with priority.requested(wanted):  # RFC 9218's syntax, as on HTTP: u=7 is bulk
+                admit = tracing.admitter(self.tracing)
+                classifier, ticket = self.service.admit(model, version, admit)
+                with ticket:
+                    ticket.uploaded()  # a unary RPC arrives whole
+                    parsed = parse_request(request)
+                    response = await self.plane.infer(parsed, classifier)
             self.service.metrics.images.labels("ok").inc(parsed.inputs[0].shape[0])
             return encode_response(response)
 
