@@ -77,17 +77,17 @@ class DecodeThreads:
                 job.future.set_exception(exc)
 
     def _drop_stale(self) -> None:
-        errors: dict[int, Exception] = {}
+        errors: list[Exception] = []
 
         def stale(waited_s: float) -> bool:
             error = self._stale(waited_s)
             if error is not None:
-                errors[len(errors)] = error
+                errors.append(error)
             return error is not None
 
-        for index, job in enumerate(self._lanes.drop_stale(stale)):
+        for job, error in zip(self._lanes.drop_stale(stale), errors, strict=True):
             if job.future.set_running_or_notify_cancel():
-                job.future.set_exception(errors[index])
+                job.future.set_exception(error)
 
     def shutdown(self) -> None:
         """Stop taking work; what waits is cancelled (a running decode finishes)."""
