@@ -23,18 +23,14 @@ import argparse
 import asyncio
 import json
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from resnet_bench import loadgen
 from resnet_bench.images import bench_images
 from resnet_bench.runner import machine_info
-from resnet_bench.servers import Running, python, running
+from resnet_bench.servers import random_weights_service
 from resnet_service.cpus import usable_cpus
 
 HOST = "127.0.0.1"
@@ -42,27 +38,6 @@ BULK_CLIENTS = 32
 INTERACTIVE_SHARE = 0.3
 BULK = [("Priority", "u=7")]
 FLOOD_START_S = 1.0
-
-
-@contextmanager
-def _server(workdir: Path, workers: int) -> Iterator[Running]:
-    cmd = [python(), "-m", "resnet_service", "serve", "--workers", str(workers)]
-    env = {
-        "RESNET_SERVICE_ALLOW_RANDOM_WEIGHTS": "true",
-        "RESNET_SERVICE_MODEL_CACHE_DIR": str(workdir / "cache"),
-    }
-    log = workdir / f"serve-{workers}.log"
-    with running(cmd, env, "/readyz", log, ready_count=4 * workers) as srv:
-        yield srv
-
-
-def _p(
-    result: loadgen.LoadResult, q: float, status: int = 200, after_s: float = 0.0
-) -> float | None:
-    """The ``q``th percentile latency (ms) of answers with ``status``, of those completed
-    ``after_s`` into the run or later."""
-    values = [lat for at, lat, got in result.samples if got == status and at >= after_s]
-    return round(float(np.percentile(values, q)) * 1000, 1) if values else None
 
 
 def _rps(result: loadgen.LoadResult) -> float:
@@ -86,7 +61,7 @@ async def _beside(
 
 def measure(workers: int, seconds: float, workdir: Path) -> dict[str, Any]:
     image = bench_images(["jpeg-500x375"])["jpeg-500x375"].data
-    with _server(workdir, workers) as srv:
+    with random_weights_service(workdir, f"serve-{workers}", workers) as srv:
         port = srv.port
 
         def request(headers: list[tuple[str, str]]) -> bytes:
@@ -104,45 +79,49 @@ def measure(workers: int, seconds: float, workdir: Path) -> dict[str, Any]:
         unmarked, unmarked_bulk = asyncio.run(_beside(port, plain, rate, plain, seconds))
         flood = asyncio.run(loadgen.open_loop(HOST, port, plain, 10 * capacity, seconds))
     left_over = capacity - rate
-    alone_p99 = _p(alone, 99) or float("nan")
-    c16_p99 = _p(c16, 99) or float("nan")
+    alone_p99 = alone.percentile_ms(99) or float("nan")
+    c16_p99 = c16.percentile_ms(99) or float("nan")
     return {
         "workers": workers,
         "capacity_rps": round(capacity, 1),
         "c16_p99_ms": c16_p99,
         "interactive_rate_rps": round(rate, 1),
-        "interactive_alone": {"p50_ms": _p(alone, 50), "p99_ms": alone_p99, "ok": alone.ok},
+        "interactive_alone": {
+            "p50_ms": alone.percentile_ms(50),
+            "p99_ms": alone_p99,
+            "ok": alone.ok,
+        },
         "beside_bulk_marked": {
-            "interactive_p50_ms": _p(marked, 50),
-            "interactive_p99_ms": _p(marked, 99),
+            "interactive_p50_ms": marked.percentile_ms(50),
+            "interactive_p99_ms": marked.percentile_ms(99),
             "interactive_refused": marked.summary().get("codes"),
             "bulk_rps": _rps(marked_bulk),
             "client_cpu_s": round(marked.client_cpu_s, 2),
             "elapsed_s": round(marked.elapsed_s, 2),
         },
         "beside_bulk_unmarked": {
-            "interactive_p50_ms": _p(unmarked, 50),
-            "interactive_p99_ms": _p(unmarked, 99),
+            "interactive_p50_ms": unmarked.percentile_ms(50),
+            "interactive_p99_ms": unmarked.percentile_ms(99),
             "bulk_rps": _rps(unmarked_bulk),
         },
         "flood_10x": {
             "goodput_rps": _rps(flood),
             "refused": int(sum(flood.codes.values())),
-            "accepted_p99_ms": _p(flood, 99),
-            "refused_p99_ms": _p(flood, 99, 503),
+            "accepted_p99_ms": flood.percentile_ms(99),
+            "refused_p99_ms": flood.percentile_ms(99, 503),
             # The first interval of a flood is admitted as a burst would be, and dropped as
             # stale once the queue is found standing: those refusals come late.
-            "accepted_p99_after_1s_ms": _p(flood, 99, after_s=FLOOD_START_S),
-            "refused_p99_after_1s_ms": _p(flood, 99, 503, after_s=FLOOD_START_S),
+            "accepted_p99_after_1s_ms": flood.percentile_ms(99, after_s=FLOOD_START_S),
+            "refused_p99_after_1s_ms": flood.percentile_ms(99, 503, after_s=FLOOD_START_S),
             "client_cpu_s": round(flood.client_cpu_s, 2),
             "elapsed_s": round(flood.elapsed_s, 2),
         },
         "goals": {
-            "interactive_p99_over_alone": _ratio(_p(marked, 99), alone_p99, "<=", 1.5),
+            "interactive_p99_over_alone": _ratio(marked.percentile_ms(99), alone_p99, "<=", 1.5),
             "bulk_over_left_over": _ratio(_rps(marked_bulk), left_over, ">=", 0.8),
             "goodput_10x_over_capacity": _ratio(_rps(flood), capacity, ">=", 0.9),
-            "accepted_p99_10x_over_c16_p99": _ratio(_p(flood, 99), c16_p99, "<=", 2.0),
-            "refused_p99_10x_ms": _goal(_p(flood, 99, 503), "<=", 50.0),
+            "accepted_p99_10x_over_c16_p99": _ratio(flood.percentile_ms(99), c16_p99, "<=", 2.0),
+            "refused_p99_10x_ms": _goal(flood.percentile_ms(99, 503), "<=", 50.0),
         },
     }
 

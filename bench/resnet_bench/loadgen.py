@@ -136,6 +136,12 @@ class LoadResult:
         self.statuses[status] = self.statuses.get(status, 0) + 1
         self.samples.append((time.perf_counter() - self.started, latency, status))
 
+    def percentile_ms(self, q: float, status: int = 200, after_s: float = 0.0) -> float | None:
+        """The ``q``th percentile latency (ms, one decimal) of answers with ``status`` that
+        completed ``after_s`` into the run or later; None when there is none."""
+        values = [lat for at, lat, got in self.samples if got == status and at >= after_s]
+        return round(float(np.percentile(values, q)) * 1000, 1) if values else None
+
     def latency_ms(self, status: int | None = None) -> np.ndarray:
         values = [lat for _, lat, s in self.samples if status is None or s == status]
         return np.array(values) * 1000 if values else np.array([np.nan])

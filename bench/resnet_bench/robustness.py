@@ -24,8 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,7 +42,7 @@ from resnet_bench.servers import (
     metric_sum,
     process_children,
     python,
-    running,
+    random_weights_service,
 )
 from resnet_service.cpus import resolve_workers, usable_cpus
 
@@ -108,28 +106,8 @@ def _payloads(port: int) -> tuple[bytes, list[bytes]]:
     return good, [p for bad in bad_images for p in (*mix, request(bad))]
 
 
-@contextmanager
-def _server(
-    workdir: Path, name: str, *extra: str, env: dict[str, str] | None = None
-) -> Iterator[Running]:
-    workers = resolve_workers(0)
-    cmd = [python(), "-m", "resnet_service", "serve", "--workers", str(workers), *extra]
-    env = {
-        "RESNET_SERVICE_ALLOW_RANDOM_WEIGHTS": "true",
-        "RESNET_SERVICE_MODEL_CACHE_DIR": str(workdir / "cache"),
-        **(env or {}),
-    }
-    with running(cmd, env, "/readyz", workdir / f"{name}.log", ready_count=4 * workers) as srv:
-        yield srv
-
-
 def _metric(port: int, family: str, **labels: str) -> float:
     return metric_sum(f"http://{HOST}:{port}", family, **labels)
-
-
-def _pct(result: loadgen.LoadResult, status: int, q: float) -> float | None:
-    values = result.latency_ms(status)
-    return None if np.isnan(values).all() else round(float(np.percentile(values, q)), 1)
 
 
 def _recovery_s(port: int, good: bytes, normal_ms: float, limit_s: float = 30.0) -> float:
@@ -172,10 +150,10 @@ def overload(srv: Running, good: bytes, opts: Options) -> dict[str, Any]:
         out[f"{factor}x"] = {
             **flood.summary(),
             "goodput_rps": round(flood.ok / flood.elapsed_s, 1),
-            "accepted_p50_ms": _pct(flood, 200, 50),
-            "accepted_p99_ms": _pct(flood, 200, 99),
-            "refused_p50_ms": _pct(flood, 503, 50),
-            "refused_p99_ms": _pct(flood, 503, 99),
+            "accepted_p50_ms": flood.percentile_ms(50, 200),
+            "accepted_p99_ms": flood.percentile_ms(99, 200),
+            "refused_p50_ms": flood.percentile_ms(50, 503),
+            "refused_p99_ms": flood.percentile_ms(99, 503),
             "recovery_s": _recovery_s(port, good, normal),
         }
     return out
@@ -186,7 +164,7 @@ def refusal_cost(workdir: Path, good: bytes, opts: Options) -> dict[str, Any]:
     finished; a 1 ms deadline bound) refuses everything else; an open loop of the 10x flood's
     requests (same bytes, kept-alive connections) then costs only refusals."""
     env = {"RESNET_SERVICE_QUEUE_BUDGET_MS": "1", "RESNET_SERVICE_BODY_TIMEOUT_S": "120"}
-    with _server(workdir, "refusals", env=env) as srv:
+    with random_weights_service(workdir, "refusals", resolve_workers(0), env=env) as srv:
         stalled = [socket.create_connection((HOST, srv.port)) for _ in range(16)]
         try:
             for sock in stalled:  # the kernel spreads them over the workers
@@ -255,7 +233,7 @@ def soak(srv: Running, mix: list[bytes], opts: Options) -> dict[str, Any]:
 
 def kill9(workdir: Path, good: bytes, opts: Options) -> dict[str, Any]:
     """``kill -9`` one worker at 16 clients: what failed, what the replacement said."""
-    with _server(workdir, "kill9") as srv:
+    with random_weights_service(workdir, "kill9", resolve_workers(0)) as srv:
         victim = process_children(srv.process.pid)[0]
 
         async def scenario() -> loadgen.LoadResult:
@@ -281,7 +259,9 @@ def kill9(workdir: Path, good: bytes, opts: Options) -> dict[str, Any]:
 
 def sigterm(workdir: Path, good: bytes) -> dict[str, Any]:
     """SIGTERM to the supervisor at 32 keep-alive clients, with a 1 s drain delay."""
-    with _server(workdir, "sigterm", "--drain-delay", "1") as srv:
+    with random_weights_service(
+        workdir, "sigterm", resolve_workers(0), "--drain-delay", "1"
+    ) as srv:
 
         async def scenario() -> tuple[loadgen.LoadResult, float]:
             load = asyncio.create_task(
@@ -376,7 +356,7 @@ def run(opts: Options) -> dict[str, Any]:
             "machine": machine_info(usable_cpus()),
             "workers": resolve_workers(0),
         }
-        with _server(workdir, "service") as srv:
+        with random_weights_service(workdir, "service", resolve_workers(0)) as srv:
             good, mix = _payloads(srv.port)
             log.info("overload at 2x and 10x capacity")
             report["overload"] = overload(srv, good, opts)

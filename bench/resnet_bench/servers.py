@@ -153,6 +153,22 @@ def running(
         stop_process_group(process)
 
 
+@contextmanager
+def random_weights_service(
+    workdir: Path, name: str, workers: int, *extra: str, env: dict[str, str] | None = None
+) -> Iterator[Running]:
+    """``resnet-service serve`` on random weights (the harness's figures need no trained
+    model), logging to ``workdir/NAME.log``, until every worker answers."""
+    cmd = [python(), "-m", "resnet_service", "serve", "--workers", str(workers), *extra]
+    env = {
+        "RESNET_SERVICE_ALLOW_RANDOM_WEIGHTS": "true",
+        "RESNET_SERVICE_MODEL_CACHE_DIR": str(workdir / "cache"),
+        **(env or {}),
+    }
+    with running(cmd, env, "/readyz", workdir / f"{name}.log", ready_count=4 * workers) as srv:
+        yield srv
+
+
 def stop_process_group(process: subprocess.Popen[bytes], grace: float = 30) -> None:
     """SIGTERM the process's group, SIGKILL it if it outlives ``grace`` seconds."""
     if process.poll() is not None:

@@ -23,6 +23,7 @@ import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
+from resnet_bench.servers import metric_sum
 from resnet_service.core.images import decode_and_preprocess
 from tests.harness import LIMITS, SPEC, Server, jpeg_of, serve, wait_until
 
@@ -281,6 +282,52 @@ def test_oip_requests_are_counted_like_the_json_api(server: Server) -> None:
     text = httpx.get(f"{server.url}/metrics").text
     assert 'route="/v2/models/{model_name}/infer"' in text
     assert 'route="grpc:inference.GRPCInferenceService/ModelInfer"' in text
+
+
+def classed(server: Server, wanted: str) -> float:
+    return metric_sum(server.url, "resnet_service_priority_requests", priority=wanted, outcome="ok")
+
+
+@pytest.mark.parametrize(
+    ("how", "wanted"),
+    [("level 2", "bulk"), ("level 1", "interactive"), ("header u=7", "bulk")],
+)
+def test_a_request_says_its_class(client: Client, server: Server, how: str, wanted: str) -> None:
+    """tritonclient's ``priority=`` (Triton's levels: 1 highest, 2 and up bulk here), or RFC
+    9218's ``Priority`` as an HTTP header or gRPC metadata; each class is counted apart."""
+    before = {c: classed(server, c) for c in ("bulk", "interactive")}
+    headers = headers_for(client)
+    level = 0
+    if how.startswith("level"):
+        level = int(how.split()[1])
+    else:
+        headers["priority"] = "u=7"
+    inputs = [images_input(client, [jpeg_of("coffee")])]
+    client.infer(model_name(server), inputs, headers=headers, priority=level)
+    other = "interactive" if wanted == "bulk" else "bulk"
+    wait_until(lambda: classed(server, wanted) == before[wanted] + 1, 10, f"one more {wanted}")
+    assert classed(server, other) == before[other]
+
+
+def test_a_priority_that_is_no_class_is_refused(server: Server) -> None:
+    body = {
+        "inputs": [
+            {
+                "name": "image",
+                "shape": [1],
+                "datatype": "BYTES",
+                "parameters": {"content_type": "base64"},
+                "data": [base64.b64encode(jpeg_of("coffee")).decode()],
+            }
+        ],
+        "parameters": {"priority": "urgent"},
+    }
+    url = f"{server.url}/v2/models/{model_name(server)}/infer"
+    refused = httpx.post(url, json=body, headers=auth())
+    assert refused.status_code == 400
+    assert "'interactive' or 'bulk'" in refused.json()["error"]
+    body["parameters"] = {"priority": "bulk"}
+    assert httpx.post(url, json=body, headers=auth()).status_code == 200
 
 
 def test_not_ready_while_draining(tmp_path: Path, weights_file: Path, model_cache: Path) -> None:

@@ -37,6 +37,27 @@ def test_the_priority_header(value: str | None, expected: str) -> None:
     assert priority.from_header(value) == expected
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("bulk", BULK),
+        ("interactive", INTERACTIVE),
+        (0, None),
+        (1, INTERACTIVE),
+        (2, BULK),
+        (9, BULK),
+    ],
+)
+def test_the_oip_priority_parameter(value: object, expected: str | None) -> None:
+    assert priority.from_parameter(value) == expected
+
+
+@pytest.mark.parametrize("value", ["urgent", "BULK", -1, True, 1.5, None, ["bulk"]])
+def test_a_priority_parameter_that_is_no_class(value: object) -> None:
+    with pytest.raises(ValueError, match="'interactive' or 'bulk'"):
+        priority.from_parameter(value)
+
+
 def test_the_class_travels_with_the_context() -> None:
     assert priority.current() == INTERACTIVE
     with priority.requested(BULK):

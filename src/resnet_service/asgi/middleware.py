@@ -43,6 +43,7 @@ from resnet_service.asgi.problems import (
     error_headers,
     problem_body,
 )
+from resnet_service.asgi.refusal_tally import RefusalKey, RefusalTally
 from resnet_service.core import priority
 from resnet_service.core.admission import Ticket
 from resnet_service.core.errors import RetryLater, ServiceError
@@ -226,7 +227,7 @@ class HeadAdmission:
                 if refusal is not None:
                     finish_request_span(span, scope, state, refusal.status)
         if refusal is not None:
-            self.recorder.record(scope, state, refusal.status, 0.0)
+            self.recorder.record_refusal(scope, state)
         return refusal
 
 
@@ -307,6 +308,7 @@ class RequestRecorder:
         #: The access line as a JSON log record's fields (json logs) or as its message (text).
         self.json_lines = json_lines
         self.refusals = RefusalLog()
+        self.tally = RefusalTally(metrics)
         self.ids = RequestIds()
         # Label children by their (bounded) label values: ``labels()`` takes a lock and
         # builds a key per call, a visible share of a refusal's few microseconds.
@@ -323,6 +325,25 @@ class RequestRecorder:
             )
             self._children[key] = series
         return series
+
+    def record_refusal(self, scope: Scope, state: dict[str, Any]) -> None:
+        """A refusal answered from the request head: counted in the tally (batched), logged
+        as ``record`` logs refusals."""
+        route: str = state.get("route") or "unmatched"
+        code: str = state.get("error_code") or "overloaded"
+        key = RefusalKey(
+            route,
+            method_label(scope["method"]),
+            code,
+            state.get("priority"),
+            route in _SINGLE_IMAGE_ROUTES,
+        )
+        self.tally.add(key)
+        if access_log.isEnabledFor(logging.INFO) and (
+            count := self.refusals.take(time.monotonic())
+        ):
+            state["refusals_logged_as_one"] = count
+            _log(scope, state, route, 503, 0.0, self.json_lines)
 
     def record(self, scope: Scope, state: dict[str, Any], status: int, elapsed: float) -> None:
         route = getattr(scope.get("route"), "path", None) or state.get("route") or "unmatched"

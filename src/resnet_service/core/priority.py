@@ -68,6 +68,21 @@ def from_header(value: str | None) -> Priority:
     return INTERACTIVE
 
 
+def from_parameter(value: object) -> Priority | None:
+    """The class an OIP ``priority`` request parameter asks for, None for the default (then the
+    transport's header or metadata decides). A name (``interactive``, ``bulk``), or Triton's
+    levels as tritonclient's ``priority=`` sends them: 0 is the default, 1 the highest (here
+    interactive) and any lower level (2 and up) bulk. ValueError says what is accepted."""
+    if isinstance(value, str) and value in PRIORITIES:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return None if value == 0 else INTERACTIVE if value == 1 else BULK
+    raise ValueError(
+        f"priority {value!r} is not a class: send 'interactive' or 'bulk', or a Triton level "
+        "(0 default, 1 interactive, 2 or more bulk)."
+    )
+
+
 class Lanes(Generic[T]):
     """A bounded queue of two lanes: interactive first, bulk once it has aged past the bound.
     ``put_nowait``/``get``/``get_nowait``/``qsize`` as ``queue.Queue`` (raising its ``Full``

@@ -161,6 +161,7 @@ def serve_worker(settings: Settings, plumbing: WorkerPlumbing) -> int:
     try:
         server.run(sockets=[sock])
     finally:
+        app.state.head_admission.recorder.tally.flush()  # refusals of the last interval
         tracing.shutdown(provider)
     return 0
 

@@ -69,7 +69,7 @@ class Metrics:
         ).labels(str(worker))
         self.request_latency = Histogram(
             f"{PREFIX}_request_duration_seconds",
-            "HTTP request latency, body read to response.",
+            "HTTP request latency, body read to response (refusals answered from the request head are not observed: they wait only the refusal pause).",
             ["route"],
             buckets=_LATENCY_BUCKETS,
             registry=r,

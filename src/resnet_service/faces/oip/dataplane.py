@@ -24,6 +24,7 @@ from typing import Any, Final
 import numpy as np
 
 from resnet_service import __version__
+from resnet_service.core import priority
 from resnet_service.core.classifier import Classification, Classifier, top_k
 from resnet_service.core.errors import InvalidInferRequest, NotReady, ServiceError
 from resnet_service.core.outputs import class_activation_map, l2_normalised
@@ -147,7 +148,8 @@ class DataPlane:
         outputs = self._requested(classifier, request)
         wants = LOGITS_ONLY.union(_WANTS[o.name] for o in outputs if o.name in _WANTS)
         classifier.check_outputs(wants)
-        results = await self._run(classifier, request.inputs[0], wants)
+        with priority.requested(request.priority or priority.current()):
+            results = await self._run(classifier, request.inputs[0], wants)
         return InferResponse(
             model_name=classifier.name,
             model_version=classifier.version,

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 import grpc
@@ -28,6 +29,7 @@ from opentelemetry.trace import Span
 
 from resnet_service.core import priority
 from resnet_service.core.errors import InvalidInferRequest, RetryLater, ServiceError
+from resnet_service.core.priority import Priority
 from resnet_service.faces.oip.dataplane import DataPlane
 from resnet_service.faces.oip.errors import grpc_status
 from resnet_service.faces.oip.pb import inference_pb2 as pb
@@ -39,6 +41,7 @@ from resnet_service.faces.oip.tensors import (
     RequestedOutput,
     deserialize_bytes,
     fp32_from_raw,
+    priority_parameter,
 )
 from resnet_service.service import tracing
 from resnet_service.service.auth import check_admin, check_bearer
@@ -93,6 +96,7 @@ def parse_request(request: pb.ModelInferRequest) -> InferRequest:
         id=request.id or None,
         binary_output=True,
         target=_param(request.parameters, "target"),
+        priority=priority_parameter(_param(request.parameters, "priority")),
     )
 
 
@@ -131,6 +135,23 @@ def encode_response(response: InferResponse) -> pb.ModelInferResponse:
     return message
 
 
+@dataclass
+class _Served:
+    """What an RPC learnt about itself that its metrics need (the class, once known)."""
+
+    priority: Priority | None = None
+
+
+def _requested_priority(request: Any, context: grpc.aio.ServicerContext) -> Priority:
+    """The request's ``priority`` parameter (tritonclient's ``priority=``), else the
+    ``priority`` metadata in RFC 9218's syntax as on HTTP (``u=7`` is bulk)."""
+    wanted = priority_parameter(_param(request.parameters, "priority"))
+    if wanted is not None:
+        return wanted
+    metadata = dict(context.invocation_metadata() or ())
+    return priority.from_header(str(metadata.get("priority", "")))
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     """The six OIP RPCs over the data plane, with admission, auth and metrics."""
 
@@ -143,7 +164,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         return self.service.readiness_problem() is None
 
     async def _call(
-        self, name: str, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]
+        self,
+        name: str,
+        context: grpc.aio.ServicerContext,
+        work: Callable[[], Awaitable[T]],
+        served: _Served | None = None,
     ) -> T:
         started, status, code = time.perf_counter(), grpc.StatusCode.OK, None
         span = self._span(name, context) if self.tracing else None
@@ -159,7 +184,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             await context.abort(status, exc.detail)
             raise  # abort raises; this keeps type checkers informed
         finally:
-            self._count(name, status, code, time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self._count(name, status, code, elapsed)
+            if served is not None and served.priority is not None:
+                self._count_priority(served.priority, status, code, elapsed)
             if span is not None:
                 span.set_attribute("rpc.grpc.status_code", status.value[0])
                 tracing.finish_request(span, code, failed=status in _SERVICE_FAULTS)
@@ -169,6 +197,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         attributes = {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": name}
         return tracing.start_request(f"{SERVICE}/{name}", metadata, attributes)
+
+    def _count_priority(
+        self, wanted: Priority, status: grpc.StatusCode, code: str | None, seconds: float
+    ) -> None:
+        """By class, as the HTTP faces count them: ok, refused (overloaded) or error."""
+        metrics = self.service.metrics
+        ok = status == grpc.StatusCode.OK
+        outcome = "ok" if ok else "refused" if code == "overloaded" else "error"
+        metrics.priority_requests.labels(wanted, outcome).inc()
+        if ok:
+            metrics.priority_latency.labels(wanted).observe(seconds)
 
     def _count(self, name: str, status: grpc.StatusCode, code: str | None, seconds: float) -> None:
         metrics = self.service.metrics
@@ -211,12 +250,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         return await self._call("ModelMetadata", context, work)
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        served = _Served()
+
         async def work() -> Any:
             self._authorize(context)
             model, version = request.model_name, request.model_version or None
-            metadata = dict(context.invocation_metadata() or ())
-            wanted = priority.from_header(str(metadata.get("priority", "")))
-            with priority.requested(wanted):  # RFC 9218's syntax, as on HTTP: u=7 is bulk
+            wanted = served.priority = _requested_priority(request, context)
+            with priority.requested(wanted):
                 admit = tracing.admitter(self.tracing)
                 classifier, ticket = self.service.admit(model, version, admit)
                 with ticket:
@@ -226,7 +266,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             self.service.metrics.images.labels("ok").inc(parsed.inputs[0].shape[0])
             return encode_response(response)
 
-        return await self._call("ModelInfer", context, work)
+        return await self._call("ModelInfer", context, work, served)
 
     # --- the model repository extension ---------------------------------------------------
     async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802

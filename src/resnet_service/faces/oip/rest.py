@@ -37,6 +37,7 @@ from resnet_service.faces.oip.tensors import (
     RequestedOutput,
     deserialize_bytes,
     fp32_from_raw,
+    priority_parameter,
 )
 from resnet_service.service.state import ServiceState
 
@@ -232,6 +233,7 @@ def parse_infer(
         id=request.id,
         binary_output=bool(_parameter(request.parameters, "binary_data_output")),
         target=_integer(request.parameters, "target", "The request"),
+        priority=priority_parameter(_parameter(request.parameters, "priority")),
     )
 
 
@@ -363,6 +365,8 @@ async def _infer(
         ticket.uploaded()
         parsed = parse_infer(body, request.headers.get(HEADER_LENGTH), name, version)
         del body
+        if parsed.priority is not None:  # counted under the class the body asked for
+            request.state.priority = parsed.priority
         first = parsed.inputs[0]
         request.state.images = first.shape[0] if first.shape else 0
         response = await plane.infer(parsed, classifier)
@@ -376,7 +380,10 @@ _INFER_DOC: Final[dict[str, Any]] = {
     "tensor data extension (`Inference-Header-Content-Length`). Outputs: `probabilities` "
     "FP32 [N, classes], or with `classification: k` BYTES [N, k] of `score:index:label`; "
     "`embedding` FP32 [N, D] (L2-normalised) and `cam` FP32 [N, 7, 7] (class activation map "
-    "of the `target` parameter, per output or per request, else of the top class).",
+    "of the `target` parameter, per output or per request, else of the top class). Request "
+    "parameter `priority`: `interactive`, `bulk`, or a Triton level (1 interactive, 2 and up "
+    "bulk); the header `Priority: u=7` also marks a request bulk, and only the header counts at "
+    "admission (decided before the body is read).",
     "response_model": InferenceResponse,
     "responses": _ERRORS,
     "dependencies": [Depends(require_token)],

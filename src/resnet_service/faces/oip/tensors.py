@@ -14,7 +14,9 @@ from typing import Final
 
 import numpy as np
 
+from resnet_service.core import priority
 from resnet_service.core.errors import InvalidInferRequest
+from resnet_service.core.priority import Priority
 from resnet_service.core.runtime import FloatBatch
 
 _LENGTH: Final = struct.Struct("<I")
@@ -52,6 +54,8 @@ class InferRequest:
     binary_output: bool = False
     #: Request-level ``target`` parameter: ``cam``'s class for outputs that name none.
     target: int | None = None
+    #: Request-level ``priority`` parameter; None leaves the transport's class.
+    priority: Priority | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,3 +119,13 @@ def fp32_from_raw(raw: bytes, shape: tuple[int, ...], what: str) -> FloatBatch:
             f"{what}: {len(raw)} bytes of data for shape {list(shape)} (FP32 needs {expected})"
         )
     return np.frombuffer(raw, dtype="<f4").reshape(shape).astype(np.float32)
+
+
+def priority_parameter(value: object) -> Priority | None:
+    """The request's ``priority`` parameter (absent: None), as a 400 when it is not a class."""
+    if value is None:
+        return None
+    try:
+        return priority.from_parameter(value)
+    except ValueError as exc:
+        raise InvalidInferRequest(f"The request's parameter {exc}") from None
