@@ -3,24 +3,28 @@ while there is none, and what waits cancelled at shutdown."""
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import CancelledError
 
 import pytest
 
+from resnet_service.core import priority
 from resnet_service.core.decode_threads import DecodeThreads
 from resnet_service.core.errors import Overloaded
-from resnet_service.core.priority import BULK, INTERACTIVE
+from resnet_service.core.priority import BULK, INTERACTIVE, Priority
 
 
 class Room:
-    """The model's room, opened and closed by the test."""
+    """The model's room, opened by the test for each class."""
 
     def __init__(self) -> None:
-        self.open = threading.Event()
+        self.classes: set[Priority] = set()
 
-    def __call__(self, timeout_s: float) -> bool:
-        return self.open.wait(timeout_s)
+    def __call__(self, wanted: Priority) -> bool:
+        return wanted in self.classes
+
+    def open(self, threads: DecodeThreads, *classes: Priority) -> None:
+        self.classes.update(classes)
+        threads.wake()  # as the engine does when it takes work or ends a batch
 
 
 def never_stale(_: float) -> Exception | None:
@@ -35,10 +39,39 @@ def test_the_most_urgent_image_goes_first_once_there_is_room() -> None:
         bulk = threads.submit(lambda: order.append("bulk"), BULK)
         interactive = threads.submit(lambda: order.append("interactive"), INTERACTIVE)
         assert not bulk.done()  # no room: nothing is taken, not even to hold
-        room.open.set()
+        room.open(threads, INTERACTIVE, BULK)
         bulk.result(5)
         interactive.result(5)
         assert order == ["interactive", "bulk"]
+    finally:
+        threads.shutdown()
+
+
+def test_interactive_work_goes_while_bulk_work_has_no_room() -> None:
+    room = Room()
+    threads = DecodeThreads(1, room, never_stale)
+    try:
+        bulk = threads.submit(lambda: "bulk", BULK)
+        room.open(threads, INTERACTIVE)  # an interactive batch holds the model: bulk waits
+        assert threads.submit(lambda: "interactive", INTERACTIVE).result(5) == "interactive"
+        assert not bulk.done()
+        room.open(threads, BULK)
+        assert bulk.result(5) == "bulk"
+    finally:
+        threads.shutdown()
+
+
+def test_an_aged_bulk_image_goes_with_interactive_room() -> None:
+    """The age bound holds while interactive work keeps the model busy."""
+    room = Room()
+    lanes_age_s = priority.BULK_AGE_BOUND_S
+    clock = [0.0]
+    threads = DecodeThreads(1, room, never_stale, clock=lambda: clock[0])
+    try:
+        bulk = threads.submit(lambda: "bulk", BULK)
+        clock[0] = lanes_age_s + 0.1
+        room.open(threads, INTERACTIVE)
+        assert bulk.result(5) == "bulk"
     finally:
         threads.shutdown()
 

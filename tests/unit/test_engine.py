@@ -15,10 +15,12 @@ import torch
 from torch import nn
 
 from resnet_service.config import Precision, RuntimeName
+from resnet_service.core import priority
 from resnet_service.core.classifier import top_k
 from resnet_service.core.engine import InferenceEngine, Scores, softmax
 from resnet_service.core.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
 from resnet_service.core.images import Pixels, PreprocessSpec, normalise_pixels
+from resnet_service.core.priority import BULK, INTERACTIVE
 from resnet_service.core.runtime import LOGITS_ONLY, FloatBatch, Forward, ServedModel, Wants
 from resnet_service.runtimes.torch_runtime import TorchRuntime
 from tests.harness import wait_until
@@ -395,12 +397,22 @@ def test_beside_another_active_model_a_batch_runs_in_slices_with_the_same_result
 def test_room_opens_when_the_model_takes_queued_work(
     engine: InferenceEngine, gated: GatedRuntime
 ) -> None:
-    """What the decode threads wait on: fewer than ``depth`` images queued."""
-    first = hold_engine(engine, gated)
+    """What the decode threads ask: fewer than ``depth`` of what goes before an image wait,
+    and for bulk, no interactive work queued or running; told when it may have opened."""
+    opened = threading.Event()
+    engine.on_room(opened.set)
+    first = hold_engine(engine, gated)  # an interactive batch runs
+    assert not engine.has_room(BULK, 8)  # the cores are the interactive batch's
+    assert engine.has_room(INTERACTIVE, 1)
     queued = [engine.submit(image(i)) for i in range(3)]
-    assert not engine.wait_for_room(3, timeout_s=0.05)  # three wait: no room below three
-    assert engine.wait_for_room(4, timeout_s=0.05)
-    gated.gate.set()  # the model takes the three as its next batch
-    assert engine.wait_for_room(1, timeout_s=5)
-    for future in [first, *queued]:
+    assert not engine.has_room(INTERACTIVE, 3)  # three wait: no room below three
+    assert engine.has_room(INTERACTIVE, 4)
+    with priority.requested(BULK):
+        bulk = engine.submit(image(9))
+    assert engine.has_room(INTERACTIVE, 4)  # a bulk image waits behind interactive ones
+    opened.clear()
+    gated.gate.set()  # the model takes the three, then the bulk image, and is idle again
+    for future in [first, *queued, bulk]:
         assert future.result(timeout=5).probabilities.shape == (CLASSES,)
+    assert opened.wait(5)
+    wait_until(lambda: engine.has_room(BULK, 1), 5, "room for bulk work")

@@ -457,6 +457,8 @@ def _log(
         line["client"] = client[0]
     if (classifier := state.get("classifier")) is not None:  # the version that answered
         line["model"], line["version"] = classifier.name, classifier.version
+    if (wanted := state.get("priority")) is not None:  # an inference request's class
+        line["priority"] = wanted
     if "images" in state:
         line["images"] = state["images"]
     if (timings := state.get("timings")) is not None:

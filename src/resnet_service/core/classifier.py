@@ -51,6 +51,7 @@ from resnet_service.core.images import (
     normalise_pixels,
 )
 from resnet_service.core.outputs import CropBox, class_activation_map, heatmap_png
+from resnet_service.core.priority import Priority
 from resnet_service.core.response_cache import ResponseCache
 from resnet_service.core.runtime import LOGITS_ONLY, FloatBatch, Output, ServedModel, Wants
 from resnet_service.core.tracing import child_span
@@ -222,6 +223,7 @@ class Classifier:
         self.workload = Workload(admission_policy(settings), _INITIAL_DECODE_S)
         self._observer = observer
         self._pool = DecodeThreads(self.decode_threads, self._has_room, self._stale_error)
+        self.engine.on_room(self._pool.wake)
         # Decodes waiting or running; bounded like the engine queue so memory stays bounded.
         self._decoding = 0
         self._decoding_lock = threading.Lock()
@@ -286,13 +288,13 @@ class Classifier:
             retry_after_s=1,
         )
 
-    def _has_room(self, timeout_s: float) -> bool:
-        """Just in time: a decode thread takes an image only while fewer than a batch wait for
-        the model (the running one aside; one more per other decode thread at most). Past
-        that an image waits as its bytes, where a standing queue's stale work is dropped
-        before any CPU is spent on it and where it does not take the cores from other
-        models."""
-        return self.engine.wait_for_room(self.settings.max_batch_size, timeout_s)
+    def _has_room(self, wanted: Priority) -> bool:
+        """Just in time: a decode thread takes an image only while fewer than a batch of what
+        goes before it wait for the model (``InferenceEngine.has_room``). Past that an image
+        waits as its bytes, where a standing queue's stale work is dropped before any CPU is
+        spent on it and where it does not take the cores from other models or from an
+        interactive batch."""
+        return self.engine.has_room(wanted, self.settings.max_batch_size)
 
     def _decode_sync(self, data: bytes, submitted: float, wants: Wants) -> Queued:
         """Decode one image and queue it for the model, on a decode thread (so that the room

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -18,8 +19,8 @@ from typing import Any, Final
 
 from resnet_service.core.priority import Lanes, Priority
 
-#: How long a thread blocks on the model's room or an empty line before it looks again (for
-#: stale work, and at shutdown); both wake at once when they change.
+#: How long a thread blocks without work it has room for before it looks again (for stale
+#: work, and at shutdown); new work and ``wake`` end the wait at once.
 _POLL_S: Final = 0.02
 
 
@@ -30,19 +31,20 @@ class _Job:
 
 
 class DecodeThreads:
-    """``submit(fn, priority)`` runs ``fn`` on one of ``threads`` threads once ``room(timeout)``
-    says the model can take its result; cancelling the returned future before it runs drops
-    it. While the threads wait for room, work for which ``stale(seconds waited)`` gives an
+    """``submit(fn, priority)`` runs ``fn`` on one of ``threads`` threads once ``room(priority)``
+    says the model can take its result (``wake`` when that may have changed); cancelling the
+    returned future before it runs drops it. While the threads wait for room, work for which ``stale(seconds waited)`` gives an
     error fails with it at once (a shed queue's old work is refused, not kept for the room)."""
 
     def __init__(
         self,
         threads: int,
-        room: Callable[[float], bool],
+        room: Callable[[Priority], bool],
         stale: Callable[[float], Exception | None],
         name: str = "decode",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._lanes: Lanes[_Job] = Lanes()
+        self._lanes: Lanes[_Job] = Lanes(clock=clock)
         self._room = room
         self._stale = stale
         self._stopped = threading.Event()
@@ -60,14 +62,16 @@ class DecodeThreads:
         self._lanes.put_nowait(_Job(run, future), priority)
         return future
 
+    def wake(self) -> None:
+        """The model's room may have opened: look again now (the model thread calls it)."""
+        self._lanes.wake()
+
     def _serve(self) -> None:
         while not self._stopped.is_set():
-            if not self._room(_POLL_S):
-                self._drop_stale()
-                continue
             try:
-                job = self._lanes.get(_POLL_S)
-            except queue.Empty:
+                job = self._lanes.get_if(self._room, _POLL_S)
+            except queue.Empty:  # nothing with room: what waits may have gone stale
+                self._drop_stale()
                 continue
             if not job.future.set_running_or_notify_cancel():
                 continue  # the caller is gone

@@ -245,8 +245,11 @@ class InferenceEngine:
         self._stopping = threading.Event()
         self._startup_error: BaseException | None = None
         self._in_batch = 0
-        #: Notified whenever the model thread takes work from the queue (``wait_for_room``).
-        self._room = threading.Condition()
+        #: The class of the batch being run (None between batches).
+        self._running: Priority | None = None
+        #: Called whenever the model thread takes work or ends a batch (``has_room`` may say
+        #: yes now): the decode threads' wake-up.
+        self._room_listeners: list[Callable[[], None]] = []
         #: Smoothed seconds of model time per image (for Retry-After and admission).
         self.per_item_s = 0.005
         self.items_run = 0
@@ -289,18 +292,29 @@ class InferenceEngine:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
-    def wait_for_room(self, depth: int, timeout_s: float) -> bool:
-        """Block until fewer than ``depth`` images are queued (or the engine stops); False on
-        timeout. Decode threads call it so that images are decoded just in time: what waits
-        beyond a batch ahead waits as its encoded bytes, cheap to drop, not as pixels."""
-        with self._room:
-            return self._room.wait_for(
-                lambda: self._queue.qsize() < depth or self._stopping.is_set(), timeout_s
-            )
+    def has_room(self, priority: Priority, depth: int) -> bool:
+        """Whether an image of ``priority`` may be decoded now. Decode threads ask, so that
+        images are decoded just in time: what waits beyond a batch ahead waits as its encoded
+        bytes, cheap to drop, not as pixels. An interactive image has room while fewer than
+        ``depth`` interactive images wait (bulk ones wait behind it anyway); a bulk image while
+        fewer than ``depth`` images wait and no interactive work is queued or running, so that
+        an interactive batch has the cores to itself (bulk takes what is left). Always, once
+        the engine stops (the submit then says so)."""
+        if self._stopping.is_set():
+            return True
+        waiting = self._queue.qsize(INTERACTIVE)
+        if priority == INTERACTIVE:
+            return waiting < depth
+        return waiting == 0 and self._running != INTERACTIVE and self._queue.qsize() < depth
+
+    def on_room(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (from the model thread) whenever ``has_room`` may have changed to
+        yes; it must not block."""
+        self._room_listeners.append(listener)
 
     def _made_room(self) -> None:
-        with self._room:
-            self._room.notify_all()
+        for listener in self._room_listeners:
+            listener()
 
     def retry_after_s(self) -> int:
         """Seconds until the queue has likely drained, from depth and recent service time."""
@@ -393,6 +407,7 @@ class InferenceEngine:
                     return
                 continue
             batch = self._collect(first)
+            self._running = first.priority
             self._made_room()
             try:
                 self._execute(batch)
@@ -402,6 +417,9 @@ class InferenceEngine:
                 for work in batch:
                     if not work.future.done():
                         work.future.set_exception(failure)
+            finally:
+                self._running = None
+                self._made_room()
 
     def warmup_batch_sizes(self) -> list[int]:
         """Powers of two up to the max batch, and the max itself."""

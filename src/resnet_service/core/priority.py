@@ -126,6 +126,38 @@ class Lanes(Generic[T]):
                 raise queue.Empty
             return self._take(priority)
 
+    def get_if(self, allowed: Callable[[Priority], bool], timeout: float) -> T:
+        """The next item whose class ``allowed`` says may go now, waiting up to ``timeout``
+        (``queue.Empty`` then); ``wake`` makes it ask again. An aged bulk item is asked for as
+        interactive, so that the age bound holds however busy interactive work keeps the
+        model."""
+        chosen: list[Priority] = []
+
+        def ready() -> bool:
+            lane = self._choose(allowed)
+            chosen[:] = [] if lane is None else [lane]
+            return lane is not None
+
+        with self._changed:
+            if not self._changed.wait_for(ready, timeout):
+                raise queue.Empty
+            return self._lanes[chosen[0]].popleft()[1]
+
+    def wake(self) -> None:
+        """Wake every ``get_if`` to ask ``allowed`` again."""
+        with self._changed:
+            self._changed.notify_all()
+
+    def _choose(self, allowed: Callable[[Priority], bool]) -> Priority | None:
+        interactive, bulk = self._lanes[INTERACTIVE], self._lanes[BULK]
+        if bulk and self._clock() - bulk[0][0] > self._age_bound_s and allowed(INTERACTIVE):
+            return BULK
+        if interactive and allowed(INTERACTIVE):
+            return INTERACTIVE
+        if bulk and allowed(BULK):
+            return BULK
+        return None
+
     def drop_stale(self, stale: Callable[[float], bool]) -> list[T]:
         """Take out, oldest first in each lane, every item for which ``stale(seconds waited)``
         holds (the heads: waits only grow towards them)."""
