@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import psutil
 import pytest
 import tritonclient.grpc as tgrpc
@@ -186,6 +187,18 @@ def test_three_models_each_answer_with_their_own_labels(
         shapes = classify(c, "shapes", top_k="3").json()
         assert {p["label"] for p in shapes["predictions"]} == set(SHAPES)
         assert shapes["model"] == {**shapes["model"], "name": "shapes", "precision": "fp32"}
+        # top_k above a small model's class count is capped, and the answer says what it
+        # served; tritonclient's class_count as well ([N, classes], not a 400).
+        capped = classify(c, "shapes", top_k="5").json()
+        assert (capped["top_k"], len(capped["predictions"])) == (3, 3)
+        assert classify(c, "shapes", top_k="5000").status_code == 422  # past MAX_TOP_K
+        triton = thttp.InferenceServerClient(f"127.0.0.1:{server.port}")
+        image = thttp.InferInput("image", [1], "BYTES")
+        image.set_data_from_numpy(np.array([IMAGE], dtype=object))
+        wanted = thttp.InferRequestedOutput("probabilities", class_count=5)
+        answer = triton.infer("shapes", [image], outputs=[wanted]).as_numpy("probabilities")
+        assert answer.shape == (1, 3)
+        assert {row.decode().split(":")[2] for row in answer[0]} == set(SHAPES)
         colours = classify(c, "colours", top_k="4").json()
         assert {p["label"] for p in colours["predictions"]} == {"Red (a colour)", *COLOURS[1:]}
         assert c.get("/model", params={"model": "colours"}).json()["labels"][0] == "Red (a colour)"

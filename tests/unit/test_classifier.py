@@ -51,6 +51,16 @@ async def test_top_k_out_of_range(classifier: Classifier, top_k: int) -> None:
         await classifier.classify(jpeg_of("coffee"), top_k)
 
 
+async def test_top_k_is_capped_at_the_class_count(classifier: Classifier) -> None:
+    """The settings bound what may be asked; the model's classes what is served."""
+    classifier.max_top_k = 3  # as for a 3-class model
+    assert classifier.check_top_k(5) == 3
+    assert classifier.check_top_k(None) == 3  # the default (5), capped too
+    assert classifier.check_top_k(2) == 2
+    with pytest.raises(InvalidParameter, match="capped"):
+        classifier.check_top_k(1001)
+
+
 async def test_one_bad_image_does_not_sink_the_batch(classifier: Classifier) -> None:
     images = [jpeg_of("coffee"), b"%PDF-1.4 not an image", jpeg_of("rocket"), b""]
     results = await classifier.classify_many(images, 3)

@@ -259,15 +259,16 @@ class Classifier:
         return self.workload.open <= 0 and self.workload.processing <= 0
 
     def check_top_k(self, top_k: int | None) -> int:
-        """``top_k`` or the default, within 1..min(max_top_k, classes)."""
-        k = self.settings.default_top_k if top_k is None else top_k
-        k = min(k, self.max_top_k) if top_k is None else k
-        if not 1 <= k <= self.max_top_k:
+        """The ``top_k`` served: the request's or the default, capped at the model's class
+        count (a generic client asking for 5 gets all 3 of a small model, as documented);
+        outside 1..``max_top_k`` of the settings it is refused."""
+        limit = self.settings.max_top_k
+        if top_k is not None and not 1 <= top_k <= limit:
             raise InvalidParameter(
-                f"top_k must be between 1 and {self.max_top_k} (the model has "
-                f"{self.model.info.num_classes} classes); got {top_k}"
+                f"top_k must be between 1 and {limit} (above the model's "
+                f"{self.model.info.num_classes} classes it is capped); got {top_k}"
             )
-        return k
+        return min(self.settings.default_top_k if top_k is None else top_k, self.max_top_k)
 
     def admit(self) -> Ticket:
         """Admission for one request, decided before its upload is read: ``NotReady`` while

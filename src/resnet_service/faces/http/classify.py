@@ -37,7 +37,7 @@ router = APIRouter(dependencies=[Depends(require_token)])
 
 TopK = Annotated[
     int | None,
-    Query(ge=1, description="How many classes to return (default 5; at most the class count)."),
+    Query(ge=1, description="How many classes to return (default 5; capped at the class count)."),
 ]
 
 
@@ -75,6 +75,7 @@ async def classify(
     service.metrics.images.labels("ok").inc()
     return ClassifyResponse(
         predictions=predictions_of(result),
+        top_k=k,
         model=model_ref(classifier),
         timings=timings_of(result),
         batch_size=result.prediction.batch_size,
@@ -104,7 +105,8 @@ async def classify_batch(
         outcomes = await classifier.classify_many([f.data for f in files], k, scope)
         names = [f.filename for f in files]
     results = batch_items(service, names, outcomes, _batch_item)
-    return BatchResponse(results=results, **batch_totals(results, classifier, started).model_dump())
+    totals = batch_totals(results, classifier, started)
+    return BatchResponse(results=results, top_k=k, **totals.model_dump())
 
 
 def _batch_item(

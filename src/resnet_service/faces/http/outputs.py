@@ -178,6 +178,7 @@ async def explain(
     assert result.size is not None, "an uploaded image has a size"
     return ExplainResponse(
         predictions=predictions_of(result),
+        top_k=k,
         target=Prediction(
             label=classifier.model.labels[explained.target],
             index=explained.target,

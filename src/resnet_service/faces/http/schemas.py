@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import weakref
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, Field
 
 from resnet_service.core.classifier import Classifier
 from resnet_service.core.model_info import Fidelity, MeasuredOn, QuantizationInfo
+
+_TOP_K: Final = (
+    "How many predictions were asked for, as served: the request's top_k (or the default) "
+    "capped at the model's class count."
+)
 
 
 class Prediction(BaseModel):
@@ -66,6 +71,7 @@ class ClassifyResponse(BaseModel):
     """Top-k for one image."""
 
     predictions: list[Prediction] = Field(description="Best first.")
+    top_k: int = Field(ge=1, description=_TOP_K)
     model: ModelRef
     timings: Timings
     batch_size: int = Field(ge=1, description="How many images shared the forward pass.")
@@ -107,6 +113,7 @@ class BatchTotals(BaseModel):
 class BatchResponse(BatchTotals):
     """Results in request order."""
 
+    top_k: int = Field(ge=1, description=_TOP_K)
     results: list[BatchItemResult]
 
 
@@ -174,6 +181,7 @@ class ExplainResponse(BaseModel):
     """Top-k for one image and the class activation map of the target class."""
 
     predictions: list[Prediction] = Field(description="Best first.")
+    top_k: int = Field(ge=1, description=_TOP_K)
     target: Prediction = Field(description="The class explained, with its score.")
     cam: ClassActivationMap
     model: ModelRef

@@ -169,12 +169,12 @@ class DataPlane:
                     + "."
                 )
             k = wanted.classification
-            if k is not None and (
-                wanted.name != PROBABILITIES or not 1 <= k <= classifier.max_top_k
-            ):
+            limit = classifier.settings.max_top_k
+            if k is not None and (wanted.name != PROBABILITIES or not 1 <= k <= limit):
                 raise InvalidInferRequest(
-                    f"classification applies to '{PROBABILITIES}', between 1 and "
-                    f"{classifier.max_top_k}; got {k} on '{wanted.name}'."
+                    f"classification applies to '{PROBABILITIES}', between 1 and {limit} "
+                    f"(capped at the model's {classifier.max_top_k} classes); got {k} on "
+                    f"'{wanted.name}'."
                 )
             _check_target(classifier, wanted.target)
         _check_target(classifier, request.target)
@@ -238,7 +238,7 @@ class DataPlane:
                 array=probabilities,
                 binary=wanted.binary,
             )
-        k = wanted.classification
+        k = min(wanted.classification, classifier.max_top_k)  # [N, k] of what the model has
         labels = classifier.model.labels
         elements = []
         for result in results:
