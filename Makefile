@@ -2,9 +2,16 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-HOST ?= 127.0.0.1
-PORT ?= 8000
-WORKERS ?= 0  # 0 = one worker process per usable CPU
+# make run: these override the service's own settings when given (make run PORT=9000 GRPC_PORT=9001
+# WORKERS=2); left empty, RESNET_SERVICE_HOST/PORT/GRPC_PORT/WORKERS and then the defaults apply
+# (127.0.0.1, 8000, 8001, one worker per usable CPU). HOST counts only on the command line: some
+# shells (zsh) export HOST as the machine's name.
+PORT ?=
+GRPC_PORT ?=
+WORKERS ?=
+RUN_HOST := $(if $(filter command line,$(origin HOST)),$(HOST))
+RUN_FLAGS := $(if $(RUN_HOST),--host $(RUN_HOST)) $(if $(PORT),--port $(PORT)) \
+	$(if $(GRPC_PORT),--grpc-port $(GRPC_PORT)) $(if $(WORKERS),--workers $(WORKERS))
 
 .PHONY: install test-deps run test test-fast lint lint-deploy format typecheck openapi bench bench-quick bench-peers bench-http bench-tracing bench-outputs bench-tag bench-fair finetune-suite robustness check clean
 
@@ -21,7 +28,7 @@ test-deps:
 	scripts/install_test_deps.sh
 
 run: install
-	$(BIN)/resnet-service serve --host $(HOST) --port $(PORT) --workers $(WORKERS)
+	$(BIN)/resnet-service serve $(RUN_FLAGS)
 
 test: install test-deps
 	$(BIN)/pytest
