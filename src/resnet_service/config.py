@@ -71,7 +71,8 @@ class Settings(BaseSettings):
     default_model: str | None = Field(
         None,
         description="The model of requests that name none (and of /model); default: the only "
-        "model, or the first by name.",
+        "model of the repository at start, kept when others are published (with several and "
+        "none named, such requests are a 400 that lists them).",
     )
     admin_token: SecretStr | None = Field(
         None,

@@ -227,6 +227,42 @@ def test_three_models_each_answer_with_their_own_labels(
         assert 'model="nope"' not in text
 
 
+def test_the_default_model_never_changes_under_a_client(
+    tmp_path: Path, three_models: Path, model_cache: Path
+) -> None:
+    """The only model at start stays the default when another is published (here one that
+    sorts before it); with several and none named, a request naming none is a 400 that lists
+    them, never the first by name."""
+    root = tmp_path / "repo"
+    shutil.copytree(three_models / "shapes", root / "shapes")
+    args = repo_args(root, model_cache, "--repository-control", "poll", "--repository-poll", "0.2")
+    with serve(tmp_path, *args) as server, httpx.Client(base_url=server.url, timeout=60) as c:
+        assert classify(c).json()["model"]["name"] == "shapes"
+        shutil.copytree(three_models / "colours", root / "colours")  # "colours" < "shapes"
+        wait_until(lambda: "colours" in models_of(server), 60, "colours published", server)
+        wait_until(
+            lambda: models_of(server)["colours"]["versions"][0]["state"] == "READY",
+            120,
+            "colours ready",
+            server,
+        )
+        after = classify(c)
+        assert after.status_code == 200, (after.text, server.output()[-3000:])
+        assert after.json()["model"]["name"] == "shapes"
+        assert "default model: 'shapes'" in server.output()
+    with serve(tmp_path, *repo_args(root, model_cache)) as server:
+        refused = httpx.post(
+            f"{server.url}/classify", files={"image": ("c.jpg", IMAGE, "image/jpeg")}
+        )
+        assert refused.status_code == 400
+        body = refused.json()
+        assert body["code"] == "model_not_named"
+        assert "'colours'" in body["detail"]
+        assert "'shapes'" in body["detail"]
+        assert "--default-model" in body["detail"]
+        assert "no --default-model" in server.output()
+
+
 # --- rolling a version in -------------------------------------------------------------------
 def truncated_copy(source: Path, into: Path) -> Path:
     """An artifact whose weights file lost its second half (an interrupted copy)."""

@@ -31,6 +31,7 @@ HTTP_STATUS: Final[dict[str, int]] = {
     errors.InvalidInferRequest.code: 400,
     errors.Unauthorized.code: 401,
     errors.ModelNotFound.code: 404,
+    errors.ModelNotNamed.code: 400,
     errors.ControlOff.code: 403,
     errors.ModelLoadFailed.code: 400,
     errors.OutputUnavailable.code: 409,

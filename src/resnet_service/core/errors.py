@@ -98,6 +98,13 @@ class ModelNotFound(InputError):
     title = "Model not found"
 
 
+class ModelNotNamed(InputError):
+    """The request names no model where several are served and none is the default."""
+
+    code = "model_not_named"
+    title = "Model not named"
+
+
 class Unauthorized(ServiceError):
     code = "unauthorized"
     title = "Unauthorized"

@@ -14,7 +14,9 @@ from typing import Final
 
 from resnet_service import logs
 from resnet_service.config import Settings
+from resnet_service.core.errors import BundleInvalid
 from resnet_service.cpus import resolve_workers
+from resnet_service.model.repository import scan
 from resnet_service.server.http import IDLE_LINGER_S
 from resnet_service.server.sockets import PortInUse, check_port_free, reserve_port
 from resnet_service.server.supervisor import Supervisor
@@ -86,6 +88,7 @@ def _serve(settings: Settings, rundir: Path) -> int:
         port = reservation.getsockname()[1]
         grpc_port = grpc_reservation.getsockname()[1] if grpc_reservation else settings.grpc_port
         settings = settings.model_copy(update={"port": port, "grpc_port": grpc_port})
+        settings = pinned_default_model(settings)
         metrics_dir = rundir / "metrics"
         metrics_dir.mkdir()
         env = {
@@ -107,6 +110,34 @@ def _serve(settings: Settings, rundir: Path) -> int:
         reservation.close()
         if grpc_reservation is not None:
             grpc_reservation.close()
+
+
+def pinned_default_model(settings: Settings) -> Settings:
+    """A repository's default model, decided once for every worker (replacements included):
+    the one named, else the only model at start, which stays the default when others are
+    published. With several and none named there is none, and saying so here is the only
+    warning a user gets before requests that name no model are refused."""
+    root = settings.model_repository
+    if root is None or settings.default_model is not None:
+        return settings
+    try:
+        names = sorted(scan(root))
+    except BundleInvalid:
+        return settings  # the workers report an unreadable repository
+    if len(names) == 1:
+        log.info(
+            "default model: '%s', the only one in the repository at start; it stays the "
+            "default when others are published (--default-model names another)",
+            names[0],
+        )
+        return settings.model_copy(update={"default_model": names[0]})
+    if names:
+        log.warning(
+            "the repository has %d models and no --default-model: requests that name no model "
+            "are refused (400) with the list",
+            len(names),
+        )
+    return settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

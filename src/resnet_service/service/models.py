@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from resnet_service.core.classifier import Classifier
-from resnet_service.core.errors import ModelNotFound, NotReady
+from resnet_service.core.errors import ModelNotFound, ModelNotNamed, NotReady
 
 
 class VersionState(StrEnum):
@@ -146,11 +146,13 @@ class ModelTable:
 
     @property
     def default_name(self) -> str | None:
-        """The configured default, or the only model, or the first by name."""
+        """The configured default (``serve`` names the repository's only model at start), or
+        the only model; None with several and none named: never one picked by name order,
+        which would change under a client's feet when a model is published."""
         if self._configured_default is not None:
             return self._configured_default
         names = self.names()
-        return names[0] if names else None
+        return names[0] if len(names) == 1 else None
 
     def serving(self, model: str) -> ServedVersion | None:
         """The highest READY version of ``model``: where a request without a version goes."""
@@ -171,6 +173,12 @@ class ModelTable:
     def resolve(self, model: str | None, version: str | None) -> Classifier:
         """The classifier for a request, or the error that says what to fix."""
         name = model or self.default_name
+        if name is None and len(self.names()) > 1:
+            raise ModelNotNamed(
+                f"This server has {_listing(self.names())} and no default model: name one "
+                "(?model=NAME on the JSON API, the path on OIP), or start it with "
+                "--default-model NAME (RESNET_SERVICE_DEFAULT_MODEL)."
+            )
         if name is None:
             raise NotReady("The service is not ready: no model is loaded yet.", 2)
         if name not in self._table:

@@ -139,7 +139,8 @@ async def readyz(service: ServiceDep) -> Readiness:
     problem = service.readiness_problem()
     if problem is not None:
         raise NotReady(problem, 2)
-    return Readiness(model=model_ref(service.require_classifier()))
+    default = service.classifier
+    return Readiness(model=model_ref(default) if default is not None else None)
 
 
 @router.get(

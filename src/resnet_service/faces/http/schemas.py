@@ -278,4 +278,6 @@ class Readiness(BaseModel):
     """Readiness: model loaded, warmed and not draining."""
 
     status: Literal["ready"] = "ready"
-    model: ModelRef
+    model: ModelRef | None = Field(
+        description="The default model (null: a repository of several with none named)."
+    )

@@ -35,6 +35,7 @@ GRPC_STATUS: Final[dict[str, grpc.StatusCode]] = {
     errors.MissingField.code: _INVALID,
     errors.TooManyFiles.code: _INVALID,
     errors.ModelNotFound.code: grpc.StatusCode.NOT_FOUND,
+    errors.ModelNotNamed.code: _INVALID,
     errors.ControlOff.code: grpc.StatusCode.PERMISSION_DENIED,
     errors.ModelLoadFailed.code: grpc.StatusCode.INVALID_ARGUMENT,
     errors.OutputUnavailable.code: grpc.StatusCode.FAILED_PRECONDITION,
