@@ -464,7 +464,10 @@ def _add_finetune(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="early stopping: optimiser steps without a better validation score",
     )
     ft.add_argument("--seed", type=int, default=0)
-    ft.add_argument("--name", help="model name in the bundle (and in --repository)")
+    ft.add_argument(
+        "--name",
+        help="model name in the bundle (and in --repository); default: the --out folder's name",
+    )
     ft.add_argument(
         "--repository",
         type=Path,

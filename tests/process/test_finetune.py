@@ -429,6 +429,7 @@ def test_finetune_quantize_and_serve_digits(
     ):
         assert (bundle / name).is_file(), name
     manifest = json.loads((bundle / "bundle.json").read_text())
+    assert manifest["name"] == "bundle"  # named after --out, not after the data folder
     assert manifest["num_classes"] == 10
     assert manifest["preprocessing"]["crop_size"] == 64
     provenance = manifest["provenance"]

@@ -577,7 +577,7 @@ def _write(
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
     }
     manifest = BundleManifest(
-        name=config.name or f"resnet18-{config.data_dir.name}",
+        name=config.name or config.out_dir.resolve().name,  # what the user called it
         architecture="resnet18",
         num_classes=len(data.classes),
         precision="fp32",
