@@ -22,6 +22,7 @@ from resnet_service.core.errors import ServiceError
 
 if TYPE_CHECKING:  # the serving core is imported by the commands that need it
     from resnet_service.core.classifier import Classification, Classifier
+    from resnet_service.core.outputs import CropBox
 
 log = logging.getLogger("resnet_service")
 
@@ -349,11 +350,32 @@ async def _predict_line(
             "crop_box": dataclasses.asdict(explained.crop_box) if explained.crop_box else None,
         }
         if args.heatmaps is not None:
-            args.heatmaps.mkdir(parents=True, exist_ok=True)
-            out = args.heatmaps / f"{Path(path).stem}.cam.png"
-            out.write_bytes(explained.heatmap_png)
+            out = heatmap_path(args.heatmaps, path)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            png = explained.heatmap_png
+            if args.overlay and explained.crop_box is not None:
+                png = await asyncio.to_thread(_overlaid, path, png, explained.crop_box)
+            out.write_bytes(png)
             line["cam"]["heatmap"] = str(out)
     return line
+
+
+def heatmap_path(folder: Path, image: Path) -> Path:
+    """Where ``predict --heatmaps`` writes an image's map: its path as given, under ``folder``
+    (``a/x.jpg`` -> ``folder/a/x.jpg.cam.png``), so that same-named images in different
+    folders keep a map each; ``..`` and the root cannot lead out of ``folder``."""
+    parts = [p if p != ".." else "__" for p in image.parts if p not in (image.anchor, ".")]
+    return folder.joinpath(*parts[:-1], f"{parts[-1]}.cam.png")
+
+
+def _overlaid(path: Path, heatmap: bytes, box: CropBox) -> bytes:
+    """The map over the photo (read again: ``predict`` keeps no decoded image)."""
+    from PIL import Image, ImageOps
+
+    from resnet_service.core.outputs import overlay_png
+
+    with Image.open(path) as photo:  # the same bomb guard as the service's decoder
+        return overlay_png(ImageOps.exif_transpose(photo), heatmap, box)
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
@@ -517,7 +539,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--target", type=int, default=None, help="class index to explain (default: the top one)"
     )
     predict.add_argument(
-        "--heatmaps", type=Path, default=None, metavar="DIR", help="write --explain's PNGs here"
+        "--heatmaps",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write --explain's maps here as PNGs, at each image's path under DIR "
+        "(a/x.jpg -> DIR/a/x.jpg.cam.png)",
+    )
+    predict.add_argument(
+        "--overlay",
+        action="store_true",
+        help="with --heatmaps: the map laid over the photo (else the bare map of the crop)",
     )
     _add_model_flags(predict)
     predict.set_defaults(handler=cmd_predict)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from resnet_service.cli import main
 from tests.harness import jpeg_of
@@ -184,3 +185,26 @@ def test_predict_walks_folders_and_writes_each_line_as_soon_as_it_is_done(
     assert [Path(r["file"]).name for r in rows] == ["a.jpg", "c.txt", "b.jpg", "last.jpg"]
     assert rows[1]["error"]["code"] == "unsupported_image_format"
     assert "predictions" in rows[3]
+
+
+def test_heatmaps_keep_one_file_per_image_and_overlay_the_photo(
+    weights_file: Path, model_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Same-named images in two folders get a map each (they overwrote one file); --overlay
+    lays the map over the photo, at the photo's size."""
+    photos = tmp_path / "photos"
+    for folder, name in (("a", "chelsea"), ("b", "coffee")):
+        (photos / folder).mkdir(parents=True)
+        (photos / folder / "x.jpg").write_bytes(jpeg_of(name, (320, 240)))
+    maps = tmp_path / "maps"
+    args = ["predict", str(photos), "--explain", "--heatmaps", str(maps), "--overlay"]
+    assert main([*args, *model_args(weights_file, model_cache)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    written = [Path(row["cam"]["heatmap"]) for row in rows]
+    assert len(set(written)) == 2
+    for row, path in zip(rows, written, strict=True):
+        relative = Path(row["file"]).relative_to(Path(row["file"]).anchor)
+        assert path == maps / relative.parent / "x.jpg.cam.png"
+        with Image.open(path) as overlay:
+            assert overlay.size == (320, 240)  # the photo, not a bare 224 x 224 map
+            assert overlay.mode == "RGB"

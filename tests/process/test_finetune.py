@@ -469,7 +469,7 @@ def test_finetune_quantize_and_serve_digits(
     int8_embeddings_and_maps_agree(bundle, cache)
 
     with serve(tmp_path, "--bundle", str(bundle), "--cache-dir", str(cache), "--offline") as server:
-        model = httpx.get(f"{server.url}/model").json()
+        model = httpx.get(f"{server.url}/model", params={"labels": "true"}).json()
         assert model["labels"] == [str(d) for d in range(10)]
         assert model["precision"] == "int8"
         assert model["provenance"]["val_accuracy"] >= FP32_MIN_ACCURACY

@@ -201,7 +201,10 @@ def test_three_models_each_answer_with_their_own_labels(
         assert {row.decode().split(":")[2] for row in answer[0]} == set(SHAPES)
         colours = classify(c, "colours", top_k="4").json()
         assert {p["label"] for p in colours["predictions"]} == {"Red (a colour)", *COLOURS[1:]}
-        assert c.get("/model", params={"model": "colours"}).json()["labels"][0] == "Red (a colour)"
+        assert (
+            c.get("/model", params={"model": "colours", "labels": "true"}).json()["labels"][0]
+            == "Red (a colour)"
+        )
 
         unknown = classify(c, "nope")
         assert unknown.status_code == 404

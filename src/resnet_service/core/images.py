@@ -222,6 +222,21 @@ def _upright_size(img: Image.Image) -> tuple[int, int]:
     return width, height
 
 
+def _undecodable(fmt: str, exc: BaseException) -> str:
+    """What went wrong in the user's words (Pillow's, such as "truncated (5 bytes not
+    processed)", describe its decoder, not the file)."""
+    said = str(exc).lower()
+    if "truncated" in said or isinstance(exc, EOFError):
+        return (
+            f"The {fmt} image ends before its picture does: the file is cut short (an "
+            "interrupted upload, download or copy?). Send the whole file."
+        )
+    return (
+        f"The {fmt} image's data is damaged and cannot be decoded, though its header is "
+        "readable. Re-export or re-copy the file."
+    )
+
+
 def decode_upright(
     data: bytes, limits: ImageLimits, spec: PreprocessSpec, *, fast: bool = True
 ) -> tuple[Image.Image, tuple[int, int]]:
@@ -236,9 +251,7 @@ def decode_upright(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLarge(str(exc)) from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
-        raise UndecodableImage(
-            f"The {fmt} image could not be decoded ({exc}). It may be corrupt or truncated."
-        ) from None
+        raise UndecodableImage(_undecodable(fmt, exc)) from None
     # In place: no copy when there is nothing to rotate. A broken EXIF block must not sink a
     # readable image, so its errors are ignored.
     with contextlib.suppress(OSError, SyntaxError, ValueError, KeyError, TypeError):

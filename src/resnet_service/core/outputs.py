@@ -104,3 +104,16 @@ def heatmap_png(grid: FloatBatch, side: int) -> bytes:
     out = io.BytesIO()
     image.save(out, format="PNG", optimize=False, compress_level=1)
     return out.getvalue()
+
+
+def overlay_png(photo: Image.Image, heatmap: bytes, box: CropBox) -> bytes:
+    """``heatmap`` (``heatmap_png``'s) laid over ``photo`` (upright, as sent) where ``box``
+    says the model looked: what a person wants to see of an explanation."""
+    base = photo.convert("RGBA")
+    with Image.open(io.BytesIO(heatmap)) as layer:
+        size = (max(1, round(box.right - box.left)), max(1, round(box.bottom - box.top)))
+        heat = layer.convert("RGBA").resize(size, Image.Resampling.BILINEAR)
+    base.alpha_composite(heat, (round(box.left), round(box.top)))
+    out = io.BytesIO()
+    base.convert("RGB").save(out, format="PNG", compress_level=1)
+    return out.getvalue()

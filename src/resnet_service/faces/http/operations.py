@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Query, Response
 
 from resnet_service.asgi.deps import ClassifierDep, ServiceDep
 from resnet_service.core.errors import NotReady
@@ -61,14 +61,19 @@ def public_model_info(info: ModelInfo) -> dict[str, Any]:
     summary="A served model (default: the default one)",
     responses=problems(404, 422, 503),
 )
-async def model(classifier: ClassifierDep) -> ModelResponse:
+async def model(
+    classifier: ClassifierDep,
+    labels: Annotated[
+        bool, Query(description="Add every class label (1,000 for ImageNet: ~20 kB).")
+    ] = False,
+) -> ModelResponse:
     settings = classifier.settings  # the replica's, with the model's own config applied
     info = classifier.model.info
     return ModelResponse(
         **{**public_model_info(info), "name": classifier.name},
         version=classifier.version,
         host=measured_here(),
-        labels=classifier.model.labels,
+        labels=classifier.model.labels if labels else None,
         settings={
             "runtime": info.runtime,
             "inference_threads": classifier.inference_threads,

@@ -216,6 +216,9 @@ class ModelResponse(BaseModel):
     num_classes: int
     precision: Literal["int8", "fp32"]
     runtime: Literal["torch", "openvino", "onnxruntime"]
+    settings: dict[str, int | float | str | bool] = Field(
+        description="The settings that shape behaviour: threads, batching, limits."
+    )
     runtime_version: str
     weights_source: str
     weights_sha256: str
@@ -231,14 +234,13 @@ class ModelResponse(BaseModel):
     )
     provenance: dict[str, Any]
     load_seconds: float
-    labels: list[str]
-    settings: dict[str, int | float | str | bool] = Field(
-        description="The settings that shape behaviour: threads, batching, limits."
-    )
     embedding_size: int | None = Field(
         description="The length of /embed's vectors (None: this model cannot embed)."
     )
     explainable: bool = Field(description="True when /explain can map this model's classes.")
+    labels: list[str] | None = Field(
+        None, description="Every class label in index order, with ?labels=true (else null)."
+    )
 
 
 class VersionStatus(BaseModel):
