@@ -229,10 +229,12 @@ def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
             "classes": result.manifest.num_classes,
             "val_accuracy": round(report.val_accuracy, 4),
             "probe_val_accuracy": round(report.probe.val_accuracy, 4) if report.probe else None,
-            "trained": report.trained,
+            "trained": report.trained,  # what is served: the head alone, or a block with it
             "recalibrated_bn": report.recalibrated_bn,
-            "best_step": report.best_step,
-            "steps_run": report.steps_run,
+            # Block training, when it ran: its steps whether or not the block was kept.
+            "block_steps_run": report.steps_run,
+            "block_best_step": report.best_step,
+            "block_kept": report.trained != "head",
             "seconds": round(report.timings.total, 1),
             "weights_sha256": result.manifest.weights_sha256,
         }

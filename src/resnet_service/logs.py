@@ -27,6 +27,10 @@ LogFormat = Literal["text", "json"]
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 #: Our loggers, uvicorn's, gRPC's and the root (third-party libraries' warnings).
 APP_LOGGERS: Final = ("resnet_service", "uvicorn", "uvicorn.error", "grpc", "py.warnings")
+#: Libraries' chatter, for debugging this service rather than for its users' terminals: NNCF's
+#: INFO lines while quantizing, torch's "No CUDA runtime is found" on a CPU machine. At
+#: LOG_LEVEL=debug they come through.
+QUIET_LOGGERS: Final = {"nncf": logging.WARNING, "torch.utils.cpp_extension": logging.ERROR}
 ACCESS_LOGGER: Final = "resnet_service.access"
 #: The supervisor hands each worker its index in this variable.
 WORKER_ENV: Final = "RESNET_WORKER_INDEX"
@@ -101,6 +105,11 @@ def log_config(level: str, fmt: LogFormat = "text") -> dict[str, Any]:
                 for name in APP_LOGGERS
             },
             ACCESS_LOGGER: {"handlers": ["access"], "level": "INFO", "propagate": False},
+            **{
+                name: {"level": _quiet_level(name, level)}
+                for name in QUIET_LOGGERS
+                if name not in APP_LOGGERS
+            },
             "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
         },
     }
@@ -120,15 +129,25 @@ def configure(level: str, fmt: LogFormat = "text", *, embedded_ok: bool = False)
         warnings.simplefilter("default")
 
 
+def _quiet_level(name: str, level: str) -> str:
+    """A quiet library logger's level: its own floor, or debug when the service debugs."""
+    if level.upper() == "DEBUG":
+        return "DEBUG"
+    return logging.getLevelName(QUIET_LOGGERS[name])
+
+
 def adopt(name: str) -> None:
     """Give a library's logger our handlers (torch installs its own stderr handler when it is
-    imported, so the modules that import it call this right after)."""
+    imported, so the modules that import it call this right after), and a quiet one its
+    floor again (NNCF sets its level on import)."""
     ours = logging.getLogger("resnet_service")
     if not ours.handlers:
         return  # logging was never configured here (a library user): leave theirs alone
     theirs = logging.getLogger(name)
     theirs.handlers = list(ours.handlers)
     theirs.propagate = False
+    if name in QUIET_LOGGERS:
+        theirs.setLevel(_quiet_level(name, logging.getLevelName(ours.getEffectiveLevel())))
 
 
 def _log_uncaught(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +135,62 @@ def test_console_script_without_weights_explains_the_remedy(tmp_path: Path) -> N
     assert proc.returncode == 1
     assert "weights_unavailable" in proc.stderr
     assert "RESNET_SERVICE_WEIGHTS_PATH" in proc.stderr
+
+
+def _predict_with_a_failing_download(
+    tmp_path: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """``predict`` with no weights on disk and downloads allowed, through a proxy that refuses
+    (as an offline machine's name resolution would, but at once)."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    port = closed.getsockname()[1]
+    env = {
+        **os.environ,
+        "TORCH_HOME": str(tmp_path / "th"),
+        "HTTPS_PROXY": f"http://127.0.0.1:{port}",
+        "https_proxy": f"http://127.0.0.1:{port}",
+    }
+    try:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "resnet_service",
+                "predict",
+                str(_photo(tmp_path)),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            check=False,
+        )
+    finally:
+        closed.close()
+
+
+def test_a_failed_download_is_said_once_with_its_cause(tmp_path: Path) -> None:
+    proc = _predict_with_a_failing_download(tmp_path)
+    assert proc.returncode == 1
+    assert "the download from" in proc.stderr
+    assert "refused" in proc.stderr.lower()  # the cause, in urllib's words
+    assert "ALLOW_DOWNLOADS=true" not in proc.stderr  # already on: not the remedy
+    assert proc.stderr.count("No ResNet18 weights") == 1
+
+
+def test_random_weights_after_a_failed_download_is_one_line(tmp_path: Path) -> None:
+    proc = _predict_with_a_failing_download(tmp_path, "--allow-random-weights")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    warnings = [line for line in lines if "WARNING" in line and "download" in line.lower()]
+    assert len(warnings) == 1, proc.stderr
+    assert "SEEDED RANDOM" in warnings[0]
+    # Libraries' chatter stays out of the terminal (it is there at LOG_LEVEL=debug).
+    assert not [line for line in lines if " nncf " in line or "CUDA" in line], proc.stderr
 
 
 def test_predict_walks_folders_and_writes_each_line_as_soon_as_it_is_done(

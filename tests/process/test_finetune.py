@@ -101,6 +101,10 @@ def run_default_finetune(
     )
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # Block training's figures are named as such: a "best_step" beside "trained": "head" read
+    # as if the block had been kept.
+    assert "best_step" not in summary
+    assert summary["block_kept"] is (summary["trained"] != "head")
     return FinetuneRun(
         val_accuracy=summary["val_accuracy"],
         probe_val_accuracy=summary["probe_val_accuracy"],

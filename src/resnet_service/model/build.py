@@ -65,10 +65,11 @@ from resnet_service.model.manifest import (
 from resnet_service.model.source import ModelSource, resolve_source
 from resnet_service.model.weights import (
     WeightsSource,
-    find_in_hub_or_download,
     load_state_dict_file,
+    look_up,
     random_weights,
     resolve_fp32_weights,
+    serving_random,
 )
 from resnet_service.runtimes.torch_runtime import head_of, resnet_outputs
 
@@ -115,13 +116,15 @@ def labels_of(source: ModelSource) -> list[str]:
 def downloaded_source(settings: Settings) -> ModelSource:
     """No weights on disk: download them (hash-checked) into the hub cache, else fall back to
     random weights where the development flag allows, else say how to provide them."""
-    found = find_in_hub_or_download(FP32_URL, settings.allow_downloads)
-    if found is not None and found.path is not None:
+    lookup = look_up(FP32_URL, settings.allow_downloads)
+    if lookup.found is not None and lookup.found.path is not None:
         return resolve_source(settings)  # now in the hub cache
     if settings.allow_random_weights:
-        log.warning("no weights found: serving SEEDED RANDOM weights (development flag is on)")
+        serving_random(lookup.download_error)
         return resolve_source(settings.model_copy(update={"allow_downloads": False}))
-    raise WeightsUnavailable(how_to_provide_weights())
+    raise WeightsUnavailable(
+        how_to_provide_weights(settings.allow_downloads, lookup.download_error)
+    )
 
 
 #: The served graph's outputs, in order (the runtimes find them by these names).

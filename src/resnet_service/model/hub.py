@@ -55,16 +55,26 @@ def random_weights_sha256(architecture: str = "resnet18", num_classes: int = 100
     return hashlib.sha256(recipe.encode()).hexdigest()
 
 
-def how_to_provide_weights() -> str:
-    """The exact remedy, for the start-up error."""
+def how_to_provide_weights(
+    downloads_allowed: bool = True, download_error: str | None = None
+) -> str:
+    """The exact remedy, for the start-up error: what was tried and failed, then the ways."""
     name = Path(FP32_URL).name
+    if download_error is not None:
+        why = f"the download from {FP32_URL} failed ({download_error})"
+        third = "let the download through (network, DNS, HTTPS_PROXY) or make it elsewhere"
+    elif downloads_allowed:
+        why = "none was found"
+        third = f"let the service download it from {FP32_URL}"
+    else:
+        why = "none was found and downloads are off"
+        third = f"allow a download (RESNET_SERVICE_ALLOW_DOWNLOADS=true) from {FP32_URL}"
     return (
-        "No ResNet18 weights are available. Provide them in one of these ways:\n"
+        f"No ResNet18 weights: {why}. Provide them in one of these ways:\n"
         f"  1. set RESNET_SERVICE_WEIGHTS_PATH=/path/to/{name} (or --weights PATH);\n"
         f"  2. place {name} at {hub_checkpoint_path(FP32_URL)} "
         "(the torch hub cache; $TORCH_HOME moves it);\n"
-        f"  3. allow a download (RESNET_SERVICE_ALLOW_DOWNLOADS=true) from {FP32_URL} "
-        "on a machine that can reach it;\n"
+        f"  3. {third};\n"
         "  development only: RESNET_SERVICE_ALLOW_RANDOM_WEIGHTS=true serves seeded random "
         "weights (meaningless predictions, flagged in every response)."
     )

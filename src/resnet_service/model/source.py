@@ -123,4 +123,4 @@ def resolve_source(settings: Settings) -> ModelSource:
         raise DownloadNeeded(FP32_URL)
     if settings.allow_random_weights:
         return _random()
-    raise WeightsUnavailable(how_to_provide_weights())
+    raise WeightsUnavailable(how_to_provide_weights(downloads_allowed=False))

@@ -111,21 +111,47 @@ def _download(url: str) -> Path:
     try:
         torch.hub.download_url_to_file(url, str(dest), hash_prefix=published_hash_prefix(url))
     except Exception as exc:  # URLError, hash mismatch (RuntimeError), OSError...
-        raise WeightsUnavailable(f"download of {url} failed: {exc}") from exc
+        # urllib's reason ("Temporary failure in name resolution"), not its wrapper's repr
+        raise WeightsUnavailable(str(getattr(exc, "reason", exc))) from exc
     return dest
 
 
-def find_in_hub_or_download(url: str, allow_downloads: bool) -> ResolvedWeights | None:
-    """The hub cache file for ``url``, else a checked download when allowed, else None."""
+@dataclass(frozen=True)
+class Lookup:
+    """The hub cache's file or a download, or why a download failed (None: not tried)."""
+
+    found: ResolvedWeights | None
+    download_error: str | None = None
+
+
+def look_up(url: str, allow_downloads: bool) -> Lookup:
+    """The hub cache file for ``url``, else a checked download when allowed."""
     cached = hub_checkpoint_path(url)
     if cached.is_file():
-        return _from_file(cached, WeightsSource.HUB_CACHE, url)
-    if allow_downloads:
-        try:
-            return _from_file(_download(url), WeightsSource.DOWNLOAD, url)
-        except WeightsUnavailable as exc:
-            log.warning("%s", exc)
-    return None
+        return Lookup(_from_file(cached, WeightsSource.HUB_CACHE, url))
+    if not allow_downloads:
+        return Lookup(None)
+    try:
+        return Lookup(_from_file(_download(url), WeightsSource.DOWNLOAD, url))
+    except WeightsUnavailable as exc:
+        return Lookup(None, exc.detail)
+
+
+def find_in_hub_or_download(url: str, allow_downloads: bool) -> ResolvedWeights | None:
+    """``look_up``'s file, or None (a failed download said at debug level: the caller has
+    another way, or says what to do)."""
+    lookup = look_up(url, allow_downloads)
+    if lookup.download_error is not None:
+        log.debug("download of %s failed: %s", url, lookup.download_error)
+    return lookup.found
+
+
+def serving_random(download_error: str | None) -> None:
+    """The one line a demo with random weights gets (not a download warning before it)."""
+    why = f" (the download failed: {download_error})" if download_error else ""
+    log.warning(
+        "no ResNet18 weights%s: serving SEEDED RANDOM weights (development flag is on)", why
+    )
 
 
 def random_weights(num_classes: int = 1000) -> ResolvedWeights:
@@ -152,10 +178,10 @@ def resolve_fp32_weights(
     """Resolve the fp32 ImageNet weights in the documented order."""
     if explicit is not None:
         return _from_file(explicit, WeightsSource.EXPLICIT_PATH, None)
-    found = find_in_hub_or_download(FP32_WEIGHTS.url, allow_downloads)
-    if found is not None:
-        return found
+    lookup = look_up(FP32_WEIGHTS.url, allow_downloads)
+    if lookup.found is not None:
+        return lookup.found
     if allow_random:
-        log.warning("no weights found: serving SEEDED RANDOM weights (development flag is on)")
+        serving_random(lookup.download_error)
         return random_weights()
-    raise WeightsUnavailable(how_to_provide_weights())
+    raise WeightsUnavailable(how_to_provide_weights(allow_downloads, lookup.download_error))

@@ -146,7 +146,10 @@ def _plot_curves(ax: Any, report: FinetuneReport) -> None:
     ax.plot(steps, [h.val_accuracy for h in history], "--", label="val acc")
     ax.axvline(report.best_step, color="grey", lw=0.8)
     ax.set_xlabel("optimiser step")
-    ax.set_title(f"Block training: kept {report.trained} (best step {report.best_step})")
+    outcome = (
+        f"{report.trained} kept" if report.trained != "head" else "not kept, the head is served"
+    )
+    ax.set_title(f"Block training (best step {report.best_step}): {outcome}")
     ax.legend()
 
 
