@@ -277,8 +277,10 @@ def truncated_copy(source: Path, into: Path) -> Path:
 
 
 # --- explicit control with tritonclient -----------------------------------------------------
-def grpc_port(server: Server) -> int:
-    port: int = httpx.get(f"{server.url}/model").json()["settings"]["grpc_port"]
+def grpc_port(server: Server, model: str) -> int:
+    """From ``/model`` of a named model: with several and no default, /model needs a name."""
+    answer = httpx.get(f"{server.url}/model", params={"model": model})
+    port: int = answer.json()["settings"]["grpc_port"]
     return port
 
 
@@ -301,7 +303,7 @@ def test_explicit_mode_driven_by_tritonclient_under_load(
     admin = {"authorization": f"Bearer {ADMIN}"}
     with serve(tmp_path, *args, env=env) as server:
         rest = thttp.InferenceServerClient(f"127.0.0.1:{server.port}", network_timeout=600)
-        grpc = tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_port(server)}")
+        grpc = tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_port(server, 'imagenet')}")
         assert (
             index_of(rest)
             == index_of(grpc)
