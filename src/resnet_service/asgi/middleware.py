@@ -353,10 +353,7 @@ class RequestRecorder:
         latency.observe(elapsed)
         code = state.get("error_code")
         if (wanted := state.get("priority")) is not None:  # an inference request
-            outcome = "refused" if code == "overloaded" else "ok" if status < 400 else "error"
-            self.metrics.priority_requests.labels(wanted, outcome).inc()
-            if outcome == "ok":
-                self.metrics.priority_latency.labels(wanted).observe(elapsed)
+            self.metrics.count_priority(wanted, status < 400, code, elapsed)
         if code and route not in _PROBES:
             rejections = self._rejections.get(code)
             if rejections is None:

@@ -66,7 +66,6 @@ class RefusalTally:
             metrics.worker_requests.inc(count)
             metrics.rejections.labels(key.code).inc(count)
             if key.priority is not None:
-                outcome = "refused" if key.code == "overloaded" else "error"  # as ``record``
-                metrics.priority_requests.labels(key.priority, outcome).inc(count)
+                metrics.count_priority(key.priority, False, key.code, count=count)
             if key.single_image:
                 metrics.images.labels("error").inc(count)

@@ -164,6 +164,21 @@ class Metrics:
             registry=r,
         )
 
+    def count_priority(
+        self,
+        wanted: str,
+        answered: bool,
+        code: str | None,
+        seconds: float | None = None,
+        count: int = 1,
+    ) -> None:
+        """Inference requests of one class (every face alike): ok, refused (overloaded) or
+        error; an answered request's latency when given."""
+        outcome = "refused" if code == "overloaded" else "ok" if answered else "error"
+        self.priority_requests.labels(wanted, outcome).inc(count)
+        if outcome == "ok" and seconds is not None:
+            self.priority_latency.labels(wanted).observe(seconds)
+
     def observer(self, model: str, version: str) -> ModelMetrics:
         """The engine's and decoder's observer for one model version (its labelled series).
         ``model`` and ``version`` come from the repository, never from a request."""

@@ -96,7 +96,6 @@ def parse_request(request: pb.ModelInferRequest) -> InferRequest:
         id=request.id or None,
         binary_output=True,
         target=_param(request.parameters, "target"),
-        priority=priority_parameter(_param(request.parameters, "priority")),
     )
 
 
@@ -144,7 +143,9 @@ class _Served:
 
 def _requested_priority(request: Any, context: grpc.aio.ServicerContext) -> Priority:
     """The request's ``priority`` parameter (tritonclient's ``priority=``), else the
-    ``priority`` metadata in RFC 9218's syntax as on HTTP (``u=7`` is bulk)."""
+    ``priority`` metadata in RFC 9218's syntax as on HTTP (``u=7`` is bulk). Read once,
+    before admission; the context carries it to the data plane (``parse_request`` leaves the
+    request's own field unset)."""
     wanted = priority_parameter(_param(request.parameters, "priority"))
     if wanted is not None:
         return wanted
@@ -187,7 +188,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             elapsed = time.perf_counter() - started
             self._count(name, status, code, elapsed)
             if served is not None and served.priority is not None:
-                self._count_priority(served.priority, status, code, elapsed)
+                ok = status == grpc.StatusCode.OK
+                self.service.metrics.count_priority(served.priority, ok, code, elapsed)
             if span is not None:
                 span.set_attribute("rpc.grpc.status_code", status.value[0])
                 tracing.finish_request(span, code, failed=status in _SERVICE_FAULTS)
@@ -197,17 +199,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         attributes = {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": name}
         return tracing.start_request(f"{SERVICE}/{name}", metadata, attributes)
-
-    def _count_priority(
-        self, wanted: Priority, status: grpc.StatusCode, code: str | None, seconds: float
-    ) -> None:
-        """By class, as the HTTP faces count them: ok, refused (overloaded) or error."""
-        metrics = self.service.metrics
-        ok = status == grpc.StatusCode.OK
-        outcome = "ok" if ok else "refused" if code == "overloaded" else "error"
-        metrics.priority_requests.labels(wanted, outcome).inc()
-        if ok:
-            metrics.priority_latency.labels(wanted).observe(seconds)
 
     def _count(self, name: str, status: grpc.StatusCode, code: str | None, seconds: float) -> None:
         metrics = self.service.metrics
