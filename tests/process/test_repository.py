@@ -244,7 +244,7 @@ def test_the_default_model_never_changes_under_a_client(
         shutil.copytree(three_models / "colours", root / "colours")  # "colours" < "shapes"
         wait_until(lambda: "colours" in models_of(server), 60, "colours published", server)
         wait_until(
-            lambda: models_of(server)["colours"]["versions"][0]["state"] == "READY",
+            lambda: [v["state"] for v in models_of(server)["colours"]["versions"]] == ["READY"],
             120,
             "colours ready",
             server,
