@@ -56,7 +56,7 @@ openapi: install
 
 bench: install
 	$(BIN)/resnet-service bench --out bench
-	$(BIN)/python scripts/update_readme.py bench
+	$(BIN)/python scripts/update_docs.py bench
 
 bench-quick: install
 	$(BIN)/resnet-service bench --quick --out bench/results
@@ -99,7 +99,7 @@ bench-tag: install
 		--memory-sizes "$(TAG_MEMORY_SIZES)"
 
 # The fine-tuning task suite over three seeds, torch int8 at every ISA level too (~14 min);
-# prints the table the README gives (bench/finetune-suite.jsonl keeps the rows).
+# prints the table docs/finetuning.md gives (bench/finetune-suite.jsonl keeps the rows).
 finetune-suite: install test-deps
 	rm -f bench/finetune-suite.jsonl
 	RESNET_SUITE_SEEDS=0,1,2 RESNET_SUITE_ISA_RUNTIMES=openvino,torch \
@@ -110,7 +110,7 @@ finetune-suite: install test-deps
 # Overload, soak, kill -9, SIGTERM and fuzzing at full size (~30 min); writes bench/robustness.json.
 robustness: install
 	$(BIN)/python -m resnet_bench.robustness --out bench; status=$$?; \
-	$(BIN)/python scripts/update_readme.py robustness; exit $$status
+	$(BIN)/python scripts/update_docs.py robustness; exit $$status
 
 check: lint typecheck test
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # System packages the test suite drives for real (Debian): headless Chromium for the web
-# page's browser tests, nginx and haproxy for the rolling-update rehearsal behind a proxy.
+# page's browser tests, nginx and haproxy for the rolling-update rehearsal behind a proxy,
+# curl for the README's recipes.
 # Installs what is missing when run as root; otherwise says exactly what to install.
 set -euo pipefail
 
-declare -A wanted=([chromium]=chromium [chromedriver]=chromium-driver [nginx]=nginx [haproxy]=haproxy)
+declare -A wanted=([chromium]=chromium [chromedriver]=chromium-driver [nginx]=nginx [haproxy]=haproxy [curl]=curl)
 missing=()
 for command in "${!wanted[@]}"; do
     if ! command -v "$command" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$command" ]; then

@@ -2,7 +2,7 @@
 
 Each stage returns one of these frozen dataclasses; they become JSON only where
 ``bench.json`` is written (``BenchResult.to_json``), in exactly the shape the report, the
-README updater and the tests read. The smaller figures live beside what measures them:
+docs updater and the tests read. The smaller figures live beside what measures them:
 ``loadgen.LoadSummary`` (one load), ``servers.Memory``, ``ceiling.Ceiling``,
 ``fidelity.Fidelity``, ``ratios.BenchRatios``.
 
@@ -10,7 +10,7 @@ What stays a mapping, and why: the machine description (free-form, only written,
 the peers, HTTP-stack and robustness reports); figures keyed by data (runtime, precision,
 image, layout, decode path), whose keys are not known in advance; the ratios' named figures
 (their names carry runtimes and concurrencies). ``report.render_table`` and ``render_chart``
-read the JSON document, because ``scripts/update_readme.py`` renders the same table from
+read the JSON document, because ``scripts/update_docs.py`` renders the same table from
 ``bench.json`` on disk. ``robustness.py`` and ``httpstack.py`` still build their reports as
 dicts of ``LoadResult.summary()``: each scenario's dict is written as is, never read back by
 another stage.

@@ -4,8 +4,9 @@ Against real ``serve`` processes on 127.0.0.1 (2 workers unless the host has few
 overload at 2x and 10x capacity (open loop) with recovery time; a soak of 100k requests with
 10% bad inputs (RSS, fds, threads before and after); ``kill -9`` of a worker under load;
 SIGTERM under load; coverage-guided fuzzing of the decoder and the multipart reader. Writes
-``bench/robustness.json`` and the table ``scripts/update_readme.py robustness`` pastes into the
-README. Every process it starts is stopped by process group; all traffic is bounded in time.
+``bench/robustness.json`` and the table ``scripts/update_docs.py robustness`` pastes into
+``docs/robustness.md``. Every process it starts is stopped by process group; all traffic is
+bounded in time.
 
     python -m resnet_bench.robustness [--quick] [--out bench]
 """
@@ -381,7 +382,7 @@ def run(opts: Options) -> dict[str, Any]:
 
 
 def render_table(report: dict[str, Any]) -> str:
-    """The README table: each goal with its value, and the figures behind it."""
+    """The docs/robustness.md table: each goal with its value, and the figures behind it."""
     m = report["machine"]
     over = report["overload"]
     lines = [

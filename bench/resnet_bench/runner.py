@@ -516,7 +516,7 @@ def run_benchmark(settings: Settings, opts: BenchOptions) -> BenchResult:
         seconds=round(time.perf_counter() - started, 1),
     )
     # The edge: from here on the run is bench.json's document, which the report renders (as
-    # scripts/update_readme.py does from the file).
+    # scripts/update_docs.py does from the file).
     document = result.to_json()
     (opts.out_dir / "bench.json").write_text(json.dumps(document, indent=2, ensure_ascii=False))
     render_chart(document, opts.out_dir / "bench.png")

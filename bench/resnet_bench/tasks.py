@@ -17,11 +17,15 @@ must not lose on:
   orientations; balanced texture crops).
 
 Images are small (``side`` pixels) because the suite fine-tunes at 64 px to stay short.
+
+``python -m resnet_bench.tasks shapes DIR [--seed N]`` writes one to try ``finetune`` with (the
+README's recipe for your own classes).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import argparse
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,3 +238,22 @@ NEW_KINDS = ("shapes", "ellipses", "digits-10", "textures-5to1", "grey-marks")
 
 def write_task(name: str, root: Path, seed: int = 0) -> TaskData:
     return WRITERS[name](root, seed)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m resnet_bench.tasks", description="write a task as an ImageFolder"
+    )
+    parser.add_argument("task", choices=sorted(WRITERS))
+    parser.add_argument("dir", type=Path, help="writes DIR/train/<class>/ and DIR/test/<class>/")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    data = write_task(args.task, args.dir, args.seed)
+    classes = sorted(p.name for p in data.train.iterdir())
+    print(
+        f"{args.task}: {', '.join(classes)} in {data.train} (training) and {data.test} (held out)"
+    )
+
+
+if __name__ == "__main__":
+    main()

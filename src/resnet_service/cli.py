@@ -1,4 +1,5 @@
-"""``resnet-service``: serve, predict, tag, quantize, info, finetune, bench, openapi.
+"""``resnet-service``: serve, predict, tag, quantize, finetune, publish, info, bench, samples,
+openapi.
 
 Flags map onto the one ``Settings`` class (flags win over ``RESNET_SERVICE_*`` variables).
 """
@@ -415,6 +416,21 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return run_server(settings)
 
 
+def cmd_samples(args: argparse.Namespace, settings: Settings) -> int:
+    """Copy the package's own photos (public domain / CC0) to try the service with."""
+    import shutil
+
+    from resnet_service.model.datasets import builtin_photos
+
+    args.dir.mkdir(parents=True, exist_ok=True)
+    photos = builtin_photos()
+    for photo in photos:
+        # calib_chelsea_0.jpg -> chelsea_0.jpg: which set a photo serves is not the user's concern
+        shutil.copyfile(photo, args.dir / photo.name.split("_", 1)[1])
+    print(f"{len(photos)} photos in {args.dir} (scikit-image's samples: public domain or CC0)")
+    return 0
+
+
 def cmd_openapi(args: argparse.Namespace, settings: Settings) -> int:
     from resnet_service.server.app import openapi_document
 
@@ -612,6 +628,12 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--name", required=True, help="the model's name in the repository")
     publish.add_argument("--version", type=int, help="default: the highest there + 1")
     publish.set_defaults(handler=cmd_publish)
+
+    samples = sub.add_parser(
+        "samples", help="copy the package's own photos (public domain) to a folder, to try things"
+    )
+    samples.add_argument("dir", type=Path, help="the folder to write them to")
+    samples.set_defaults(handler=cmd_samples)
 
     openapi = sub.add_parser("openapi", help="print the OpenAPI spec (JSON)")
     openapi.set_defaults(handler=cmd_openapi)

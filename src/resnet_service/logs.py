@@ -10,6 +10,7 @@ context variable the request middleware sets (the request id), OpenTelemetry's c
 
 from __future__ import annotations
 
+import io
 import logging
 import logging.config
 import os
@@ -113,6 +114,32 @@ def log_config(level: str, fmt: LogFormat = "text") -> dict[str, Any]:
             "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
         },
     }
+
+
+class DebugLines(io.TextIOBase):
+    """A stream whose lines become DEBUG records of ``logger``: where a library's prints go
+    (NNCF's progress bars, ONNX Runtime's notes), so a terminal sees none of them unless
+    LOG_LEVEL=debug. Not a terminal, so rich and tqdm draw no live bars into it."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+        self._pending = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        lines = (self._pending + text).replace("\r", "\n").split("\n")
+        self._pending = lines.pop()
+        for line in lines:
+            if line.strip():
+                self._logger.debug("%s", line.rstrip())
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending.strip():
+            self._logger.debug("%s", self._pending.rstrip())
+        self._pending = ""
 
 
 def configure(level: str, fmt: LogFormat = "text", *, embedded_ok: bool = False) -> None:

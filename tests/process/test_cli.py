@@ -265,3 +265,54 @@ def test_heatmaps_keep_one_file_per_image_and_overlay_the_photo(
         with Image.open(path) as overlay:
             assert overlay.size == (320, 240)  # the photo, not a bare 224 x 224 map
             assert overlay.mode == "RGB"
+
+
+def test_quantize_on_a_terminal_draws_no_library_progress_bars(
+    weights_file: Path, tmp_path: Path
+) -> None:
+    """NNCF draws rich progress bars while it quantizes when stdout is a terminal: library
+    chatter, not the user's business (a DEBUG record, there at --log-level debug). Run on a
+    pseudo-terminal, as a user runs it; the cache is empty, so the model is really built."""
+    import pty
+
+    leader, follower = pty.openpty()
+    cli = str(Path(sys.executable).parent / "resnet-service")
+    proc = subprocess.Popen(
+        [cli, "quantize", *model_args(weights_file, tmp_path / "cache")],
+        stdin=subprocess.DEVNULL,
+        stdout=follower,
+        stderr=follower,
+        env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"},
+        start_new_session=True,
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: every writer of the terminal has gone
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert proc.wait(300) == 0
+    output = b"".join(chunks).decode(errors="replace")
+    assert "building the openvino int8 model" in output  # the terminal saw our own lines
+    assert "━" not in output, output  # rich's bar
+    assert "Statistics collection" not in output, output
+
+
+def test_samples_copies_the_packaged_photos_under_their_subjects_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from resnet_service.model.datasets import builtin_photos
+
+    assert main(["samples", str(tmp_path / "photos")]) == 0
+    names = sorted(p.name for p in (tmp_path / "photos").iterdir())
+    assert len(names) == len(builtin_photos()) == 48
+    assert "chelsea_0.jpg" in names
+    assert not [n for n in names if n.startswith(("calib_", "holdout_"))]
+    with Image.open(tmp_path / "photos" / "chelsea_0.jpg") as photo:
+        assert photo.format == "JPEG"
+    assert "48 photos" in capsys.readouterr().out

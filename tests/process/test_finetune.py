@@ -7,7 +7,7 @@ serving checks on the seven-task suite.
 
 Thresholds are for the tests' *random* starting weights (no ImageNet weights offline); they
 are the ones the previous recipe's test had (which forced ``--train layer4 --recalibrate-bn``);
-measured with the default recipe: see the README's "Serve your own classes". Chance is 10%.
+measured with the default recipe: see docs/finetuning.md. Chance is 10%.
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ def http_accuracy(results: list[dict[str, object]], files: list[Path]) -> float:
 
 @dataclass(frozen=True)
 class TaskFigures:
-    """One evaluation task's numbers, as the closing note and the README report them."""
+    """One evaluation task's numbers, as the closing note and docs/finetuning.md report them."""
 
     task: str
     probe_val_accuracy: float

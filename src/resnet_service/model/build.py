@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -328,8 +327,9 @@ def build_artifact(
     export = _export_openvino if runtime == "openvino" else _export_onnx
     log.info("building the %s %s model (%s)", runtime, precision, source.name)
     try:
-        # NNCF and ONNX Runtime print progress to stdout, which the CLI keeps for its JSON.
-        with contextlib.redirect_stdout(sys.stderr), staged(folder) as tmp:
+        # NNCF and ONNX Runtime print progress to stdout, which the CLI keeps for its JSON; their
+        # bars and notes are for debugging, not for the user's terminal.
+        with contextlib.redirect_stdout(logs.DebugLines(log)), staged(folder) as tmp:
             export(module, tmp, spec.crop_size, calibration_set)
             write_head(tmp, head_of(module))
             held_out = holdout.load_arrays(spec)

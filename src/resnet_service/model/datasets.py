@@ -92,6 +92,11 @@ def builtin_holdout_files() -> ImageFiles:
     return _builtin("holdout", "builtin:scikit-image-photos-holdout")
 
 
+def builtin_photos() -> list[Path]:
+    """Every packaged photo (calibration and held-out): what ``resnet-service samples`` copies."""
+    return sorted(builtin_calibration_files().files + builtin_holdout_files().files)
+
+
 def image_files(directory: Path) -> list[Path]:
     """Allow-listed image files below ``directory``, in a stable order."""
     return sorted(
