@@ -249,3 +249,15 @@ def test_cross_validated_correctness_is_per_image_and_repeated() -> None:
         assert shares.shape == (60,)
         assert set(shares.tolist()) <= {0.0, 0.5, 1.0}  # each image scored once per repeat
     assert max(float(c.mean()) for c in correct.values()) >= 0.9  # separable blobs
+
+
+def test_a_model_as_right_as_the_probe_is_not_below_it() -> None:
+    """17 of 36 right: torch's float32 mean and numpy's float64 differ by 1e-8, and the summary
+    warned "below the linear-probe baseline" for equal accuracies (seen in the README's recipe)."""
+    from resnet_service.training.report import below_probe
+
+    model = float(torch.tensor([1.0] * 17 + [0.0] * 19).mean())
+    probe = 17 / 36
+    assert model < probe  # the two means really differ
+    assert not below_probe(model, probe)
+    assert below_probe(16 / 36, probe)  # one image fewer is below

@@ -82,6 +82,7 @@ from resnet_service.training.report import (
     FinetuneReport,
     HeadSummary,
     Timings,
+    below_probe,
     write_report,
 )
 from resnet_service.training.selection import (
@@ -611,7 +612,7 @@ def _log_summary(report: FinetuneReport) -> None:
         report.timings.total,
         report.time_budget,
     )
-    if probe and report.val_accuracy < probe.val_accuracy:
+    if probe and below_probe(report.val_accuracy, probe.val_accuracy):
         log.warning(
             "the model validates below the linear-probe baseline: see report.json; more "
             "images, --augment crop, or --train head may do better"

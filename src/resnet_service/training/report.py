@@ -74,6 +74,12 @@ class FinetuneReport:
     confusion: list[list[int]] = field(default_factory=list)
 
 
+def below_probe(val_accuracy: float, probe_accuracy: float) -> bool:
+    """Fewer validation images right than the probe. Both are shares of the same images, one a
+    float32 mean (torch) and one a float64 (numpy): 17/36 differs by 1e-8 between them."""
+    return val_accuracy < probe_accuracy - 1e-6
+
+
 def _finite(value: Any) -> Any:
     """JSON has no NaN: the learning curve's step 0 has no training loss yet."""
     if isinstance(value, float) and not math.isfinite(value):
