@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     )
     admin_token: SecretStr | None = Field(
         None,
-        description="Bearer token of the repository control routes (/v2/repository/...); they "
+        description="Bearer token of the OIP repository control routes (index, load, unload); they "
         "are off without it.",
     )
     model_cache_dir: Path = Field(

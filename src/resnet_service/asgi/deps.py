@@ -10,6 +10,7 @@ from typing import Annotated
 
 from fastapi import Depends, Query, Request
 
+from resnet_service.asgi.context import request_context
 from resnet_service.config import Settings
 from resnet_service.core.admission import Ticket
 from resnet_service.core.classifier import Classifier
@@ -52,23 +53,11 @@ async def get_classifier(
     """The classifier the request names (``?model=&version=``): the one admission chose at the
     head when it did, so a request is answered by the version that admitted it; ``NotReady``
     (503) while loading, ``ModelNotFound`` (404) for what this replica does not serve."""
-    chosen: Classifier | None = getattr(request.state, "classifier", None)
+    chosen = request_context(request).classifier
     return chosen if chosen is not None else service.require_classifier(model, version)
 
 
 ClassifierDep = Annotated[Classifier, Depends(get_classifier)]
-
-
-async def get_oip_classifier(request: Request, service: ServiceDep) -> Classifier:
-    """The same for OIP, whose path names the model (``/v2/models/{name}[/versions/{v}]``)."""
-    chosen: Classifier | None = getattr(request.state, "classifier", None)
-    if chosen is not None:
-        return chosen
-    params = request.path_params
-    return service.require_classifier(params.get("model_name"), params.get("model_version"))
-
-
-OipClassifierDep = Annotated[Classifier, Depends(get_oip_classifier)]
 
 
 async def require_token(request: Request, settings: SettingsDep) -> None:
@@ -89,8 +78,9 @@ CacheScopeDep = Annotated[str, Depends(get_cache_scope)]
 
 
 @contextmanager
-def _ticket(request: Request, classifier: Classifier) -> Iterator[Ticket]:
-    ticket: Ticket | None = getattr(request.state, "ticket", None)
+def admitted_ticket(request: Request, classifier: Classifier) -> Iterator[Ticket]:
+    """The ticket admission gave the request, else one taken now (a face's dependency)."""
+    ticket = request_context(request).ticket
     if ticket is not None:
         yield ticket
         return
@@ -101,16 +91,8 @@ def _ticket(request: Request, classifier: Classifier) -> Iterator[Ticket]:
 async def admission_ticket(request: Request, classifier: ClassifierDep) -> AsyncIterator[Ticket]:
     """The request's admission ticket: taken by ``AdmissionMiddleware`` before routing (it
     refuses cheaply under overload); taken here only if the model finished loading in between."""
-    with _ticket(request, classifier) as ticket:
-        yield ticket
-
-
-async def oip_admission_ticket(
-    request: Request, classifier: OipClassifierDep
-) -> AsyncIterator[Ticket]:
-    with _ticket(request, classifier) as ticket:
+    with admitted_ticket(request, classifier) as ticket:
         yield ticket
 
 
 TicketDep = Annotated[Ticket, Depends(admission_ticket)]
-OipTicketDep = Annotated[Ticket, Depends(oip_admission_ticket)]

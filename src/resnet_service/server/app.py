@@ -20,13 +20,10 @@ from fastapi import FastAPI
 from fastapi.telemetry import TelemetryConfig
 
 from resnet_service import __version__
-from resnet_service.asgi.middleware import (
-    OIP_INFER_ROUTE,
-    AdmissionMiddleware,
-    HeadAdmission,
-    RequestContextMiddleware,
-    RequestRecorder,
-)
+from resnet_service.asgi.access_log import RequestRecorder
+from resnet_service.asgi.admission import AdmissionMiddleware, HeadAdmission
+from resnet_service.asgi.request_middleware import RequestContextMiddleware
+from resnet_service.asgi.routes import RouteTable
 from resnet_service.config import Settings, SettingsError, load_settings
 from resnet_service.core.classifier import Classifier
 from resnet_service.core.errors import ServiceError
@@ -157,16 +154,19 @@ def create_app(
     app.include_router(oip_rest.router)
     app.include_router(oip_repository.router)
     page.install(app)
-    # Refusals from the head are written in the shape of the face that owns the route.
-    shapes = {OIP_INFER_ROUTE: oip_errors.ERROR_SHAPE}
+    # What each face admits from the request head, and its probes: the plumbing below reads
+    # these, and writes a refusal in the shape of the face that owns the route.
+    routes = RouteTable.of(
+        classify.ADMITTED, outputs.ADMITTED, oip_rest.ADMITTED, probes=operations.PROBES
+    )
     # Starlette wraps in reverse order: the request context is outermost, admission inside it.
-    recorder = RequestRecorder(state.metrics, json_lines=settings.log_format == "json")
-    app.add_middleware(AdmissionMiddleware, service=state, shapes=shapes)
+    recorder = RequestRecorder(state.metrics, routes, json_lines=settings.log_format == "json")
+    app.add_middleware(AdmissionMiddleware, service=state, recorder=recorder, routes=routes)
     app.add_middleware(
         RequestContextMiddleware, recorder=recorder, tracing=tracing.wanted(settings)
     )
     #: For the HTTP protocol layer (``server.http``): admission before the ASGI stack.
-    app.state.head_admission = HeadAdmission(state, recorder, shapes)
+    app.state.head_admission = HeadAdmission(state, recorder, routes)
     return app
 
 

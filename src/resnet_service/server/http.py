@@ -60,15 +60,16 @@ _POLL_S: Final = 0.01
 
 
 class RawAnswer(Protocol):
-    """A whole answer given by the protocol layer (``api.middleware.Refusal``)."""
+    """A whole answer given by the protocol layer (``asgi.admission.Refusal``)."""
 
     status: int
     headers: list[tuple[bytes, bytes]]
     body: bytes
 
 
-class HeadGate(Protocol):
-    """Decides from a request's head (its ASGI scope, body unread): None lets it through."""
+class HeadAdmission(Protocol):
+    """Admission from a request's head (its ASGI scope, body unread), as this layer sees
+    ``asgi.admission.HeadAdmission``: None lets the request through."""
 
     delay_s: float
 
@@ -88,7 +89,7 @@ class ConnectionPolicy:
     #: Set when the server starts draining: every response from then on closes its connection.
     closing: bool = False
     #: Admission from the request head, before the ASGI app (the worker sets it).
-    gate: HeadGate | None = None
+    gate: HeadAdmission | None = None
     discard_body_bytes: int = DISCARD_BODY_BYTES
 
 

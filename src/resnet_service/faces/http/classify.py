@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
+from resnet_service.asgi.context import request_context
 from resnet_service.asgi.deps import (
     CacheScopeDep,
     ClassifierDep,
@@ -15,6 +16,7 @@ from resnet_service.asgi.deps import (
     TicketDep,
     require_token,
 )
+from resnet_service.asgi.routes import AdmittedRoute
 from resnet_service.core.classifier import Classification
 from resnet_service.faces.http.openapi import multipart_body, problems
 from resnet_service.faces.http.schemas import (
@@ -34,6 +36,8 @@ from resnet_service.faces.http.uploads import (
 )
 
 router = APIRouter(dependencies=[Depends(require_token)])
+#: This face's routes that admission decides from the request head.
+ADMITTED = (AdmittedRoute("/classify", single_image=True), AdmittedRoute("/classify/batch"))
 
 TopK = Annotated[
     int | None,
@@ -71,7 +75,7 @@ async def classify(
         result = await classifier.classify(upload.data, k, scope)
     if classifier.cache is not None:
         response.headers["X-Cache"] = "hit" if result.cached else "miss"
-    request.state.timings = result.timings
+    request_context(request).timings = result.timings
     service.metrics.images.labels("ok").inc()
     return ClassifyResponse(
         predictions=predictions_of(result),

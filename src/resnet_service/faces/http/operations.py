@@ -21,6 +21,8 @@ from resnet_service.faces.http.schemas import (
 )
 
 router = APIRouter()
+#: The probes: a 503 from one is an answer (not ready), not a rejected request.
+PROBES: Final = ("/healthz", "/readyz", "/metrics")
 
 #: Provenance that names places on the server's disk: not for an unauthenticated route.
 _PRIVATE_PROVENANCE: Final = frozenset({"train_dir", "val_dir", "skipped_files", "options"})

@@ -9,7 +9,9 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 
+from resnet_service.asgi.context import request_context
 from resnet_service.asgi.deps import ClassifierDep, ServiceDep, TicketDep, require_token
+from resnet_service.asgi.routes import AdmittedRoute
 from resnet_service.core.classifier import EMBEDDING, FEATURE_MAP, Classification, Classifier
 from resnet_service.core.outputs import Encoding, encode_vector, l2_normalised
 from resnet_service.faces.http.classify import TopK, predictions_of
@@ -34,6 +36,12 @@ from resnet_service.faces.http.uploads import (
 )
 
 router = APIRouter(dependencies=[Depends(require_token)])
+#: This face's routes that admission decides from the request head.
+ADMITTED = (
+    AdmittedRoute("/embed", single_image=True),
+    AdmittedRoute("/embed/batch"),
+    AdmittedRoute("/explain", single_image=True),
+)
 
 Normalize = Annotated[
     bool, Query(description="L2-normalise the vector (cosine similarity is then a dot product).")
@@ -84,7 +92,7 @@ async def embed(
     size = _embedding_size(classifier)
     async with one_image(request, service, ticket) as upload:
         result = await classifier.embed(upload.data)
-    request.state.timings = result.timings
+    request_context(request).timings = result.timings
     service.metrics.images.labels("ok").inc()
     return EmbedResponse(
         embedding=_vector(result, normalize, encoding),
@@ -171,7 +179,7 @@ async def explain(
     async with one_image(request, service, ticket) as upload:
         explained = await classifier.explain(upload.data, k, chosen)
     result = explained.classification
-    request.state.timings = result.timings
+    request_context(request).timings = result.timings
     service.metrics.images.labels("ok").inc()
     box = explained.crop_box
     assert box is not None, "an uploaded image has a size, hence a crop box"

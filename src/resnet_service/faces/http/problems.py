@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from resnet_service.asgi.context import request_context
 from resnet_service.asgi.problems import (
     PROBLEM_JSON,
     error_headers,
@@ -58,14 +59,15 @@ def problem_response(
     extra: dict[str, Any] | None = None,
 ) -> Response:
     """The problem+json response, recording the code for metrics and the access log."""
-    request.state.error_code = code
+    context = request_context(request)
+    context.error_code = code
     body = problem_body(
         status=status,
         code=code,
         title=title,
         detail=detail,
         instance=request.url.path,
-        request_id=getattr(request.state, "request_id", None),
+        request_id=context.request_id,
         extra=extra,
     )
     return Response(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
@@ -123,7 +125,7 @@ def install(app: FastAPI, prefixes: dict[str, PrefixHandler] | None = None) -> N
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         for prefix, handler in others.items():
             if request.url.path.startswith(prefix):
-                request.state.error_code = code
+                request_context(request).error_code = code
                 return handler(request, exc)
         if exc.status_code == 413:
             detail = TOO_LARGE_DETAIL

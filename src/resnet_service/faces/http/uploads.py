@@ -10,6 +10,7 @@ from typing import TypeVar
 
 from fastapi import Request
 
+from resnet_service.asgi.context import request_context
 from resnet_service.core.admission import Ticket
 from resnet_service.core.classifier import Classification, Classifier
 from resnet_service.core.errors import MissingField, ServiceError
@@ -52,7 +53,7 @@ async def _files(
     timeout = service.settings.body_timeout_s
     async with uploaded_files(request, limits, service.upload_budget, timeout) as files:
         ticket.uploaded()
-        request.state.images = len(files) or 1
+        request_context(request).images = len(files) or 1
         yield files
 
 

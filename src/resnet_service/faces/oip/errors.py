@@ -11,6 +11,7 @@ import grpc
 from fastapi import Request, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from resnet_service.asgi.context import request_context
 from resnet_service.asgi.problems import ErrorShape, error_headers, status_of
 from resnet_service.core import errors
 
@@ -71,7 +72,7 @@ def error_body(detail: str) -> bytes:
 
 def error_response(error: errors.ServiceError, request: Request) -> Response:
     """``{"error": ...}`` with the status and headers (Retry-After...) the error asks for."""
-    request.state.error_code = error.code
+    request_context(request).error_code = error.code
     return Response(
         error_body(error.detail),
         http_status(error),
@@ -90,7 +91,7 @@ def framework_error(request: Request, exc: StarletteHTTPException) -> Response:
     )
 
 
-#: For refusals decided before the route (``asgi/middleware.py``).
+#: For refusals decided before the route (``asgi/admission.py``).
 ERROR_SHAPE: Final = ErrorShape(
     b"application/json", lambda error, _path, _id: error_body(error.detail)
 )

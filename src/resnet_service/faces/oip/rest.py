@@ -14,22 +14,27 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Callable, Coroutine
+import re
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Annotated, Any, Final
+from urllib.parse import unquote
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, ValidationError
+from starlette.types import Scope
 
 from resnet_service.asgi.body import request_body
-from resnet_service.asgi.deps import OipClassifierDep, OipTicketDep, ServiceDep, require_token
+from resnet_service.asgi.context import request_context
+from resnet_service.asgi.deps import ServiceDep, admitted_ticket, require_token
+from resnet_service.asgi.routes import AdmittedRoute, ModelRef
 from resnet_service.core.admission import Ticket
 from resnet_service.core.classifier import Classifier
 from resnet_service.core.errors import InvalidInferRequest, ServiceError
 from resnet_service.faces.oip.dataplane import DataPlane
-from resnet_service.faces.oip.errors import error_response
+from resnet_service.faces.oip.errors import ERROR_SHAPE, error_response
 from resnet_service.faces.oip.tensors import (
     InferRequest,
     InferResponse,
@@ -66,6 +71,26 @@ class OipRoute(APIRoute):
 
 PREFIX: Final = "/v2"
 router = APIRouter(prefix=PREFIX, tags=["Open Inference Protocol v2"], route_class=OipRoute)
+_INFER: Final = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
+
+
+def model_from_path(scope: Scope) -> ModelRef:
+    """OIP names the model, and maybe its version, in the path."""
+    match = _INFER.match(scope["path"])
+    if match is None:
+        return None, None
+    return unquote(match[1]), unquote(match[2]) if match[2] else None
+
+
+#: Inference, admitted from the request head; with or without a version, one route label.
+ADMITTED = (
+    AdmittedRoute(
+        PREFIX + "/models/{model_name}/infer",
+        names_model=model_from_path,
+        shape=ERROR_SHAPE,
+        pattern=_INFER,
+    ),
+)
 
 
 async def get_dataplane(service: ServiceDep) -> DataPlane:
@@ -73,6 +98,29 @@ async def get_dataplane(service: ServiceDep) -> DataPlane:
 
 
 DataPlaneDep = Annotated[DataPlane, Depends(get_dataplane)]
+
+
+async def get_oip_classifier(request: Request, service: ServiceDep) -> Classifier:
+    """The classifier admission chose at the head, else the one the path names (``NotReady``
+    while it loads, ``ModelNotFound`` for what this replica does not serve)."""
+    chosen = request_context(request).classifier
+    if chosen is not None:
+        return chosen
+    params = request.path_params
+    return service.require_classifier(params.get("model_name"), params.get("model_version"))
+
+
+OipClassifierDep = Annotated[Classifier, Depends(get_oip_classifier)]
+
+
+async def oip_admission_ticket(
+    request: Request, classifier: OipClassifierDep
+) -> AsyncIterator[Ticket]:
+    with admitted_ticket(request, classifier) as ticket:
+        yield ticket
+
+
+OipTicketDep = Annotated[Ticket, Depends(oip_admission_ticket)]
 
 
 # --- schemas (JSON mode) --------------------------------------------------------------------
@@ -366,11 +414,11 @@ async def _infer(
         parsed = parse_infer(body, request.headers.get(HEADER_LENGTH), name, version)
         del body
         if parsed.priority is not None:  # counted under the class the body asked for
-            request.state.priority = parsed.priority
+            request_context(request).priority = parsed.priority
         first = parsed.inputs[0]
-        request.state.images = first.shape[0] if first.shape else 0
+        images = request_context(request).images = first.shape[0] if first.shape else 0
         response = await plane.infer(parsed, classifier)
-    service.metrics.images.labels("ok").inc(request.state.images)
+    service.metrics.images.labels("ok").inc(images)
     return encode_response(response)
 
 
