@@ -13,6 +13,19 @@ from resnet_service.core.runtime import ServedModel
 from resnet_service.model.torch_path import load_model
 from tests.harness import make_settings, write_weights
 
+#: Markers by tier, from the folder a test lives in (never by hand): ``make test-fast`` leaves
+#: out what starts processes or drives a browser.
+_TIER_MARKERS: dict[str, tuple[str, ...]] = {"process": ("slow",), "browser": ("slow", "browser")}
+_TESTS = Path(__file__).resolve().parent
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = item.path.resolve().relative_to(_TESTS).parts[0]
+        for marker in _TIER_MARKERS.get(tier, ()):
+            item.add_marker(marker)
+
 
 @pytest.fixture(autouse=True)
 def _isolated_torch_home(

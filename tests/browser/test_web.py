@@ -26,8 +26,6 @@ from playwright.sync_api import (
 
 from tests.harness import ROOT, Server, jpeg_of, serve, write_test_bundle
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless=new",

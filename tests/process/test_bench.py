@@ -21,8 +21,6 @@ from resnet_service.core.runtime import ALL_OUTPUTS, LOGITS_ONLY
 from resnet_service.model.opening import find_or_build, load_artifact
 from tests.harness import make_settings
 
-pytestmark = pytest.mark.slow
-
 
 def test_quick_bench_writes_every_figure(
     weights_file: Path, model_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -409,7 +409,6 @@ def int8_embeddings_and_maps_agree(bundle: Path, cache: Path) -> None:
 
 
 # --- digits, end to end ---------------------------------------------------------------------
-@pytest.mark.slow
 @pytest.mark.timeout(600)  # ~1 min alone; several times that on cores another job is using
 def test_finetune_quantize_and_serve_digits(
     weights_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -17,7 +17,6 @@ import pytest
 from resnet_bench.servers import free_port, stop_process_group
 from tests.harness import is_ready, wait_until
 
-pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 

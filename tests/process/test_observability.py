@@ -26,8 +26,6 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from tests.harness import Server, jpeg_of, serve, wait_until
 
-pytestmark = pytest.mark.slow
-
 
 @dataclass(frozen=True)
 class SpanRecord:

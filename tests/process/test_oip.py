@@ -27,7 +27,6 @@ from resnet_bench.servers import metric_sum
 from resnet_service.core.images import decode_and_preprocess
 from tests.harness import LIMITS, SPEC, Server, jpeg_of, serve, wait_until
 
-pytestmark = pytest.mark.slow
 Client = Any  # tritonclient's http or grpc InferenceServerClient (same interface)
 TOKEN = "oip-s3cret"
 

@@ -98,7 +98,6 @@ MIN_CORNER_PEAKS: Final = 0.90
 CORNER_IMAGES_PER_CLASS: Final = 20
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_fine_tuned_cam_points_at_the_object(
     weights_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -14,13 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
-import pytest
 
 from resnet_bench import loadgen
 from resnet_bench.servers import metric_sum
 from tests.harness import Server, jpeg_of, serve, wait_until
-
-pytestmark = pytest.mark.slow
 
 HOST = "127.0.0.1"
 IMAGE = jpeg_of("chelsea", (320, 240))

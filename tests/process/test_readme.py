@@ -34,7 +34,6 @@ from resnet_bench.servers import free_port, stop_process_group
 from resnet_service.model.datasets import builtin_photos
 from tests.harness import is_ready, wait_until
 
-pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 RUN_LANGUAGES = ("sh", "bash", "python")

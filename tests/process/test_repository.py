@@ -37,7 +37,6 @@ from resnet_bench import loadgen
 from resnet_bench.servers import metric_sum
 from tests.harness import Server, jpeg_of, serve, wait_until, write_test_bundle
 
-pytestmark = pytest.mark.slow
 ADMIN = "admin-secret"
 SHAPES = ["circle", "square", "triangle"]
 COLOURS = ["red", "green", "blue", "yellow"]

@@ -34,8 +34,6 @@ from resnet_bench.servers import (
 )
 from tests.harness import ROOT, Server, is_ready, jpeg_of, serve, until, wait_until
 
-pytestmark = pytest.mark.slow
-
 HOST = "127.0.0.1"
 
 

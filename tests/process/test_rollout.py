@@ -36,7 +36,6 @@ from resnet_bench import loadgen
 from resnet_bench.servers import free_port, stop_process_group
 from tests.harness import Server, is_ready, jpeg_of, wait_until
 
-pytestmark = pytest.mark.slow
 HOST = "127.0.0.1"
 DRAIN_S = 2.0
 

@@ -148,7 +148,6 @@ def os_threads(weights: Path, cache: Path, runtime: str, threads: int) -> int:
     return int(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("runtime", ["torch", *RUNTIMES])
 def test_inference_threads_are_honoured(
     runtime: str, weights_file: Path, model_cache: Path

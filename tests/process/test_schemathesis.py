@@ -14,11 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.harness import ROOT, serve
-
-pytestmark = pytest.mark.slow
 
 SPEC = ROOT / "openapi" / "openapi.json"
 

@@ -14,8 +14,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import jpeg_of, serve, wait_until
 
-pytestmark = pytest.mark.slow
-
 
 def model_args(weights_file: Path, cache: Path, *extra: str) -> list[str]:
     """The torch runtime here: these tests cover its end-to-end path (the default runtime,

@@ -23,8 +23,6 @@ from PIL import Image
 from resnet_bench.servers import free_port, stop_process_group
 from tests.harness import PHOTOS, encode, jpeg_of, wait_until
 
-pytestmark = pytest.mark.slow
-
 
 def tag_cmd(artifact: Path, *args: str) -> list[str]:
     return [

@@ -21,8 +21,6 @@ from resnet_bench.servers import stop_process_group
 from tests.harness import wait_until
 from tests.process.test_tag import good_library, parts, rows_of, tag, tag_cmd
 
-pytestmark = pytest.mark.slow
-
 #: Ray's own single-machine mode: every node and the driver on the loopback address.
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 

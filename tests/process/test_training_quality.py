@@ -81,7 +81,6 @@ def _record(row: dict[str, object], seed: int) -> None:
             out.write(json.dumps({"seed": seed, **row}) + "\n")
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(1800)  # ~25 s a task alone; several times that on cores in use
 @pytest.mark.parametrize("seed", SEEDS)
 def test_default_recipe_holds_against_the_probe_on_every_task(

@@ -128,6 +128,16 @@ async def test_batch_keeps_order_and_isolates_errors(client: Client) -> None:
     assert [p["index"] for p in single.json()["predictions"]] == [
         p["index"] for p in ok["predictions"]
     ]
+    # Each image counted once, ok or error, whichever route and however it failed.
+    await client.post("/embed", files=image_file(b"nope"))
+    assert images_counted((await client.get("/metrics")).text) == {"ok": 3, "error": 3}
+
+
+def images_counted(metrics: str) -> dict[str, float]:
+    family = next(
+        f for f in text_string_to_metric_families(metrics) if f.name == "resnet_service_images"
+    )
+    return {s.labels["outcome"]: s.value for s in family.samples if s.name.endswith("_total")}
 
 
 async def test_model_route(client: Client) -> None:
@@ -199,6 +209,7 @@ async def test_metrics_parse_and_count(client: Client) -> None:
         if s.name.endswith("_total")
     }
     assert rejections["unsupported_image_format"] == 1
+    assert images_counted(text) == {"ok": 1, "error": 1}
     info = families["resnet_service_model_info"].samples[0]
     assert info.labels["precision"] == "int8"
     assert info.labels["runtime"] == DEFAULT_RUNTIME

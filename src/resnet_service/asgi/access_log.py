@@ -100,8 +100,7 @@ class RequestRecorder:
             if rejections is None:
                 rejections = self._rejections[code] = self.metrics.rejections.labels(code)
             rejections.inc()
-            if route in self.routes.single_image:
-                self.metrics.images.labels("error").inc()
+        self._count_images(route, status, context)
         if not access_log.isEnabledFor(logging.INFO):
             return
         if code == "overloaded":
@@ -110,6 +109,16 @@ class RequestRecorder:
                 return
             context.refusals_logged_as_one = count
         _log(scope, context, route, status, elapsed, self.json_lines)
+
+    def _count_images(self, route: str, status: int, context: RequestContext) -> None:
+        """The images the route counted; a single-image request that failed before its route
+        counted anything (a bad upload, a deadline) is one failed image."""
+        if context.images_ok:
+            self.metrics.images.labels("ok").inc(context.images_ok)
+        if context.images_failed:
+            self.metrics.images.labels("error").inc(context.images_failed)
+        elif status >= 400 and not context.images_ok and route in self.routes.single_image:
+            self.metrics.images.labels("error").inc()
 
 
 def _log(

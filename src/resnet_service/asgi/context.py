@@ -42,6 +42,9 @@ class RequestContext:
     span: Span | None = None
     error_code: str | None = None
     images: int | None = None
+    #: Images answered and images failed, as the route counted them (the metrics read these).
+    images_ok: int = 0
+    images_failed: int = 0
     timings: Timings | None = None
     response_started: bool = False
     #: Refusals this access-log line stands for (they are logged at most once a second).

@@ -1,4 +1,5 @@
-"""Domain errors with stable codes. No HTTP here: ``faces/http/problems.py`` maps them to statuses."""
+"""Domain errors with stable codes. No HTTP here: each face maps codes to its statuses in one
+table (``asgi/problems.py`` for HTTP, ``faces/oip/errors.py`` for gRPC)."""
 
 from __future__ import annotations
 

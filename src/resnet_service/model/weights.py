@@ -6,7 +6,6 @@ then every response says so.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,22 +45,6 @@ class ResolvedWeights:
     path: Path | None
     #: True when the file's sha256 starts with the hash prefix torchvision publishes for it.
     matches_published_hash: bool | None = None
-
-
-def sha256_state_dict(state_dict: StateDict) -> str:
-    """Content hash of a state_dict (names, dtypes, shapes and values), independent of files."""
-    digest = hashlib.sha256()
-    for name in sorted(state_dict):
-        value = state_dict[name]
-        if not isinstance(value, torch.Tensor):
-            digest.update(f"{name}:{value!r};".encode())
-            continue
-        tensor = value.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        if tensor.is_quantized:
-            tensor = tensor.int_repr()
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()
 
 
 def load_state_dict_file(path: Path) -> StateDict:

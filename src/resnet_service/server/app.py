@@ -31,6 +31,7 @@ from resnet_service.faces.http import classify, openapi, operations, outputs, pa
 from resnet_service.faces.oip import errors as oip_errors
 from resnet_service.faces.oip import repository as oip_repository
 from resnet_service.faces.oip import rest as oip_rest
+from resnet_service.server.exit_codes import EXIT_STARTUP_FAILED
 from resnet_service.service import tracing
 from resnet_service.service.loading import announce_ready, load_classifier, serve_one
 from resnet_service.service.metrics import Metrics
@@ -39,8 +40,6 @@ from resnet_service.service.state import ReplicaView, ServiceState
 
 log = logging.getLogger(__name__)
 
-#: uvicorn's own exit code for a failed start-up.
-EXIT_STARTUP_FAILED = 3
 
 NO_FASTAPI_TELEMETRY: Final[TelemetryConfig] = {
     "tracing": False,

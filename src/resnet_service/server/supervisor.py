@@ -31,8 +31,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Final
 
+from resnet_service.server.exit_codes import EXIT_STARTUP_FAILED
 from resnet_service.server.worker import (
-    EXIT_STARTUP_FAILED,
     INDEX_ENV,
     NOTIFY_FD_ENV,
     READY_MESSAGE,

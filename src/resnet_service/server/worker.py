@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Final
 
 from resnet_service.config import Settings, SettingsError, load_settings
 from resnet_service.logs import WORKER_ENV
+from resnet_service.server.exit_codes import EXIT_STARTUP_FAILED
 
 if TYPE_CHECKING:
     from resnet_service.service.state import ServiceState
@@ -32,7 +33,6 @@ NOTIFY_FD_ENV: Final = "RESNET_WORKER_NOTIFY_FD"
 REPLICA_STATE_ENV: Final = "RESNET_WORKER_REPLICA_STATE"
 INDEX_ENV: Final = WORKER_ENV  # the log lines name their worker by it too
 ARTIFACT_ENV: Final = "RESNET_WORKER_ARTIFACT"
-EXIT_STARTUP_FAILED: Final = 3
 READY_MESSAGE: Final = b"ready\n"
 _PR_SET_PDEATHSIG: Final = 1
 LISTEN_BACKLOG: Final = 2048

@@ -62,11 +62,6 @@ class ViewCache:
     def num_images(self) -> int:
         return len(self.targets)
 
-    def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """All views in one tensor, with targets and each row's image index (for grouping)."""
-        index = torch.arange(self.num_images).repeat(len(self.views))
-        return torch.cat(self.views), self.targets.repeat(len(self.views)), index
-
 
 def augmenter(spec: PreprocessSpec, augment: Augment) -> Callable[[Image.Image], np.ndarray]:
     """One random training view: a crop of 50-100% of the area (and a mirror with

@@ -75,8 +75,8 @@ async def classify(
         result = await classifier.classify(upload.data, k, scope)
     if classifier.cache is not None:
         response.headers["X-Cache"] = "hit" if result.cached else "miss"
-    request_context(request).timings = result.timings
-    service.metrics.images.labels("ok").inc()
+    context = request_context(request)
+    context.timings, context.images_ok = result.timings, 1
     return ClassifyResponse(
         predictions=predictions_of(result),
         top_k=k,
@@ -108,7 +108,7 @@ async def classify_batch(
     async with many_images(request, service, ticket) as files:
         outcomes = await classifier.classify_many([f.data for f in files], k, scope)
         names = [f.filename for f in files]
-    results = batch_items(service, names, outcomes, _batch_item)
+    results = batch_items(request, service, names, outcomes, _batch_item)
     totals = batch_totals(results, classifier, started)
     return BatchResponse(results=results, top_k=k, **totals.model_dump())
 

@@ -92,8 +92,8 @@ async def embed(
     size = _embedding_size(classifier)
     async with one_image(request, service, ticket) as upload:
         result = await classifier.embed(upload.data)
-    request_context(request).timings = result.timings
-    service.metrics.images.labels("ok").inc()
+    context = request_context(request)
+    context.timings, context.images_ok = result.timings, 1
     return EmbedResponse(
         embedding=_vector(result, normalize, encoding),
         encoding=encoding,
@@ -139,7 +139,7 @@ async def embed_batch(
             timings=timings_of(result),
         )
 
-    results = batch_items(service, names, outcomes, item)
+    results = batch_items(request, service, names, outcomes, item)
     return EmbedBatchResponse(
         results=results,
         encoding=encoding,
@@ -179,8 +179,8 @@ async def explain(
     async with one_image(request, service, ticket) as upload:
         explained = await classifier.explain(upload.data, k, chosen)
     result = explained.classification
-    request_context(request).timings = result.timings
-    service.metrics.images.labels("ok").inc()
+    context = request_context(request)
+    context.timings, context.images_ok = result.timings, 1
     box = explained.crop_box
     assert box is not None, "an uploaded image has a size, hence a crop box"
     assert result.size is not None, "an uploaded image has a size"

@@ -68,20 +68,22 @@ def timings_of(result: Classification) -> Timings:
 
 
 def batch_items(
+    request: Request,
     service: ServiceState,
     names: list[str | None],
     outcomes: list[Classification | ServiceError],
     make: Callable[[int, str | None, Classification | None, ItemError | None], Item],
 ) -> list[Item]:
-    """One item per image, in order, each counted in the image metrics (ok or error)."""
+    """One item per image, in order, each counted for the image metrics (ok or error)."""
+    context = request_context(request)
     items = []
     for index, (filename, outcome) in enumerate(zip(names, outcomes, strict=True)):
         if isinstance(outcome, ServiceError):
             service.metrics.rejections.labels(outcome.code).inc()
-            service.metrics.images.labels("error").inc()
+            context.images_failed += 1
             items.append(make(index, filename, None, item_error(outcome)))
         else:
-            service.metrics.images.labels("ok").inc()
+            context.images_ok += 1
             items.append(make(index, filename, outcome, None))
     return items
 

@@ -161,9 +161,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         self.plane = DataPlane.over(service)
         self.tracing = tracing.wanted(service.settings)
 
-    def _ready(self) -> bool:
-        return self.service.readiness_problem() is None
-
     async def _call(
         self,
         name: str,
@@ -213,7 +210,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        return pb.ServerReadyResponse(ready=self._ready())
+        return pb.ServerReadyResponse(ready=self.plane.server_ready())
 
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         async def work() -> Any:

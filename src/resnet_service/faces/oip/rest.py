@@ -349,8 +349,8 @@ async def live() -> dict[str, bool]:
 
 
 @router.get("/health/ready", summary="Readiness of the server", responses=_ERRORS)
-async def ready(service: ServiceDep) -> Response:
-    ok = service.readiness_problem() is None
+async def ready(plane: DataPlaneDep) -> Response:
+    ok = plane.server_ready()
     return Response(json.dumps({"ready": ok}), 200 if ok else 503, media_type="application/json")
 
 
@@ -407,18 +407,18 @@ async def _infer(
 ) -> Response:
     if request.headers.get("content-encoding", "identity") != "identity":
         raise InvalidInferRequest("Compressed request bodies are not accepted; send them plain.")
-    settings = service.settings
+    settings, context = service.settings, request_context(request)
     limit, budget = settings.max_batch_bytes, service.upload_budget
     async with request_body(request, limit, budget, settings.body_timeout_s) as body:
         ticket.uploaded()
         parsed = parse_infer(body, request.headers.get(HEADER_LENGTH), name, version)
         del body
         if parsed.priority is not None:  # counted under the class the body asked for
-            request_context(request).priority = parsed.priority
+            context.priority = parsed.priority
         first = parsed.inputs[0]
-        images = request_context(request).images = first.shape[0] if first.shape else 0
+        context.images = first.shape[0] if first.shape else 0
         response = await plane.infer(parsed, classifier)
-    service.metrics.images.labels("ok").inc(images)
+    context.images_ok = context.images
     return encode_response(response)
 
 
