@@ -10,7 +10,7 @@ import torch
 
 from resnet_service.config import Settings
 from resnet_service.core.runtime import ServedModel
-from resnet_service.model.torch_path import load_model
+from resnet_service.model.torch_network import load_model
 from tests.harness import make_settings, write_weights
 
 #: Markers by tier, from the folder a test lives in (never by hand): ``make test-fast`` leaves

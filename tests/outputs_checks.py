@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 from resnet_service.config import RuntimeName, Settings
+from resnet_service.core.feature_outputs import class_activation_map, heat_scale
 from resnet_service.core.images import LOCAL_FILE_LIMITS, decode_and_preprocess
-from resnet_service.core.outputs import class_activation_map, heat_scale
 from resnet_service.core.runtime import ALL_OUTPUTS, FloatBatch, ServedModel
 from resnet_service.model.bundle import instantiate, read_manifest, read_weights
-from resnet_service.model.opening import open_served_model
+from resnet_service.model.served import open_served_model
 
 #: The issue's bar: Grad-CAM and our map, both ReLU'd and scaled to 0..1.
 GRAD_CAM_ATOL: Final = 1e-4

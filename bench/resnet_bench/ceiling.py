@@ -47,7 +47,7 @@ def _decode_infer_worker(
 ) -> None:
     """One ceiling process: decode + preprocess + forward, batch 1, back to back (the served
     path)."""
-    from resnet_service.model.opening import open_served_model
+    from resnet_service.model.served import open_served_model
 
     model = open_served_model(settings.model_copy(update={"inference_threads": threads}))
     runtime, spec = model.runtime, model.spec
@@ -114,7 +114,7 @@ def engine_in_process(
     """The service's own core (decode pool + micro-batching engine) driven by asyncio
     callers, no HTTP: what the HTTP layer costs is the difference to the service."""
     from resnet_service.core.classifier import Classifier
-    from resnet_service.model.torch_path import load_model
+    from resnet_service.model.torch_network import load_model
 
     classifier = Classifier(load_model(settings), settings)
     classifier.start()
@@ -151,7 +151,7 @@ def forward_speed(
     precisions: tuple[str, ...] = ("int8", "fp32"),
 ) -> dict[str, dict[str, float]]:
     """Model-only forward, ms per image, per precision, on ``threads`` threads."""
-    from resnet_service.model.opening import open_served_model
+    from resnet_service.model.served import open_served_model
 
     out: dict[str, dict[str, float]] = {}
     for precision in precisions:

@@ -30,7 +30,7 @@ from resnet_bench.runner import MAIN_IMAGE, closed_loop_load, machine_info, serv
 from resnet_service.config import Settings
 from resnet_service.cpus import usable_cpus
 from resnet_service.model.artifacts import HEAD_FILE, MODEL_FILES, read_artifact, seal
-from resnet_service.model.opening import find_or_build
+from resnet_service.model.served import find_or_build
 
 log = logging.getLogger(__name__)
 

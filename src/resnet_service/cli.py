@@ -23,7 +23,7 @@ from resnet_service.core.errors import ServiceError
 
 if TYPE_CHECKING:  # the serving core is imported by the commands that need it
     from resnet_service.core.classifier import Classification, Classifier
-    from resnet_service.core.outputs import CropBox
+    from resnet_service.core.feature_outputs import CropBox
 
 log = logging.getLogger("resnet_service")
 
@@ -76,7 +76,7 @@ def _emit(obj: Any) -> None:
 
 # --- commands -----------------------------------------------------------------------------
 def cmd_info(args: argparse.Namespace, settings: Settings) -> int:
-    from resnet_service.model.opening import open_served_model
+    from resnet_service.model.served import open_served_model
 
     model = open_served_model(settings)
     info = model.info.model_dump(mode="json")
@@ -89,7 +89,7 @@ def cmd_info(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_preflight(args: argparse.Namespace, settings: Settings) -> int:
     """Build (or verify) what serving workers will load; used by ``serve`` before its workers."""
-    from resnet_service.model.opening import prepare
+    from resnet_service.model.served import prepare
 
     try:
         prepared = prepare(settings)
@@ -107,7 +107,7 @@ def cmd_quantize(args: argparse.Namespace, settings: Settings) -> int:
         return _quantize_torch(args, settings)
     from resnet_service.model.artifacts import read_artifact
     from resnet_service.model.bundle import copy_bundle
-    from resnet_service.model.opening import find_or_build
+    from resnet_service.model.served import find_or_build
 
     folder = find_or_build(settings)
     manifest, _ = read_artifact(folder)
@@ -140,7 +140,7 @@ def cmd_quantize(args: argparse.Namespace, settings: Settings) -> int:
 
 def _quantize_torch(args: argparse.Namespace, settings: Settings) -> int:
     from resnet_service.model.bundle import BundleManifest, copy_bundle, write_bundle
-    from resnet_service.model.torch_path import load_model
+    from resnet_service.model.torch_network import load_model
     from resnet_service.runtimes.torch_runtime import TorchRuntime
 
     model = load_model(settings)
@@ -220,7 +220,7 @@ def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
     report = result.report
     published = None
     if args.repository is not None:
-        from resnet_service.model.repository import publish_version
+        from resnet_service.model.repository_layout import publish_version
 
         published = publish_version(args.out, args.repository, args.name or args.out.name)
     _emit(
@@ -245,7 +245,7 @@ def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
     """Publish a version atomically (a temporary name, then a rename: ready for ``poll``)."""
-    from resnet_service.model.repository import publish_version
+    from resnet_service.model.repository_layout import publish_version
 
     final = publish_version(args.source, args.repository, args.name, args.version)
     _emit({"model": args.name, "version": int(final.name), "path": str(final)})
@@ -269,7 +269,7 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
     from resnet_service.core.classifier import EMBEDDING, FEATURE_MAP, Classifier
     from resnet_service.core.errors import UnreadableFile
     from resnet_service.core.runtime import LOGITS_ONLY
-    from resnet_service.model.opening import open_served_model
+    from resnet_service.model.served import open_served_model
 
     model = open_served_model(settings)
     classifier = Classifier(model, settings)
@@ -328,7 +328,7 @@ async def _predict_line(
     classifier: Classifier, path: Path, result: Classification, args: argparse.Namespace
 ) -> dict[str, Any]:
     """One JSON line: the Top-k, and the embedding and the map when asked."""
-    from resnet_service.core.outputs import l2_normalised
+    from resnet_service.core.feature_outputs import l2_normalised
 
     info, pred = classifier.model.info, result.prediction
     line: dict[str, Any] = {
@@ -375,7 +375,7 @@ def _overlaid(path: Path, heatmap: bytes, box: CropBox) -> bytes:
     """The map over the photo (read again: ``predict`` keeps no decoded image)."""
     from PIL import Image, ImageOps
 
-    from resnet_service.core.outputs import overlay_png
+    from resnet_service.core.feature_outputs import overlay_png
 
     with Image.open(path) as photo:  # the same bomb guard as the service's decoder
         return overlay_png(ImageOps.exif_transpose(photo), heatmap, box)

@@ -321,7 +321,7 @@ class Settings(BaseSettings):
         return value
 
     @property
-    def queue_bound_ms(self) -> float:
+    def effective_queue_budget_ms(self) -> float:
         """Admission's deadline bound in effect (``queue_budget_ms`` or half the deadline)."""
         if self.queue_budget_ms is not None:
             return self.queue_budget_ms

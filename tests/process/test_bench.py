@@ -18,7 +18,7 @@ from resnet_bench.runner import BenchOptions, choose_default, choose_layout
 from resnet_service.cli import main
 from resnet_service.config import RuntimeName
 from resnet_service.core.runtime import ALL_OUTPUTS, LOGITS_ONLY
-from resnet_service.model.opening import find_or_build, load_artifact
+from resnet_service.model.served import find_or_build, load_artifact
 from tests.harness import make_settings
 
 

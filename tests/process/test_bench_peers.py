@@ -19,7 +19,7 @@ from resnet_bench import loadgen
 from resnet_bench.images import bench_images
 from resnet_bench.peers import archive, bentoml, load, processes, report, run, service, torchserve
 from resnet_bench.runner import MAIN_IMAGE
-from resnet_service.model.torch_path import imagenet_labels
+from resnet_service.model.torch_network import imagenet_labels
 from resnet_service.model.weights import WeightsSource, load_state_dict_file, random_weights
 from tests.harness import wait_until
 

@@ -301,7 +301,7 @@ _LOGITS_AT_LEVEL: Final = """
 import sys, numpy as np
 from pathlib import Path
 from resnet_service.config import Settings
-from resnet_service.model.opening import open_served_model
+from resnet_service.model.served import open_served_model
 from resnet_service.runtimes.registry import open_runtime
 runtime, model, cache, inputs, out = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 if runtime == "openvino":  # the artifact built on this host, run at the capped level

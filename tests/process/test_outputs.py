@@ -22,11 +22,11 @@ from resnet_service.cli import main
 from resnet_service.config import RuntimeName, Settings
 from resnet_service.core.classifier import Classifier
 from resnet_service.core.errors import OutputUnavailable
+from resnet_service.core.feature_outputs import class_activation_map
 from resnet_service.core.images import LOCAL_FILE_LIMITS, decode_and_preprocess
-from resnet_service.core.outputs import class_activation_map
 from resnet_service.core.runtime import ALL_OUTPUTS
 from resnet_service.model.artifacts import ARTIFACT_MANIFEST, HEAD_FILE
-from resnet_service.model.opening import find_or_build, load_artifact, open_served_model
+from resnet_service.model.served import find_or_build, load_artifact, open_served_model
 from tests.harness import Server, encode, fp32_model, jpeg_of, make_settings, photo, serve
 from tests.outputs_checks import (
     CORNERS,

@@ -463,7 +463,7 @@ def test_an_empty_read_only_cache_stops_start_up_clearly(
 def test_a_read_only_cache_holding_the_model_just_works(
     sandbox: tuple[Path, dict[str, str]], weights_file: Path, model_cache: Path, tmp_path: Path
 ) -> None:
-    from resnet_service.model.opening import find_or_build
+    from resnet_service.model.served import find_or_build
     from tests.harness import make_settings
 
     # The default runtime's model, as a slim image ships it.

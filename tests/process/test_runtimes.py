@@ -22,7 +22,7 @@ from resnet_service.core.model_info import measured_here
 from resnet_service.core.runtime import pixel_input
 from resnet_service.model.artifacts import ARTIFACT_MANIFEST, read_artifact
 from resnet_service.model.hub import sha256_file
-from resnet_service.model.opening import find_or_build, open_served_model
+from resnet_service.model.served import find_or_build, open_served_model
 from resnet_service.runtimes.registry import open_runtime
 from tests.harness import ROOT, Server, fp32_model, jpeg_of, make_settings, serve
 
@@ -117,7 +117,7 @@ THREADS_PROBE = """
 import asyncio, os, sys
 from resnet_service.core.classifier import Classifier
 from resnet_service.config import load_settings
-from resnet_service.model.opening import open_served_model
+from resnet_service.model.served import open_served_model
 from tests.harness import jpeg_of
 settings = load_settings(**{k: v for k, v in (a.split("=", 1) for a in sys.argv[1:])})
 classifier = Classifier(open_served_model(settings), settings)

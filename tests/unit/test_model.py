@@ -20,7 +20,7 @@ from resnet_service.model import bundle as bundle_mod
 from resnet_service.model.architecture import host_qconfig
 from resnet_service.model.bundle import read_manifest
 from resnet_service.model.hub import hub_checkpoint_path
-from resnet_service.model.torch_path import imagenet_labels, load_model
+from resnet_service.model.torch_network import imagenet_labels, load_model
 from resnet_service.model.weights import (
     FP32_WEIGHTS,
     INT8_WEIGHTS,

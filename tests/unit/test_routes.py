@@ -8,12 +8,14 @@ from pathlib import Path
 
 from resnet_service.asgi.routes import RouteTable, model_from_query
 from resnet_service.config import Settings
-from resnet_service.faces.http import classify, operations, outputs
+from resnet_service.faces.http import classify, embed_explain, operations
 from resnet_service.faces.oip import rest
 from resnet_service.server.app import create_app
 
 ROOT = Path(__file__).resolve().parents[2]
-TABLE = RouteTable.of(classify.ADMITTED, outputs.ADMITTED, rest.ADMITTED, probes=operations.PROBES)
+TABLE = RouteTable.of(
+    classify.ADMITTED, embed_explain.ADMITTED, rest.ADMITTED, probes=operations.PROBES
+)
 
 
 def _paths(method: str) -> set[str]:

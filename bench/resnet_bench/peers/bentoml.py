@@ -30,7 +30,7 @@ from resnet_bench.peers.processes import READY_TIMEOUT_S, StartedServer, stop_gr
 from resnet_bench.peers.venv import ensure_peer_venv
 from resnet_bench.servers import free_port, memory_mb
 from resnet_service.cpus import usable_cpus
-from resnet_service.model.torch_path import imagenet_labels
+from resnet_service.model.torch_network import imagenet_labels
 from resnet_service.model.weights import ResolvedWeights
 
 BENTOML_VERSION: Final = "1.4.40"

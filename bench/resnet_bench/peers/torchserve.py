@@ -23,7 +23,7 @@ from resnet_bench.peers.options import PeerOptions
 from resnet_bench.peers.processes import READY_TIMEOUT_S, StartedServer, stop_group, wait_until
 from resnet_bench.servers import free_port, memory_mb
 from resnet_service.cpus import usable_cpus
-from resnet_service.model.torch_path import imagenet_labels
+from resnet_service.model.torch_network import imagenet_labels
 from resnet_service.model.weights import ResolvedWeights
 
 log = logging.getLogger(__name__)

@@ -9,8 +9,8 @@ from contextlib import asynccontextmanager
 
 from starlette.requests import ClientDisconnect, Request
 
+from resnet_service.core.engine_spans import child_span
 from resnet_service.core.errors import MalformedRequest, RequestTimeout, UploadTooLarge
-from resnet_service.core.tracing import child_span
 from resnet_service.service.upload_budget import UploadBudget
 
 

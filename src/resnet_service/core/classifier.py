@@ -33,6 +33,7 @@ from resnet_service.core.engine import (
     Probabilities,
     Scores,
 )
+from resnet_service.core.engine_spans import child_span
 from resnet_service.core.errors import (
     DeadlineExceeded,
     InvalidParameter,
@@ -41,6 +42,7 @@ from resnet_service.core.errors import (
     Overloaded,
     ServiceError,
 )
+from resnet_service.core.feature_outputs import CropBox, class_activation_map, heatmap_png
 from resnet_service.core.images import (
     ImageLimits,
     Pixels,
@@ -50,11 +52,9 @@ from resnet_service.core.images import (
     install_bomb_guard,
     normalise_pixels,
 )
-from resnet_service.core.outputs import CropBox, class_activation_map, heatmap_png
 from resnet_service.core.priority import Priority
 from resnet_service.core.response_cache import ResponseCache
 from resnet_service.core.runtime import LOGITS_ONLY, FloatBatch, Output, ServedModel, Wants
-from resnet_service.core.tracing import child_span
 from resnet_service.cpus import threads_per_worker
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ FEATURE_MAP: Final[Wants] = frozenset({Output.LOGITS, Output.FEATURE_MAP})
 def admission_policy(settings: Settings) -> AdmissionPolicy:
     """Admission's settings, in seconds."""
     return AdmissionPolicy(
-        bound_s=settings.queue_bound_ms / 1000,
+        bound_s=settings.effective_queue_budget_ms / 1000,
         target_s=settings.queue_target_ms / 1000,
         interval_s=settings.queue_interval_ms / 1000,
         floor_images=settings.max_batch_size,

@@ -36,6 +36,7 @@ import numpy as np
 import numpy.typing as npt
 from typing_extensions import TypeIs
 
+from resnet_service.core.engine_spans import Traced, record_batch, traced_now
 from resnet_service.core.errors import (
     DeadlineExceeded,
     InferenceFailed,
@@ -55,7 +56,6 @@ from resnet_service.core.runtime import (
     Wants,
     pixel_input,
 )
-from resnet_service.core.tracing import Traced, record_batch, traced_now
 
 log = logging.getLogger(__name__)
 

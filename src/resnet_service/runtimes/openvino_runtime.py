@@ -1,6 +1,6 @@
 """OpenVINO runtime: an IR (``model.xml`` + ``model.bin``) compiled for the CPU, torch-free.
 
-int8 IRs come from NNCF post-training quantization (``model/build.py``). One stream, a fixed
+int8 IRs come from NNCF post-training quantization (``model/export.py``). One stream, a fixed
 number of inference threads, no core pinning (with one worker per core, pinning would put the
 workers' threads on the same cores), and f32 inference precision: on CPUs with bf16 units
 OpenVINO would otherwise run "fp32" models in bf16, which is not what fp32 promises.

@@ -27,15 +27,22 @@ from resnet_service.asgi.routes import RouteTable
 from resnet_service.config import Settings, SettingsError, load_settings
 from resnet_service.core.classifier import Classifier
 from resnet_service.core.errors import ServiceError
-from resnet_service.faces.http import classify, openapi, operations, outputs, page, problems
+from resnet_service.faces.http import (
+    classify,
+    embed_explain,
+    openapi,
+    operations,
+    page,
+    problems,
+)
 from resnet_service.faces.oip import errors as oip_errors
-from resnet_service.faces.oip import repository as oip_repository
+from resnet_service.faces.oip import repository_api as oip_repository
 from resnet_service.faces.oip import rest as oip_rest
 from resnet_service.server.exit_codes import EXIT_STARTUP_FAILED
 from resnet_service.service import tracing
 from resnet_service.service.loading import announce_ready, load_classifier, serve_one
 from resnet_service.service.metrics import Metrics
-from resnet_service.service.repository import open_repository
+from resnet_service.service.reconciler import open_repository
 from resnet_service.service.state import ReplicaView, ServiceState
 
 log = logging.getLogger(__name__)
@@ -148,7 +155,7 @@ def create_app(
     problems.install(app, prefixes={oip_rest.PREFIX + "/": oip_errors.framework_error})
     openapi.install(app, settings, schemas=[oip_rest.InferenceRequest])
     app.include_router(classify.router)
-    app.include_router(outputs.router)
+    app.include_router(embed_explain.router)
     app.include_router(operations.router)
     app.include_router(oip_rest.router)
     app.include_router(oip_repository.router)
@@ -156,7 +163,7 @@ def create_app(
     # What each face admits from the request head, and its probes: the plumbing below reads
     # these, and writes a refusal in the shape of the face that owns the route.
     routes = RouteTable.of(
-        classify.ADMITTED, outputs.ADMITTED, oip_rest.ADMITTED, probes=operations.PROBES
+        classify.ADMITTED, embed_explain.ADMITTED, oip_rest.ADMITTED, probes=operations.PROBES
     )
     # Starlette wraps in reverse order: the request context is outermost, admission inside it.
     recorder = RequestRecorder(state.metrics, routes, json_lines=settings.log_format == "json")

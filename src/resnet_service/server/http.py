@@ -18,8 +18,11 @@ What stock uvicorn (0.54) does not do, and this module adds:
   requests finish within the grace period. Stock uvicorn closes its listening socket (resetting
   the queued connections) and idle connections at once (racing requests in flight on them).
 
-These hook uvicorn's ``H11Protocol`` and ``Server`` internals, which is why uvicorn is pinned
-to a minor version in ``pyproject.toml``; the tests that exercise each behaviour run against a
+These hook uvicorn's protocol and ``Server`` internals, which is why uvicorn is pinned to a
+minor version in ``pyproject.toml``. Every internal used is listed in ``UVICORN_INTERNALS`` with
+what it is for and the public hook that would replace it; ``tests/unit/test_uvicorn_seam.py``
+checks each against the installed uvicorn, so an upgrade that moves one fails there by name
+rather than in a drain or an overload. The tests that exercise each behaviour run against a
 real process.
 """
 
@@ -57,6 +60,79 @@ IDLE_LINGER_S: Final = 1.0
 #: Longest wait for the kernel's accept queue to empty after new handshakes are refused.
 _ACCEPT_DRAIN_S: Final = 2.0
 _POLL_S: Final = 0.01
+
+
+@dataclass(frozen=True)
+class Internal:
+    """One uvicorn internal this module relies on."""
+
+    where: str  # a dotted name below ``uvicorn``; ``Class.attr`` for an attribute set in __init__
+    why: str
+    public_hook: str  # what would replace it, if uvicorn offered it
+
+
+UVICORN_INTERNALS: Final = (
+    Internal(
+        "protocols.http.httptools_impl.HttpToolsProtocol._start_asgi_task",
+        "admission from the request head, before any ASGI task exists",
+        "none: an ASGI middleware runs only after the task starts; a 'request head' callback",
+    ),
+    Internal(
+        "protocols.http.httptools_impl.RequestResponseCycle.body",
+        "a refused request's body is dropped as it arrives",
+        "an ASGI response sent before the body is read (it is read anyway)",
+    ),
+    Internal(
+        "protocols.http.httptools_impl.RequestResponseCycle.response_complete",
+        "a refusal answered without the app completes the cycle (and the next request follows)",
+        "none",
+    ),
+    Internal(
+        "protocols.http.httptools_impl.RequestResponseCycle.keep_alive",
+        "keep the connection after a refusal, or close it",
+        "the 'Connection: close' response header",
+    ),
+    Internal(
+        "protocols.http.httptools_impl.RequestResponseCycle.on_response",
+        "hand the connection to the next request after a refusal",
+        "none",
+    ),
+    Internal(
+        "protocols.http.httptools_impl.HttpToolsProtocol.expect_100_continue",
+        "a client waiting for 100-continue gets its refusal and a closed connection",
+        "none",
+    ),
+    Internal(
+        "protocols.http.httptools_impl.STATUS_LINE",
+        "the status line of a refusal written by the protocol",
+        "none (http.HTTPStatus)",
+    ),
+    Internal(
+        "protocols.http.h11_impl.H11Protocol.conn",
+        "tell h11 the connection closes when a head never arrives",
+        "uvicorn's own header timeout, if it had one (it has only timeout_keep_alive)",
+    ),
+    Internal(
+        "protocols.http.flow_control.CLOSE_HEADER",
+        "'Connection: close' on h11 responses while draining",
+        "none",
+    ),
+    Internal(
+        "server.Server._wait_tasks_to_complete",
+        "wait for requests in flight within the grace",
+        "Config.timeout_graceful_shutdown alone (it also closes idle connections at once)",
+    ),
+    Internal(
+        "server.Server.server_state",
+        "the connections to mark closing and the tasks to wait for",
+        "none",
+    ),
+    Internal(
+        "server.Server.on_tick",
+        "keep serving through the drain delay after SIGTERM",
+        "none: uvicorn exits its main loop on the first signal",
+    ),
+)
 
 
 class RawAnswer(Protocol):

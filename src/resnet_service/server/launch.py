@@ -16,13 +16,13 @@ from resnet_service import logs
 from resnet_service.config import Settings
 from resnet_service.core.errors import BundleInvalid
 from resnet_service.cpus import resolve_workers
-from resnet_service.model.repository import scan
+from resnet_service.model.repository_layout import scan
 from resnet_service.server.exit_codes import EXIT_STARTUP_FAILED
 from resnet_service.server.http import IDLE_LINGER_S
 from resnet_service.server.sockets import PortInUse, check_port_free, reserve_port
 from resnet_service.server.supervisor import Supervisor
 from resnet_service.server.worker import ARTIFACT_ENV
-from resnet_service.service.building import BuildFailed, build_in_child
+from resnet_service.service.builder_process import BuildFailed, build_in_child
 
 log = logging.getLogger("resnet_service.server.launch")
 

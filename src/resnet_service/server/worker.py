@@ -78,7 +78,7 @@ def _load_models(state: ServiceState, plumbing: WorkerPlumbing) -> None:
     """Every model before listening: the repository's first pass (then it is followed in the
     background), or the one model of the settings."""
     from resnet_service.service.loading import load_classifier, serve_one
-    from resnet_service.service.repository import open_repository
+    from resnet_service.service.reconciler import open_repository
 
     if state.settings.model_repository is None:
         serve_one(state, load_classifier(state.settings, state.metrics, plumbing.artifact))

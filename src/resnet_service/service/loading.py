@@ -36,7 +36,7 @@ def load_classifier(
     built model the caller already found (a worker, after the preflight). ``name`` and
     ``version``: how requests reach it (a repository's folders; default: the model's own name,
     version 1); ``display_names``: labels to show instead of the model's own."""
-    from resnet_service.model.opening import open_served_model
+    from resnet_service.model.served import open_served_model
 
     model = open_served_model(settings, artifact)
     if display_names:

@@ -36,8 +36,8 @@ from resnet_service import __version__
 from resnet_service.config import Settings
 from resnet_service.core.admission import Ticket
 from resnet_service.core.classifier import Classifier
+from resnet_service.core.engine_spans import TRACER
 from resnet_service.core.errors import RetryLater
-from resnet_service.core.tracing import TRACER
 
 if TYPE_CHECKING:  # the SDK is imported only when tracing is on
     from opentelemetry.sdk.trace import TracerProvider

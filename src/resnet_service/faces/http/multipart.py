@@ -18,8 +18,8 @@ from starlette.requests import ClientDisconnect, Request
 
 from resnet_service.asgi.body import body_chunks
 from resnet_service.config import Settings
+from resnet_service.core.engine_spans import child_span
 from resnet_service.core.errors import MalformedRequest, MissingField, TooManyFiles, UploadTooLarge
-from resnet_service.core.tracing import child_span
 from resnet_service.service.upload_budget import UploadBudget
 
 #: RFC 2046: a boundary is 1 to 70 characters.

@@ -83,7 +83,7 @@ async def model(
             "workers": settings.workers or 1,
             "max_batch_size": settings.max_batch_size,
             "max_batch_wait_ms": settings.max_batch_wait_ms,
-            "queue_budget_ms": settings.queue_bound_ms,
+            "queue_budget_ms": settings.effective_queue_budget_ms,
             "queue_target_ms": settings.queue_target_ms,
             "queue_interval_ms": settings.queue_interval_ms,
             "queue_capacity": settings.queue_capacity,

@@ -77,7 +77,7 @@ def _model_settings(args: argparse.Namespace, settings: Settings) -> tuple[Setti
         if args.model_name is not None:
             raise ModelNotFound("--model names a model of a --repository; give --repository too")
         return settings, "1"
-    from resnet_service.model.repository import read_model, version_settings
+    from resnet_service.model.repository_layout import read_model, version_settings
 
     if args.model_name is None:
         raise ModelNotFound("--repository needs --model NAME (the model folder to use)")
@@ -132,7 +132,7 @@ class _Bar:
 
 def cmd_tag(args: argparse.Namespace, settings: Settings) -> int:
     """Tag every input of the sources into ``--out``; see the module docstring for the exit."""
-    from resnet_service.model.opening import prepare
+    from resnet_service.model.served import prepare
 
     if not args.sources and not args.manifest:
         print("resnet-service tag: give at least one SOURCE or --manifest", file=sys.stderr)

@@ -21,6 +21,7 @@ from resnet_service.config import Settings
 from resnet_service.core.classifier import top_k
 from resnet_service.core.engine import forward_batch, softmax
 from resnet_service.core.errors import ServiceError, UnreadableFile, UploadTooLarge
+from resnet_service.core.feature_outputs import l2_normalised
 from resnet_service.core.images import (
     ImageLimits,
     Pixels,
@@ -28,7 +29,6 @@ from resnet_service.core.images import (
     install_bomb_guard,
     normalise_pixels,
 )
-from resnet_service.core.outputs import l2_normalised
 from resnet_service.core.runtime import (
     LOGITS_ONLY,
     FloatBatch,
@@ -187,7 +187,7 @@ class Tagger:
 
 
 def open_model(spec: WorkerSpec) -> ServedModel:
-    from resnet_service.model.opening import open_served_model
+    from resnet_service.model.served import open_served_model
 
     one_thread = spec.settings.model_copy(update={"inference_threads": 1, "workers": 1})
     artifact = Path(spec.artifact) if spec.artifact else None

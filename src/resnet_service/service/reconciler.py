@@ -35,8 +35,13 @@ from typing import Final
 from resnet_service.config import ENV_PREFIX, Settings
 from resnet_service.core.engine import ComputeGate
 from resnet_service.core.errors import ControlOff, ModelLoadFailed, ModelNotFound, ServiceError
-from resnet_service.model.repository import RepositoryModel, VersionDir, scan, version_settings
-from resnet_service.service.building import BuildFailed, build_in_child
+from resnet_service.model.repository_layout import (
+    RepositoryModel,
+    VersionDir,
+    scan,
+    version_settings,
+)
+from resnet_service.service.builder_process import BuildFailed, build_in_child
 from resnet_service.service.control import ControlFile
 from resnet_service.service.loading import load_classifier, model_info_gauge
 from resnet_service.service.models import ModelTable, ServedVersion, VersionState

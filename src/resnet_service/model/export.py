@@ -107,7 +107,7 @@ def labels_of(source: ModelSource) -> list[str]:
     """Class names: a bundle's own, or the 1000 ImageNet categories torchvision ships."""
     if source.bundle is not None:
         return read_labels(source.bundle, source.num_classes)
-    from resnet_service.model.torch_path import imagenet_labels
+    from resnet_service.model.torch_network import imagenet_labels
 
     return imagenet_labels()
 

@@ -74,7 +74,7 @@ def _source(settings: Settings) -> ModelSource:
         return resolve_source(settings)
     except DownloadNeeded:
         with needs_torch("downloading the weights"):
-            from resnet_service.model.build import downloaded_source
+            from resnet_service.model.export import downloaded_source
 
         return downloaded_source(settings)
 
@@ -124,7 +124,7 @@ def find_or_build(settings: Settings) -> Path:
         return folder
     ensure_writable(settings.model_cache_dir, f"{settings.runtime} {settings.precision} model")
     with needs_torch(f"building the {settings.runtime} {settings.precision} model"):
-        from resnet_service.model.build import build_artifact, labels_of
+        from resnet_service.model.export import build_artifact, labels_of
 
     with _build_lock(folder):  # workers loading one new version build it once
         if find_cached(folder, source.weights_sha256) is not None:
@@ -166,7 +166,7 @@ def prepare(settings: Settings) -> Prepared:
     settings = effective(settings)
     if settings.runtime == "torch" and settings.artifact_path is None:
         with needs_torch("the torch runtime"):
-            from resnet_service.model.torch_path import load_model
+            from resnet_service.model.torch_network import load_model
 
         info = load_model(settings).info
         return Prepared(
@@ -271,7 +271,7 @@ def open_served_model(settings: Settings, artifact: Path | None = None) -> Serve
     settings = effective(settings)
     if settings.runtime == "torch" and settings.artifact_path is None:
         with needs_torch("the torch runtime"):
-            from resnet_service.model.torch_path import load_model
+            from resnet_service.model.torch_network import load_model
 
         return load_model(settings)
     folder = artifact or settings.artifact_path or find_or_build(settings)
