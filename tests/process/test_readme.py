@@ -21,9 +21,7 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,48 +140,35 @@ def _stop_group(process: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture
-def s3_bucket(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """moto's S3 API server on 127.0.0.1 with the bucket the S3 recipe reads: my-photos/2026/."""
+def s3_bucket(s3_server: str) -> dict[str, str]:
+    """The bucket the S3 recipe reads, my-photos/2026/, on moto's S3 server; its environment."""
     import boto3
-    import httpx
 
-    port = free_port()
-    log = (tmp_path / "moto.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
     env = {
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ENDPOINT_URL": s3_server,
     }
-    try:
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+    s3.create_bucket(Bucket="my-photos")
+    for photo in builtin_photos()[:8]:
+        s3.put_object(Bucket="my-photos", Key=f"2026/{photo.name}", Body=photo.read_bytes())
+    return env
 
-        def up() -> bool:
-            try:
-                return httpx.get(env["AWS_ENDPOINT_URL"], timeout=1).status_code < 500
-            except httpx.HTTPError:
-                return False
 
-        wait_until(up, 60, "moto's S3 server")
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=env["AWS_ENDPOINT_URL"],
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-            region_name="us-east-1",
+def _started(args: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """A process in its own group (stopped by group), its output in ``log``."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-        s3.create_bucket(Bucket="my-photos")
-        for photo in builtin_photos()[:8]:
-            s3.put_object(Bucket="my-photos", Key=f"2026/{photo.name}", Body=photo.read_bytes())
-        yield env
-    finally:
-        stop_process_group(proc)
-        log.close()
 
 
 def test_every_recipe_runs_as_written(
@@ -205,15 +190,10 @@ def test_every_recipe_runs_as_written(
         "RESNET_SERVICE_REPOSITORY_POLL_S": "1",
         "CURL_HOME": str(tmp_path),
     }
-    service_log = (tmp_path / "make-run.log").open("wb")
-    service = subprocess.Popen(  # the README's first command, on the ports the recipes are given
-        ["make", "--no-print-directory", "run", f"PORT={ports[8000]}", f"GRPC_PORT={ports[8001]}"],
-        cwd=ROOT,
-        env=env,
-        stdout=service_log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    # The README's first command, on the ports the recipes are given.
+    make_run = ["make", "--no-print-directory", "run", f"PORT={ports[8000]}"]
+    make_run.append(f"GRPC_PORT={ports[8001]}")
+    service = _started(make_run, ROOT, env, tmp_path / "make-run.log")
     try:
         url = f"http://127.0.0.1:{ports[8000]}"
 
@@ -226,25 +206,16 @@ def test_every_recipe_runs_as_written(
             if not recipe.runnable:
                 continue
             log = tmp_path / f"{re.sub(r'[^a-z]+', '-', recipe.title.lower())}.log"
-            with log.open("wb") as out:
-                shell = subprocess.Popen(
-                    ["bash", "-c", recipe.script(ports)],
-                    cwd=work,
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-                try:
-                    code = shell.wait(600)
-                finally:
-                    _stop_group(shell)
+            shell = _started(["bash", "-c", recipe.script(ports)], work, env, log)
+            try:
+                code = shell.wait(600)
+            finally:
+                _stop_group(shell)
             output = log.read_text(errors="replace")
             assert code == 0, f"recipe {recipe.title!r} failed ({code}):\n{output[-4000:]}"
         _check_what_the_recipes_made(work)
     finally:
         stop_process_group(service)
-        service_log.close()
 
 
 def _check_what_the_recipes_made(work: Path) -> None:

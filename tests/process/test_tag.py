@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import pyarrow.dataset as ds
 import pytest
 from PIL import Image
 
-from resnet_bench.servers import free_port, stop_process_group
+from resnet_bench.servers import stop_process_group
 from tests.harness import PHOTOS, encode, jpeg_of, wait_until
 
 
@@ -403,34 +402,6 @@ def test_results_are_written_while_the_listing_is_still_going(
 
 
 # --- object storage ---------------------------------------------------------------------------
-@pytest.fixture
-def s3_server(tmp_path: Path) -> Iterator[str]:
-    """moto's S3 API server on 127.0.0.1, in its own process group."""
-    port = free_port()
-    log = (tmp_path / "moto.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        import httpx
-
-        def up() -> bool:
-            try:
-                return httpx.get(url, timeout=1).status_code < 500
-            except httpx.HTTPError:
-                return False
-
-        wait_until(up, 60, "moto's S3 server")
-        yield url
-    finally:
-        stop_process_group(proc)
-        log.close()
-
-
 def test_an_s3_prefix_is_a_source(
     tmp_path: Path, artifact: Path, s3_server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
