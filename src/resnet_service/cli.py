@@ -193,29 +193,13 @@ def _record_int8_evaluation(bundle: Path, runtime: str, fidelity: dict[str, Any]
 
 
 def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
-    from resnet_service.training.finetune import FinetuneConfig, finetune
+    from resnet_service.training.finetune import finetune
+    from resnet_service.training.options import FinetuneConfig
 
-    config = FinetuneConfig(
-        data_dir=args.data_dir,
-        out_dir=args.out,
-        val_dir=args.val_dir,
-        val_fraction=args.val_fraction,
-        train=args.train,
-        recalibrate_bn=args.recalibrate_bn,
-        augment=args.augment,
-        augmented_views=args.augmented_views,
-        image_size=args.image_size,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        min_steps=args.min_steps,
-        patience=args.patience,
-        time_budget=args.time_budget,
-        seed=args.seed,
-        name=args.name,
-        progress=not args.no_progress,
-    )
+    # Every option that has a flag of the same name; the two that are spelled otherwise.
+    names = (f.name for f in dataclasses.fields(FinetuneConfig))
+    given = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    config = FinetuneConfig(**given, out_dir=args.out, progress=not args.no_progress)
     result = finetune(config, settings)
     report = result.report
     published = None
@@ -440,7 +424,11 @@ def cmd_openapi(args: argparse.Namespace, settings: Settings) -> int:
 
 # --- parser -------------------------------------------------------------------------------
 def _add_finetune(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``finetune DATA_DIR``: the recipe's options, each with the default it reports."""
+    """``finetune DATA_DIR``: the recipe's options, their defaults and choices from
+    ``training.options`` (written once)."""
+    from resnet_service.training.options import AUGMENTS, BN_CHOICES, TRAIN_PARTS, defaults
+
+    default = defaults()
     ft = sub.add_parser(
         "finetune",
         help="train a classifier for your own classes (an ImageFolder) into a bundle",
@@ -450,60 +438,70 @@ def _add_finetune(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     ft.add_argument("data_dir", type=Path, metavar="DATA_DIR")
     ft.add_argument("--out", type=Path, required=True, help="bundle directory to write")
     ft.add_argument("--val-dir", type=Path, help="validation ImageFolder (else a stratified split)")
-    ft.add_argument("--val-fraction", type=float, default=0.2)
+    ft.add_argument("--val-fraction", type=float, default=default["val_fraction"])
     ft.add_argument(
         "--train",
-        choices=["auto", "head", "layer4", "all"],
-        default="auto",
+        choices=TRAIN_PARTS,
+        default=default["train"],
         help="what to train. auto (default): fit the head, then train the last block too "
         "when validation accuracy says it helps, within --time-budget; or force one",
     )
     ft.add_argument(
         "--recalibrate-bn",
-        choices=["auto", "yes", "no"],
+        choices=BN_CHOICES,
         nargs="?",
         const="yes",
-        default="auto",
+        default=default["recalibrate_bn"],
         help="re-estimate BatchNorm statistics on your images (helps far-off domains). "
         "auto (default): keep whichever validates better; the bare flag means yes",
     )
     ft.add_argument(
         "--augment",
-        choices=["none", "crop", "crop-flip"],
-        default="crop",
+        choices=AUGMENTS,
+        default=default["augment"],
         help="extra random training views (crop: 50-100%% of the area; crop-flip: also "
         "mirrored); only if a crop or mirror of an image is still the same class",
     )
     ft.add_argument(
         "--augmented-views",
         type=int,
-        default=4,
+        default=default["augmented_views"],
         help="random views per image with --augment, drawn once and cached",
     )
-    ft.add_argument("--image-size", type=int, default=224, help="model input side (crop)")
+    ft.add_argument(
+        "--image-size", type=int, default=default["image_size"], help="model input side (crop)"
+    )
     ft.add_argument(
         "--time-budget",
         type=float,
-        default=600.0,
+        default=default["time_budget"],
         help="seconds for the whole run; block training stops (best checkpoint kept) when "
         "they are spent",
     )
     ft.add_argument(
-        "--epochs", type=int, default=6, help="at most this many epochs of block training"
+        "--epochs",
+        type=int,
+        default=default["epochs"],
+        help="at most this many epochs of block training",
     )
-    ft.add_argument("--batch-size", type=int, default=32)
-    ft.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (block training)")
-    ft.add_argument("--weight-decay", type=float, default=1e-4)
+    ft.add_argument("--batch-size", type=int, default=default["batch_size"])
     ft.add_argument(
-        "--min-steps", type=int, default=100, help="block training never stops before this"
+        "--lr", type=float, default=default["lr"], help="AdamW learning rate (block training)"
+    )
+    ft.add_argument("--weight-decay", type=float, default=default["weight_decay"])
+    ft.add_argument(
+        "--min-steps",
+        type=int,
+        default=default["min_steps"],
+        help="block training never stops before this",
     )
     ft.add_argument(
         "--patience",
         type=int,
-        default=100,
+        default=default["patience"],
         help="early stopping: optimiser steps without a better validation score",
     )
-    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--seed", type=int, default=default["seed"])
     ft.add_argument(
         "--name",
         help="model name in the bundle (and in --repository); default: the --out folder's name",

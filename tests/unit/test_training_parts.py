@@ -14,7 +14,6 @@ from torch import nn
 
 from resnet_service.cli import build_parser
 from resnet_service.training.features import ViewCache
-from resnet_service.training.finetune import FinetuneConfig
 from resnet_service.training.head import (
     StandardizedLinear,
     accuracy,
@@ -26,6 +25,7 @@ from resnet_service.training.head import (
     refit,
 )
 from resnet_service.training.loop import LoopConfig, train_block
+from resnet_service.training.options import FinetuneConfig
 from resnet_service.training.probe import linear_probe
 from resnet_service.training.selection import Candidate, choose_linear, paired, pool
 

@@ -13,13 +13,8 @@ from PIL import Image
 
 from resnet_service.config import load_settings
 from resnet_service.model.bundle import instantiate, read_manifest, read_weights
-from resnet_service.training.finetune import (
-    BnChoice,
-    FinetuneConfig,
-    FinetuneResult,
-    TrainPart,
-    finetune,
-)
+from resnet_service.training.finetune import FinetuneResult, finetune
+from resnet_service.training.options import BnChoice, FinetuneConfig, TrainPart
 
 
 def _tiny_folder(root: Path) -> Path:

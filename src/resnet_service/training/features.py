@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,8 +21,8 @@ from torch import nn
 from torchvision import transforms
 
 from resnet_service.core.images import PreprocessSpec, normalise, preprocess
+from resnet_service.training.options import Augment
 
-Augment = Literal["none", "crop", "crop-flip"]
 #: Images per forward pass when filling the cache: bounded memory at 224x224.
 BATCH = 64
 

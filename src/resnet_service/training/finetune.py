@@ -57,7 +57,6 @@ from resnet_service.model.datasets import SPLITS_FILE
 from resnet_service.model.weights import ResolvedWeights, WeightsSource, resolve_fp32_weights
 from resnet_service.training.data import Dataset, load_image_folder, stratified_split
 from resnet_service.training.features import (
-    Augment,
     Trunk,
     ViewCache,
     add_views,
@@ -74,6 +73,7 @@ from resnet_service.training.head import (
     refit,
 )
 from resnet_service.training.loop import LoopConfig, LoopResult, evaluate, train_block
+from resnet_service.training.options import BnChoice, FinetuneConfig
 from resnet_service.training.probe import ProbeResult, linear_probe
 from resnet_service.training.report import REPORT_JSON as REPORT_JSON
 from resnet_service.training.report import REPORT_PNG as REPORT_PNG
@@ -95,35 +95,6 @@ from resnet_service.training.selection import (
 )
 
 log = logging.getLogger(__name__)
-
-TrainPart = Literal["auto", "head", "layer4", "all"]
-BnChoice = Literal["auto", "yes", "no"]
-
-
-@dataclass
-class FinetuneConfig:
-    """Options of ``resnet-service finetune`` (lengths in optimiser steps)."""
-
-    data_dir: Path
-    out_dir: Path
-    val_dir: Path | None = None
-    val_fraction: float = 0.2
-    train: TrainPart = "auto"
-    recalibrate_bn: BnChoice = "auto"
-    augment: Augment = "crop"
-    augmented_views: int = 4
-    image_size: int = 224
-    epochs: int = 6
-    batch_size: int = 32
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
-    min_steps: int = 100
-    patience: int = 100
-    eval_every: int = 10
-    time_budget: float = 600.0
-    seed: int = 0
-    name: str | None = None
-    progress: bool = True
 
 
 @dataclass(frozen=True)
