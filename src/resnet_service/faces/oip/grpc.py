@@ -15,23 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from opentelemetry import trace
-from opentelemetry.trace import Span
 
 from resnet_service.core import priority
-from resnet_service.core.errors import InvalidInferRequest, RetryLater, ServiceError
+from resnet_service.core.errors import InvalidInferRequest
 from resnet_service.core.priority import Priority
 from resnet_service.faces.oip.dataplane import DataPlane
-from resnet_service.faces.oip.errors import grpc_status
+from resnet_service.faces.oip.grpc_observed import ObservedRpcs, current_rpc
 from resnet_service.faces.oip.pb import inference_pb2 as pb
 from resnet_service.faces.oip.pb import inference_pb2_grpc as pb_grpc
 from resnet_service.faces.oip.tensors import (
@@ -51,17 +46,6 @@ log = logging.getLogger(__name__)
 
 SERVICE: Final = "inference.GRPCInferenceService"
 _MESSAGE_OVERHEAD: Final = 1 << 20
-#: Statuses that are the service's failure (ERROR on the span), as a 5xx is over HTTP; what
-#: the caller got wrong (invalid argument, not found, unauthenticated) is not.
-_SERVICE_FAULTS: Final = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
-    }
-)
-T = TypeVar("T")
 
 
 def _param(params: Any, name: str) -> Any:
@@ -134,13 +118,6 @@ def encode_response(response: InferResponse) -> pb.ModelInferResponse:
     return message
 
 
-@dataclass
-class _Served:
-    """What an RPC learnt about itself that its metrics need (the class, once known)."""
-
-    priority: Priority | None = None
-
-
 def _requested_priority(request: Any, context: grpc.aio.ServicerContext) -> Priority:
     """The request's ``priority`` parameter (tritonclient's ``priority=``), else the
     ``priority`` metadata in RFC 9218's syntax as on HTTP (``u=7`` is bulk). Read once,
@@ -154,57 +131,13 @@ def _requested_priority(request: Any, context: grpc.aio.ServicerContext) -> Prio
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    """The six OIP RPCs over the data plane, with admission, auth and metrics."""
+    """The OIP RPCs over the data plane, with admission and auth; spans, metrics and the
+    status of a domain error are the interceptor's (``grpc_observed``)."""
 
     def __init__(self, service: ServiceState) -> None:
         self.service = service
         self.plane = DataPlane.over(service)
         self.tracing = tracing.wanted(service.settings)
-
-    async def _call(
-        self,
-        name: str,
-        context: grpc.aio.ServicerContext,
-        work: Callable[[], Awaitable[T]],
-        served: _Served | None = None,
-    ) -> T:
-        started, status, code = time.perf_counter(), grpc.StatusCode.OK, None
-        span = self._span(name, context) if self.tracing else None
-        try:
-            if span is None:
-                return await work()
-            with trace.use_span(span, end_on_exit=False):
-                return await work()
-        except ServiceError as exc:
-            status, code = grpc_status(exc), exc.code
-            if isinstance(exc, RetryLater):
-                context.set_trailing_metadata((("retry-after", str(exc.retry_after_s)),))
-            await context.abort(status, exc.detail)
-            raise  # abort raises; this keeps type checkers informed
-        finally:
-            elapsed = time.perf_counter() - started
-            self._count(name, status, code, elapsed)
-            if served is not None and served.priority is not None:
-                ok = status == grpc.StatusCode.OK
-                self.service.metrics.count_priority(served.priority, ok, code, elapsed)
-            if span is not None:
-                span.set_attribute("rpc.grpc.status_code", status.value[0])
-                tracing.finish_request(span, code, failed=status in _SERVICE_FAULTS)
-
-    def _span(self, name: str, context: grpc.aio.ServicerContext) -> Span:
-        """The RPC's SERVER span, continuing a ``traceparent`` sent as metadata."""
-        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-        attributes = {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": name}
-        return tracing.start_request(f"{SERVICE}/{name}", metadata, attributes)
-
-    def _count(self, name: str, status: grpc.StatusCode, code: str | None, seconds: float) -> None:
-        metrics = self.service.metrics
-        route = f"grpc:{SERVICE}/{name}"
-        metrics.requests.labels(route, "GRPC", status.name).inc()
-        metrics.worker_requests.inc()
-        metrics.request_latency.labels(route).observe(seconds)
-        if code is not None:
-            metrics.rejections.labels(code).inc()
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         return pb.ServerLiveResponse(live=True)
@@ -213,78 +146,57 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         return pb.ServerReadyResponse(ready=self.plane.server_ready())
 
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        async def work() -> Any:
-            return pb.ModelReadyResponse(
-                ready=self.plane.model_ready(request.name, request.version)
-            )
-
-        return await self._call("ModelReady", context, work)
+        return pb.ModelReadyResponse(ready=self.plane.model_ready(request.name, request.version))
 
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         return pb.ServerMetadataResponse(**self.plane.server_metadata())
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        async def work() -> Any:
-            meta = self.plane.model_metadata(request.name, request.version)
-            tensor = pb.ModelMetadataResponse.TensorMetadata
-            return pb.ModelMetadataResponse(
-                name=meta["name"],
-                versions=meta["versions"],
-                platform=meta["platform"],
-                inputs=[tensor(**t) for t in meta["inputs"]],
-                outputs=[tensor(**t) for t in meta["outputs"]],
-            )
-
-        return await self._call("ModelMetadata", context, work)
+        meta = self.plane.model_metadata(request.name, request.version)
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=meta["name"],
+            versions=meta["versions"],
+            platform=meta["platform"],
+            inputs=[tensor(**t) for t in meta["inputs"]],
+            outputs=[tensor(**t) for t in meta["outputs"]],
+        )
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        served = _Served()
-
-        async def work() -> Any:
-            self._authorize(context)
-            model, version = request.model_name, request.model_version or None
-            wanted = served.priority = _requested_priority(request, context)
-            with priority.requested(wanted):
-                admit = tracing.admitter(self.tracing)
-                classifier, ticket = self.service.admit(model, version, admit)
-                with ticket:
-                    ticket.uploaded()  # a unary RPC arrives whole
-                    parsed = parse_request(request)
-                    response = await self.plane.infer(parsed, classifier)
-            self.service.metrics.images.labels("ok").inc(parsed.inputs[0].shape[0])
-            return encode_response(response)
-
-        return await self._call("ModelInfer", context, work, served)
+        self._authorize(context)
+        model, version = request.model_name, request.model_version or None
+        record = current_rpc()
+        wanted = record.priority = _requested_priority(request, context)
+        with priority.requested(wanted):
+            admit = tracing.admitter(self.tracing)
+            classifier, ticket = self.service.admit(model, version, admit)
+            with ticket:
+                ticket.uploaded()  # a unary RPC arrives whole
+                parsed = parse_request(request)
+                response = await self.plane.infer(parsed, classifier)
+        record.images = parsed.inputs[0].shape[0]
+        return encode_response(response)
 
     # --- the model repository extension ---------------------------------------------------
     async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        async def work() -> Any:
-            self._authorize_admin(context)
-            index = pb.RepositoryIndexResponse.ModelIndex
-            return pb.RepositoryIndexResponse(
-                models=[
-                    index(name=e.name, version=e.version, state=str(e.state), reason=e.reason)
-                    for e in self.service.models.repository_index(request.ready)
-                ]
-            )
-
-        return await self._call("RepositoryIndex", context, work)
+        self._authorize_admin(context)
+        index = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(
+            models=[
+                index(name=e.name, version=e.version, state=str(e.state), reason=e.reason)
+                for e in self.service.models.repository_index(request.ready)
+            ]
+        )
 
     async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        async def work() -> Any:
-            self._authorize_admin(context)
-            await asyncio.to_thread(self.service.require_repository().load, request.model_name)
-            return pb.RepositoryModelLoadResponse()
-
-        return await self._call("RepositoryModelLoad", context, work)
+        self._authorize_admin(context)
+        await asyncio.to_thread(self.service.require_repository().load, request.model_name)
+        return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        async def work() -> Any:
-            self._authorize_admin(context)
-            await asyncio.to_thread(self.service.require_repository().unload, request.model_name)
-            return pb.RepositoryModelUnloadResponse()
-
-        return await self._call("RepositoryModelUnload", context, work)
+        self._authorize_admin(context)
+        await asyncio.to_thread(self.service.require_repository().unload, request.model_name)
+        return pb.RepositoryModelUnloadResponse()
 
     def _authorize_admin(self, context: grpc.aio.ServicerContext) -> None:
         metadata = dict(context.invocation_metadata() or ())
@@ -334,12 +246,14 @@ class GrpcFace:
 
     async def start(self) -> None:
         limit = self.service.settings.max_batch_bytes + _MESSAGE_OVERHEAD
+        traced = tracing.wanted(self.service.settings)
         server = grpc.aio.server(
+            interceptors=[ObservedRpcs(SERVICE, self.service.metrics, traced)],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 1),
-            ]
+            ],
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.service), server)
         self._health = ReadinessHealth(self.service)
