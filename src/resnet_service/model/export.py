@@ -178,17 +178,13 @@ def _export_openvino(
             # of 95.8% (fp32 97.5%) at the same inference speed, for a longer build. The
             # MIXED preset (asymmetric activations) was as accurate but 8-50% slower to run.
             fast_bias_correction=False,
-            # The first convolution stays fp32: int8 there needs NNCF's overflow fix (7-bit
-            # weights, so that AVX2's u8 x s8 pair sums cannot saturate), which cost 4 points
-            # of served accuracy on the digits model on every ISA; without the fix, hosts
-            # without VNNI saturate. fp32 there holds 98.5% agreement on every ISA level
-            # (AVX2, AVX-512, VNNI; measured with ONEDNN_MAX_CPU_ISA) for ~30% more forward time.
+            # The first convolution stays fp32: int8 there saturates AVX2's u8 x s8 pair sums
+            # unless NNCF's overflow fix makes its weights 7-bit, which costs accuracy on every
+            # ISA; fp32 there costs ~30% more forward time.
             ignored_scope=nncf.IgnoredScope(names=[first_convolution(model)]),
-            # NNCF's default fix then lands on the first *quantized* convolutions (layer1's):
-            # their 7-bit weights cost 2-4 images of agreement on every ISA level, saturation
-            # or not. Without it: digits 99.5-100% (was 98.5-99%), the retrained-layer4
-            # stripes model 98.3% (was 95%) at AVX2, AVX-512 and VNNI alike, so nothing past
-            # the first convolution saturates at AVX2.
+            # NNCF's fix would then land on the first *quantized* convolutions, whose 7-bit
+            # weights cost agreement on every ISA; past the first convolution nothing
+            # saturates at AVX2, so it is off (measured: README, Runtimes).
             advanced_parameters=AdvancedQuantizationParameters(overflow_fix=OverflowFix.DISABLE),
         )
     ov.save_model(model, str(folder / MODEL_FILES["openvino"]), compress_to_fp16=False)

@@ -69,7 +69,7 @@ def model_info_gauge(metrics: Metrics, classifier: Classifier) -> Gauge:
 
 
 def serve_one(state: ServiceState, classifier: Classifier) -> None:
-    """Without a repository: a repository of one model, version 1, exactly as before."""
+    """Without a repository: a repository of one model, version 1."""
     state.models.put(
         ServedVersion(
             classifier.name, classifier.version, VersionState.READY, classifier=classifier

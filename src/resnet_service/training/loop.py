@@ -1,8 +1,8 @@
 """Training the last block (or the whole network) on cached activations, step by step.
 
 Early stopping is measured in optimiser steps, not epochs: on a small folder an epoch is a
-handful of steps, and "no improvement for 4 epochs" stopped the old recipe before it had
-learned anything. Here the run cannot stop before ``min_steps``, stops only after
+handful of steps, and a patience in epochs stops a run before it has learned anything. The
+run cannot stop before ``min_steps``, stops only after
 ``patience`` steps without a better validation score, and always returns the best checkpoint
 (step 0, the fitted head with the block untouched, included: training the block can only
 replace it by something that validates better).
