@@ -115,8 +115,9 @@ def engine_in_process(
     callers, no HTTP: what the HTTP layer costs is the difference to the service."""
     from resnet_service.core.classifier import Classifier
     from resnet_service.model.torch_network import load_model
+    from resnet_service.service.loading import classifier_options
 
-    classifier = Classifier(load_model(settings), settings)
+    classifier = Classifier(load_model(settings), classifier_options(settings))
     classifier.start()
 
     async def run(concurrency: int) -> LoadResult:

@@ -254,9 +254,10 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
     from resnet_service.core.errors import UnreadableFile
     from resnet_service.core.runtime import LOGITS_ONLY
     from resnet_service.model.served import open_served_model
+    from resnet_service.service.loading import classifier_options
 
     model = open_served_model(settings)
-    classifier = Classifier(model, settings)
+    classifier = Classifier(model, classifier_options(settings))
     wants = LOGITS_ONLY.union(
         *([EMBEDDING] if args.embed else []), *([FEATURE_MAP] if args.explain else [])
     )

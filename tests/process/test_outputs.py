@@ -27,6 +27,7 @@ from resnet_service.core.images import LOCAL_FILE_LIMITS, decode_and_preprocess
 from resnet_service.core.runtime import ALL_OUTPUTS
 from resnet_service.model.artifacts import ARTIFACT_MANIFEST, HEAD_FILE
 from resnet_service.model.served import find_or_build, load_artifact, open_served_model
+from resnet_service.service.loading import classifier_options
 from tests.harness import Server, encode, fp32_model, jpeg_of, make_settings, photo, serve
 from tests.outputs_checks import (
     CORNERS,
@@ -78,7 +79,7 @@ def test_a_model_built_without_the_extra_outputs_says_so(
     manifest = json.loads((old / ARTIFACT_MANIFEST).read_text())
     del manifest["files"][HEAD_FILE]
     (old / ARTIFACT_MANIFEST).write_text(json.dumps(manifest))
-    classifier = Classifier(load_artifact(old, settings), settings)
+    classifier = Classifier(load_artifact(old, settings), classifier_options(settings))
     classifier.start()
     try:
         assert classifier.embedding_size is None

@@ -116,11 +116,12 @@ def test_a_runtime_that_is_not_installed_names_the_extra(
 THREADS_PROBE = """
 import asyncio, os, sys
 from resnet_service.core.classifier import Classifier
+from resnet_service.service.loading import classifier_options
 from resnet_service.config import load_settings
 from resnet_service.model.served import open_served_model
 from tests.harness import jpeg_of
 settings = load_settings(**{k: v for k, v in (a.split("=", 1) for a in sys.argv[1:])})
-classifier = Classifier(open_served_model(settings), settings)
+classifier = Classifier(open_served_model(settings), classifier_options(settings))
 classifier.start()
 asyncio.run(classifier.classify(jpeg_of("coffee")))
 import psutil

@@ -125,3 +125,15 @@ def test_every_domain_error_is_declared_in_core_errors() -> None:
 def test_error_codes_are_unique_per_class() -> None:
     codes = [cls.code for cls in errors.error_classes() if cls is not errors.RetryLater]
     assert len(codes) == len(set(codes))
+
+
+def test_the_core_takes_what_it_uses_not_the_settings() -> None:
+    """The core reads its options (``ClassifierOptions``, built in ``service/loading.py``),
+    never the whole ``Settings``: only the runtime and precision names come from config."""
+    import ast
+
+    for path in (ROOT / "src/resnet_service/core").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "resnet_service.config":
+                names = {alias.name for alias in node.names}
+                assert names <= {"Precision", "RuntimeName"}, (path.name, names)

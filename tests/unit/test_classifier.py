@@ -14,12 +14,13 @@ from resnet_service.core.classifier import Classification, Classifier
 from resnet_service.core.errors import InvalidParameter, NotReady, Overloaded, UnsupportedImage
 from resnet_service.core.images import decode_and_preprocess
 from resnet_service.core.runtime import ServedModel
+from resnet_service.service.loading import classifier_options
 from tests.harness import LIMITS, SPEC, jpeg_of, wait_until
 
 
 @pytest.fixture
 async def classifier(int8_model: ServedModel, settings: Settings) -> AsyncIterator[Classifier]:
-    clf = Classifier(int8_model, settings)
+    clf = Classifier(int8_model, classifier_options(settings))
     clf.start()
     yield clf
     clf.stop(timeout=5)
@@ -81,7 +82,7 @@ async def test_many_images_share_batches(classifier: Classifier) -> None:
 
 
 async def test_not_ready_before_start(int8_model: ServedModel, settings: Settings) -> None:
-    clf = Classifier(int8_model, settings)
+    clf = Classifier(int8_model, classifier_options(settings))
     with pytest.raises(NotReady):
         await clf.classify(jpeg_of("coffee"))
 
@@ -90,7 +91,8 @@ async def test_cancelled_callers_give_back_their_decode_slots(
     int8_model: ServedModel, settings: Settings
 ) -> None:
     clf = Classifier(
-        int8_model, settings.model_copy(update={"queue_capacity": 2, "decode_threads": 1})
+        int8_model,
+        classifier_options(settings.model_copy(update={"queue_capacity": 2, "decode_threads": 1})),
     )
     clf.start()
     try:
@@ -112,7 +114,9 @@ async def test_cancelled_callers_give_back_their_decode_slots(
 async def test_a_long_list_waits_its_turn_instead_of_being_refused(
     int8_model: ServedModel, settings: Settings
 ) -> None:
-    clf = Classifier(int8_model, settings.model_copy(update={"queue_capacity": 4}))
+    clf = Classifier(
+        int8_model, classifier_options(settings.model_copy(update={"queue_capacity": 4}))
+    )
     clf.start()
     try:
         results = await clf.classify_many([jpeg_of("coffee", (320, 240))] * 12, 1)
@@ -138,7 +142,9 @@ async def test_preprocessed_arrays_skip_decoding(
 async def test_admission_measures_work_and_refuses_past_the_budget(
     int8_model: ServedModel, settings: Settings
 ) -> None:
-    clf = Classifier(int8_model, settings.model_copy(update={"queue_budget_ms": 1}))
+    clf = Classifier(
+        int8_model, classifier_options(settings.model_copy(update={"queue_budget_ms": 1}))
+    )
     clf.start()
     try:
         with clf.admit() as ticket:  # an idle worker admits anything
@@ -163,7 +169,8 @@ async def test_images_are_decoded_just_in_time(int8_model: ServedModel, settings
     """A backlog waits as bytes: at most a batch of decoded images queues ahead of the model
     (and one more per decode thread), however many requests wait."""
     clf = Classifier(
-        int8_model, settings.model_copy(update={"max_batch_size": 2, "decode_threads": 2})
+        int8_model,
+        classifier_options(settings.model_copy(update={"max_batch_size": 2, "decode_threads": 2})),
     )
     clf.start()
     depths: list[int] = []

@@ -22,7 +22,6 @@ from typing import Final, Protocol
 
 import numpy as np
 
-from resnet_service.config import Settings
 from resnet_service.core import priority
 from resnet_service.core.admission import AdmissionPolicy, Ticket, Workload
 from resnet_service.core.decode_threads import DecodeThreads
@@ -55,7 +54,6 @@ from resnet_service.core.images import (
 from resnet_service.core.priority import Priority
 from resnet_service.core.response_cache import ResponseCache
 from resnet_service.core.runtime import LOGITS_ONLY, FloatBatch, Output, ServedModel, Wants
-from resnet_service.cpus import threads_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +67,28 @@ EMBEDDING: Final[Wants] = frozenset({Output.LOGITS, Output.EMBEDDING})
 FEATURE_MAP: Final[Wants] = frozenset({Output.LOGITS, Output.FEATURE_MAP})
 
 
-def admission_policy(settings: Settings) -> AdmissionPolicy:
-    """Admission's settings, in seconds."""
-    return AdmissionPolicy(
-        bound_s=settings.effective_queue_budget_ms / 1000,
-        target_s=settings.queue_target_ms / 1000,
-        interval_s=settings.queue_interval_ms / 1000,
-        floor_images=settings.max_batch_size,
-    )
+@dataclass(frozen=True, slots=True)
+class ClassifierOptions:
+    """What a classifier uses of the service's settings, in its own units. Built from the
+    settings where they are read (``service.loading.classifier_options``): the core never
+    sees the whole ``Settings``."""
+
+    #: Decode threads of this classifier (resolved: never 0).
+    decode_threads: int
+    limits: ImageLimits
+    #: ``fast``: resample only the crop's source region; ``exact``: the reference's resize.
+    preprocessing: str
+    #: Requests may ask for at most this many classes (a model with fewer gets all of its).
+    max_top_k: int
+    default_top_k: int
+    max_batch_size: int
+    max_batch_wait_s: float
+    queue_capacity: int
+    request_timeout_s: float
+    shutdown_grace_s: float
+    admission: AdmissionPolicy
+    #: Answers to repeated images, per worker (0: off).
+    response_cache_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +192,7 @@ class Classifier:
     def __init__(
         self,
         model: ServedModel,
-        settings: Settings,
+        options: ClassifierOptions,
         observer: DecodeObserver | None = None,
         *,
         name: str | None = None,
@@ -188,27 +200,25 @@ class Classifier:
         compute: ComputeGate | None = None,
     ) -> None:
         self.model = model
-        self.settings = settings
+        self.options = options
         #: The name and version requests reach it by (a repository's folder names).
         self.name = name or model.info.name
         self.version = version
         #: Set once the version is leaving (a repository swap): no new request is admitted.
         self.retiring = False
         self.inference_threads = model.runtime.threads
-        self.decode_threads = settings.decode_threads or threads_per_worker(
-            settings.inference_threads, settings.workers or 1
-        )
-        self.limits = ImageLimits(settings.max_upload_bytes, settings.max_pixels)
-        self.fast = settings.preprocessing == "fast"
-        self.max_top_k = min(settings.max_top_k, model.info.num_classes)
+        self.decode_threads = options.decode_threads
+        self.limits = options.limits
+        self.fast = options.preprocessing == "fast"
+        self.max_top_k = min(options.max_top_k, model.info.num_classes)
         spec = model.spec
         self.input_shape = (3, spec.crop_size, spec.crop_size)
         self.engine = InferenceEngine(
             model.runtime,
             model.info.num_classes,
-            max_batch_size=settings.max_batch_size,
-            max_batch_wait_s=settings.max_batch_wait_ms / 1000,
-            queue_capacity=settings.queue_capacity,
+            max_batch_size=options.max_batch_size,
+            max_batch_wait_s=options.max_batch_wait_s,
+            queue_capacity=options.queue_capacity,
             input_shape=self.input_shape,
             observer=observer,
             normalise=functools.partial(normalise_pixels, spec=spec),
@@ -220,21 +230,21 @@ class Classifier:
                 "precision": model.info.precision,
             },
         )
-        self.workload = Workload(admission_policy(settings), _INITIAL_DECODE_S)
+        self.workload = Workload(options.admission, _INITIAL_DECODE_S)
         self._observer = observer
         self._pool = DecodeThreads(self.decode_threads, self._has_room, self._stale_error)
         self.engine.on_room(self._pool.wake)
         # Decodes waiting or running; bounded like the engine queue so memory stays bounded.
         self._decoding = 0
         self._decoding_lock = threading.Lock()
-        self._decode_capacity = settings.queue_capacity + self.decode_threads
+        self._decode_capacity = options.queue_capacity + self.decode_threads
         self.cache: ResponseCache | None = None
-        if settings.response_cache_mb > 0:
+        if options.response_cache_bytes > 0:
             info = model.info
             self.cache = ResponseCache(
-                int(settings.response_cache_mb * 2**20),
+                options.response_cache_bytes,
                 f"{info.name}|{info.weights_sha256}|{info.runtime}|{info.precision}|"
-                f"{settings.preprocessing}",
+                f"{options.preprocessing}",
             )
 
     def start(self) -> None:
@@ -245,7 +255,7 @@ class Classifier:
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish queued work (within ``timeout``), then stop the engine and the decode pool."""
-        self.engine.stop(self.settings.shutdown_grace_s if timeout is None else timeout)
+        self.engine.stop(self.options.shutdown_grace_s if timeout is None else timeout)
         self._pool.shutdown()
         self.model.runtime.close()
 
@@ -262,13 +272,13 @@ class Classifier:
         """The ``top_k`` served: the request's or the default, capped at the model's class
         count (a generic client asking for 5 gets all 3 of a small model, as documented);
         outside 1..``max_top_k`` of the settings it is refused."""
-        limit = self.settings.max_top_k
+        limit = self.options.max_top_k
         if top_k is not None and not 1 <= top_k <= limit:
             raise InvalidParameter(
                 f"top_k must be between 1 and {limit} (above the model's "
                 f"{self.model.info.num_classes} classes it is capped); got {top_k}"
             )
-        return min(self.settings.default_top_k if top_k is None else top_k, self.max_top_k)
+        return min(self.options.default_top_k if top_k is None else top_k, self.max_top_k)
 
     def admit(self) -> Ticket:
         """Admission for one request, decided before its upload is read: ``NotReady`` while
@@ -295,13 +305,13 @@ class Classifier:
         waits as its bytes, where a standing queue's stale work is dropped before any CPU is
         spent on it and where it does not take the cores from other models or from an
         interactive batch."""
-        return self.engine.has_room(wanted, self.settings.max_batch_size)
+        return self.engine.has_room(wanted, self.options.max_batch_size)
 
     def _decode_sync(self, data: bytes, submitted: float, wants: Wants) -> Queued:
         """Decode one image and queue it for the model, on a decode thread (so that the room
         check and the put are one thread's steps), in the request's context (its priority,
         and its span for the batch's trace)."""
-        timeout_s = self.settings.request_timeout_s
+        timeout_s = self.options.request_timeout_s
         started = time.monotonic()
         waited = started - submitted
         if waited > timeout_s:
@@ -424,7 +434,7 @@ class Classifier:
             with child_span("decode"):
                 queued = await self.decode(data, wants, request)
             decoded = queued.decoded
-            scores = await self.engine.answer(queued.scores, self.settings.request_timeout_s)
+            scores = await self.engine.answer(queued.scores, self.options.request_timeout_s)
             result = self._classification(scores, decoded.decode_s, k, started, decoded.size)
             slot.waited_s = decoded.waited_s + result.timings.queue_s
         if key is not None and self.cache is not None:
@@ -466,7 +476,7 @@ class Classifier:
         wants: Wants = LOGITS_ONLY,
         size: tuple[int, int] | None = None,
     ) -> Classification:
-        scores: Scores = await self.engine.infer(array, self.settings.request_timeout_s, wants)
+        scores: Scores = await self.engine.infer(array, self.options.request_timeout_s, wants)
         return self._classification(scores, decode_s, k, started, size)
 
     def _classification(
@@ -503,7 +513,7 @@ class Classifier:
         while its images still reach the engine together and share batches."""
         k = self.check_top_k(top_k)
         self.check_outputs(wants)
-        gate = asyncio.Semaphore(max(1, self.settings.queue_capacity // 2))
+        gate = asyncio.Semaphore(max(1, self.options.queue_capacity // 2))
 
         async def one(data: bytes) -> Classification:
             async with gate:

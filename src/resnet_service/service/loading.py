@@ -13,13 +13,41 @@ from prometheus_client import Gauge
 
 from resnet_service import logs
 from resnet_service.config import Settings
-from resnet_service.core.classifier import MODEL_VERSION, Classifier
+from resnet_service.core.admission import AdmissionPolicy
+from resnet_service.core.classifier import MODEL_VERSION, Classifier, ClassifierOptions
 from resnet_service.core.engine import ComputeGate
+from resnet_service.core.images import ImageLimits
+from resnet_service.cpus import threads_per_worker
 from resnet_service.service.metrics import Metrics
 from resnet_service.service.models import ServedVersion, VersionState
 from resnet_service.service.state import ServiceState
 
 log = logging.getLogger("resnet_service.service")
+
+
+def classifier_options(settings: Settings) -> ClassifierOptions:
+    """What a classifier uses of the settings (a model's own config already applied), in the
+    core's units."""
+    return ClassifierOptions(
+        decode_threads=settings.decode_threads
+        or threads_per_worker(settings.inference_threads, settings.workers or 1),
+        limits=ImageLimits(settings.max_upload_bytes, settings.max_pixels),
+        preprocessing=settings.preprocessing,
+        max_top_k=settings.max_top_k,
+        default_top_k=settings.default_top_k,
+        max_batch_size=settings.max_batch_size,
+        max_batch_wait_s=settings.max_batch_wait_ms / 1000,
+        queue_capacity=settings.queue_capacity,
+        request_timeout_s=settings.request_timeout_s,
+        shutdown_grace_s=settings.shutdown_grace_s,
+        admission=AdmissionPolicy(
+            bound_s=settings.effective_queue_budget_ms / 1000,
+            target_s=settings.queue_target_ms / 1000,
+            interval_s=settings.queue_interval_ms / 1000,
+            floor_images=settings.max_batch_size,
+        ),
+        response_cache_bytes=int(settings.response_cache_mb * 2**20),
+    )
 
 
 def load_classifier(
@@ -44,7 +72,7 @@ def load_classifier(
     served = name or model.info.name
     classifier = Classifier(
         model,
-        settings,
+        classifier_options(settings),
         observer=metrics.observer(served, version),
         name=served,
         version=version,

@@ -65,11 +65,13 @@ def public_model_info(info: ModelInfo) -> dict[str, Any]:
 )
 async def model(
     classifier: ClassifierDep,
+    service: ServiceDep,
     labels: Annotated[
         bool, Query(description="Add every class label (1,000 for ImageNet: ~20 kB).")
     ] = False,
 ) -> ModelResponse:
-    settings = classifier.settings  # the replica's, with the model's own config applied
+    settings = service.settings  # the replica's; what a model's own config may change, below
+    options = classifier.options
     info = classifier.model.info
     return ModelResponse(
         **{**public_model_info(info), "name": classifier.name},
@@ -81,21 +83,21 @@ async def model(
             "inference_threads": classifier.inference_threads,
             "decode_threads": classifier.decode_threads,
             "workers": settings.workers or 1,
-            "max_batch_size": settings.max_batch_size,
-            "max_batch_wait_ms": settings.max_batch_wait_ms,
+            "max_batch_size": options.max_batch_size,
+            "max_batch_wait_ms": round(options.max_batch_wait_s * 1000, 6),
             "queue_budget_ms": settings.effective_queue_budget_ms,
             "queue_target_ms": settings.queue_target_ms,
             "queue_interval_ms": settings.queue_interval_ms,
-            "queue_capacity": settings.queue_capacity,
-            "request_timeout_s": settings.request_timeout_s,
-            "max_upload_bytes": settings.max_upload_bytes,
-            "max_pixels": settings.max_pixels,
-            "default_top_k": min(settings.default_top_k, classifier.max_top_k),
+            "queue_capacity": options.queue_capacity,
+            "request_timeout_s": options.request_timeout_s,
+            "max_upload_bytes": options.limits.max_bytes,
+            "max_pixels": options.limits.max_pixels,
+            "default_top_k": min(options.default_top_k, classifier.max_top_k),
             "max_top_k": classifier.max_top_k,
             "max_batch_files": settings.max_batch_files,
             "max_batch_bytes": settings.max_batch_bytes,
             "auth_required": settings.auth_token is not None,
-            "preprocessing": settings.preprocessing,
+            "preprocessing": options.preprocessing,
             "response_cache_mb": settings.response_cache_mb,
             "grpc_port": settings.grpc_port if settings.grpc_enabled else 0,
         },

@@ -66,8 +66,10 @@ class DataPlane:
         ready: Callable[[], bool],
         versions: Callable[[str], list[str]],
         draining: Callable[[], bool],
+        max_batch_files: int,
     ) -> None:
         self._resolve = resolve
+        self._max_batch_files = max_batch_files
         self._ready = ready
         self._versions = versions
         self._draining = draining
@@ -86,6 +88,7 @@ class DataPlane:
             lambda: service.readiness_problem() is None,
             ready_versions,
             lambda: service.draining,
+            service.settings.max_batch_files,
         )
 
     # --- metadata and health -------------------------------------------------------------
@@ -169,7 +172,7 @@ class DataPlane:
                     + "."
                 )
             k = wanted.classification
-            limit = classifier.settings.max_top_k
+            limit = classifier.options.max_top_k
             if k is not None and (wanted.name != PROBABILITIES or not 1 <= k <= limit):
                 raise InvalidInferRequest(
                     f"classification applies to '{PROBABILITIES}', between 1 and {limit} "
@@ -183,7 +186,7 @@ class DataPlane:
     async def _run(
         self, classifier: Classifier, tensor: InputTensor, wants: Wants
     ) -> list[Classification]:
-        limit = classifier.settings.max_batch_files
+        limit = self._max_batch_files
         if tensor.name == IMAGE_INPUT:
             images = _image_elements(tensor, limit)
             outcomes = await classifier.classify_many(images, 1, wants=wants)
