@@ -22,8 +22,9 @@ from resnet_service.config import RUNTIMES, Settings, SettingsError, load_settin
 from resnet_service.core.errors import ServiceError
 
 if TYPE_CHECKING:  # the serving core is imported by the commands that need it
-    from resnet_service.core.classifier import Classification, Classifier
+    from resnet_service.core.classifier import Classifier
     from resnet_service.core.feature_outputs import CropBox
+    from resnet_service.core.results import Classification
 
 log = logging.getLogger("resnet_service")
 

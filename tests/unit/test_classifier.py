@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from resnet_service.config import Settings
-from resnet_service.core.classifier import Classification, Classifier
+from resnet_service.core.classifier import Classifier
 from resnet_service.core.errors import InvalidParameter, NotReady, Overloaded, UnsupportedImage
 from resnet_service.core.images import decode_and_preprocess
+from resnet_service.core.results import Classification
 from resnet_service.core.runtime import ServedModel
 from resnet_service.service.loading import classifier_options
 from tests.harness import LIMITS, SPEC, jpeg_of, wait_until

@@ -16,11 +16,11 @@ from torch import nn
 
 from resnet_service.config import Precision, RuntimeName
 from resnet_service.core import priority
-from resnet_service.core.classifier import top_k
 from resnet_service.core.engine import InferenceEngine, Scores, softmax
 from resnet_service.core.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
 from resnet_service.core.images import Pixels, PreprocessSpec, normalise_pixels
 from resnet_service.core.priority import BULK, INTERACTIVE
+from resnet_service.core.results import top_k
 from resnet_service.core.runtime import LOGITS_ONLY, FloatBatch, Forward, ServedModel, Wants
 from resnet_service.runtimes.torch_runtime import TorchRuntime
 from tests.harness import wait_until

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
     from resnet_service.core.admission import Ticket
-    from resnet_service.core.classifier import Classifier, Timings
+    from resnet_service.core.classifier import Classifier
+    from resnet_service.core.results import Timings
 
 _KEY: Final = "request_context"
 _REQUEST_ID: Final = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")

@@ -20,8 +20,6 @@ from contextvars import Context, copy_context
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-import numpy as np
-
 from resnet_service.core import priority
 from resnet_service.core.admission import AdmissionPolicy, Ticket, Workload
 from resnet_service.core.decode_threads import DecodeThreads
@@ -53,7 +51,8 @@ from resnet_service.core.images import (
 )
 from resnet_service.core.priority import Priority
 from resnet_service.core.response_cache import ResponseCache
-from resnet_service.core.runtime import LOGITS_ONLY, FloatBatch, Output, ServedModel, Wants
+from resnet_service.core.results import Classification, Explanation, Prediction, Timings, top_k
+from resnet_service.core.runtime import LOGITS_ONLY, Output, ServedModel, Wants
 
 log = logging.getLogger(__name__)
 
@@ -118,72 +117,12 @@ class _Slot:
     waited_s: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Timings:
-    """Where one request's time went, in seconds."""
-
-    decode_s: float
-    queue_s: float
-    inference_s: float
-    total_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class Prediction:
-    """Top-k of one input, best first."""
-
-    indices: list[int]
-    scores: list[float]
-    labels: list[str]
-    batch_size: int
-
-
-@dataclass(frozen=True, slots=True)
-class Classification:
-    """One image's Top-k with its timings (and every class's probability, for protocols that
-    return them)."""
-
-    prediction: Prediction
-    timings: Timings
-    probabilities: Probabilities
-    #: Answered from the response cache (no decode, no forward).
-    cached: bool = False
-    #: Set when asked for: the pooled features and the last stage's map (``core.outputs``).
-    embedding: FloatBatch | None = None
-    feature_map: FloatBatch | None = None
-    #: The upright (width, height) of the image as sent (None for a preprocessed array).
-    size: tuple[int, int] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Explanation:
-    """One image's Top-k and the class activation map of ``target`` (``core.outputs``)."""
-
-    classification: Classification
-    target: int
-    #: h x w: each cell's contribution to the target's logit.
-    grid: FloatBatch
-    #: The map over the model's crop, as a PNG (with alpha) of ``side`` x ``side`` pixels.
-    heatmap_png: bytes
-    side: int
-    #: Where that crop lies in the image as sent (None for a preprocessed array).
-    crop_box: CropBox | None
-
-
 class DecodeObserver(EngineObserver, Protocol):
     """Engine hooks plus the decode stage (implemented by the metrics module)."""
 
     def decoded(self, seconds: float) -> None: ...
 
     def cache_lookup(self, hit: bool, cached_bytes: int) -> None: ...
-
-
-def top_k(probabilities: Probabilities, k: int) -> tuple[list[int], list[float]]:
-    """The ``k`` most probable classes, best first; exact ties (frequent with int8 logits) in
-    class-index order, so every face and every run gives the same answer. A stable sort of
-    1000 scores costs ~20 µs, nothing next to decoding."""
-    order = np.argsort(-probabilities, kind="stable")[:k]
-    return order.tolist(), probabilities[order].astype(float).tolist()
 
 
 class Classifier:

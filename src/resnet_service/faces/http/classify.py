@@ -17,7 +17,7 @@ from resnet_service.asgi.deps import (
     require_token,
 )
 from resnet_service.asgi.routes import AdmittedRoute
-from resnet_service.core.classifier import Classification
+from resnet_service.core.results import Classification
 from resnet_service.faces.http.openapi import multipart_body, problems
 from resnet_service.faces.http.schemas import (
     BatchItemResult,

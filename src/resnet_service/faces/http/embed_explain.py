@@ -12,8 +12,9 @@ from fastapi import APIRouter, Depends, Query, Request
 from resnet_service.asgi.context import request_context
 from resnet_service.asgi.deps import ClassifierDep, ServiceDep, TicketDep, require_token
 from resnet_service.asgi.routes import AdmittedRoute
-from resnet_service.core.classifier import EMBEDDING, FEATURE_MAP, Classification, Classifier
+from resnet_service.core.classifier import EMBEDDING, FEATURE_MAP, Classifier
 from resnet_service.core.feature_outputs import Encoding, encode_vector, l2_normalised
+from resnet_service.core.results import Classification
 from resnet_service.faces.http.classify import TopK, predictions_of
 from resnet_service.faces.http.openapi import multipart_body, problems
 from resnet_service.faces.http.schemas import (

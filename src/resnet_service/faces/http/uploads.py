@@ -12,8 +12,9 @@ from fastapi import Request
 
 from resnet_service.asgi.context import request_context
 from resnet_service.core.admission import Ticket
-from resnet_service.core.classifier import Classification, Classifier
+from resnet_service.core.classifier import Classifier
 from resnet_service.core.errors import MissingField, ServiceError
+from resnet_service.core.results import Classification
 from resnet_service.faces.http.multipart import FormLimits, UploadedFile, uploaded_files
 from resnet_service.faces.http.problems import item_error
 from resnet_service.faces.http.schemas import BatchItem, BatchTotals, ItemError, Timings, model_ref

@@ -25,9 +25,10 @@ import numpy as np
 
 from resnet_service import __version__
 from resnet_service.core import priority
-from resnet_service.core.classifier import Classification, Classifier, top_k
+from resnet_service.core.classifier import Classifier
 from resnet_service.core.errors import InvalidInferRequest, NotReady, ServiceError
 from resnet_service.core.feature_outputs import class_activation_map, l2_normalised
+from resnet_service.core.results import Classification, top_k
 from resnet_service.core.runtime import LOGITS_ONLY, Output, Wants
 from resnet_service.faces.oip.tensors import (
     InferRequest,

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 
 from resnet_service.config import Settings
-from resnet_service.core.classifier import top_k
 from resnet_service.core.engine import forward_batch, softmax
 from resnet_service.core.errors import ServiceError, UnreadableFile, UploadTooLarge
 from resnet_service.core.feature_outputs import l2_normalised
@@ -29,6 +28,7 @@ from resnet_service.core.images import (
     install_bomb_guard,
     normalise_pixels,
 )
+from resnet_service.core.results import top_k
 from resnet_service.core.runtime import (
     LOGITS_ONLY,
     FloatBatch,
