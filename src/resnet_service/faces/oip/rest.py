@@ -71,7 +71,7 @@ class OipRoute(APIRoute):
 
 PREFIX: Final = "/v2"
 router = APIRouter(prefix=PREFIX, tags=["Open Inference Protocol v2"], route_class=OipRoute)
-_INFER: Final = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
+_INFER: Final = re.compile(rf"^{PREFIX}/models/([^/]+)(?:/versions/([^/]+))?/infer$")
 
 
 def model_from_path(scope: Scope) -> ModelRef:
