@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-import torch
 
 from resnet_service.config import Settings
-from resnet_service.core.runtime import ServedModel
-from resnet_service.model.torch_network import load_model
-from tests.harness import make_settings, write_weights
+from tests.harness import make_settings
+
+if TYPE_CHECKING:
+    from resnet_service.core.runtime import ServedModel
 
 #: Markers by tier, from the folder a test lives in (never by hand): ``make test-fast`` leaves
 #: out what starts processes or drives a browser.
@@ -41,6 +43,8 @@ def _isolated_torch_home(
 @pytest.fixture(scope="session")
 def weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Seeded test weights saved as a plain state_dict file."""
+    from tests.weights import write_weights
+
     return write_weights(tmp_path_factory.mktemp("weights") / "resnet18-test.pth")
 
 
@@ -52,11 +56,15 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def int8_model(weights_file: Path, model_cache: Path) -> ServedModel:
     """The int8 model built from the test weights through the production loader."""
+    from resnet_service.model.torch_network import load_model
+
     return load_model(make_settings(weights_file, model_cache))
 
 
 @pytest.fixture(scope="session")
 def fp32_loaded(weights_file: Path, model_cache: Path) -> ServedModel:
+    from resnet_service.model.torch_network import load_model
+
     return load_model(make_settings(weights_file, model_cache, precision="fp32"))
 
 
@@ -67,5 +75,8 @@ def settings(weights_file: Path, model_cache: Path) -> Settings:
 
 @pytest.fixture(autouse=True, scope="session")
 def _torch_threads() -> None:
-    """Two cores, shared with servers the tests start: keep the test process to one thread."""
-    torch.set_num_threads(1)
+    """Two cores, shared with servers the tests start: keep the test process to one thread
+    (where a collected test uses torch; tests without it never import it)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -169,16 +169,43 @@ def random_weights_service(
         yield srv
 
 
+def _group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a process group."""
+    members: list[int] = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                members.append(process.pid)
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return members
+
+
+def _wait_gone(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """Until no member of the group is left (or ``timeout``), reaping the leader."""
+    deadline = time.monotonic() + timeout
+    while True:
+        process.poll()  # a reaped leader stops counting
+        if not _group_members(process.pid) or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)  # polling the group's end, with a deadline
+
+
 def stop_process_group(process: subprocess.Popen[bytes], grace: float = 30) -> None:
-    """SIGTERM the process's group, SIGKILL it if it outlives ``grace`` seconds."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
+    """SIGTERM the process's whole group and wait until every member is gone, SIGKILL what is
+    left after ``grace``. The leader may be gone while its children are not (a shell's
+    background jobs, ``torchserve --foreground``'s JVM): the group is what is stopped."""
     try:
-        process.wait(grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        process.poll()
+        return
+    _wait_gone(process, grace)
+    if _group_members(process.pid):
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        _wait_gone(process, 10)
+    process.wait(10)
 
 
 def metric_sum(url: str, family: str, **labels: str) -> float:

@@ -103,88 +103,24 @@ def cmd_preflight(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_quantize(args: argparse.Namespace, settings: Settings) -> int:
     """Build the int8 model for the chosen runtime ahead of serving (cached; --out copies it)."""
-    settings = settings.model_copy(update={"precision": "int8"})
-    if settings.runtime == "torch":
-        return _quantize_torch(args, settings)
-    from resnet_service.model.artifacts import read_artifact
     from resnet_service.model.bundle import copy_bundle
-    from resnet_service.model.served import find_or_build
+    from resnet_service.model.int8_build import build_int8
 
-    folder = find_or_build(settings)
-    manifest, _ = read_artifact(folder)
+    built = build_int8(settings)
     if args.out is not None:
-        copy_bundle(folder, args.out)
-        log.info("%s int8 model written to %s", settings.runtime, args.out)
-    fidelity = manifest.fidelity
-    if settings.bundle_path is not None and fidelity is not None:
+        copy_bundle(built.int8_cache, args.out)
+        log.info("%s int8 model written to %s", built.runtime, args.out)
+    if settings.bundle_path is not None and built.fidelity is not None:
         _record_int8_evaluation(
-            settings.bundle_path, settings.runtime, fidelity.model_dump(mode="json")
+            settings.bundle_path, built.runtime, built.fidelity.model_dump(mode="json")
         )
-    _emit(
-        {
-            "name": manifest.name,
-            "runtime": manifest.runtime,
-            "runtime_version": manifest.runtime_version,
-            "weights_sha256": manifest.source_weights_sha256,
-            "random_weights": manifest.random_weights,
-            "int8_cache": str(folder),
-            "out": str(args.out) if args.out else None,
-            "build_seconds": manifest.build_seconds,
-            "quantization": manifest.quantization.model_dump(mode="json")
-            if manifest.quantization
-            else None,
-            "fidelity": fidelity.model_dump(mode="json") if fidelity else None,
-        }
-    )
-    return 0
-
-
-def _quantize_torch(args: argparse.Namespace, settings: Settings) -> int:
-    from resnet_service.model.bundle import BundleManifest, copy_bundle, write_bundle
-    from resnet_service.model.torch_network import load_model
-    from resnet_service.runtimes.torch_runtime import TorchRuntime
-
-    model = load_model(settings)
-    info = model.info
-    if args.out is not None:
-        if info.int8_cache:
-            copy_bundle(Path(info.int8_cache), args.out)
-        else:  # official int8 weights: write them as a bundle
-            manifest = BundleManifest(
-                name=info.name,
-                architecture=info.architecture,
-                num_classes=info.num_classes,
-                precision="int8",
-                weights_sha256=info.weights_sha256,
-                quantization=info.quantization,
-                provenance=info.provenance,
-            )
-            assert isinstance(model.runtime, TorchRuntime)
-            write_bundle(args.out, manifest, model.runtime.module.state_dict(), model.labels)
-        log.info("int8 bundle written to %s", args.out)
-    quant = info.quantization
-    if settings.bundle_path is not None and quant is not None and quant.fidelity is not None:
-        _record_int8_evaluation(
-            settings.bundle_path, "torch", quant.fidelity.model_dump(mode="json")
-        )
-    _emit(
-        {
-            "name": info.name,
-            "runtime": "torch",
-            "weights_sha256": info.weights_sha256,
-            "random_weights": info.random_weights,
-            "int8_cache": info.int8_cache,
-            "bundle": str(args.out) if args.out else None,
-            "load_seconds": info.load_seconds,
-            "quantization": quant.model_dump(mode="json") if quant else None,
-        }
-    )
+    _emit({**built.model_dump(mode="json"), "out": str(args.out) if args.out else None})
     return 0
 
 
 def _record_int8_evaluation(bundle: Path, runtime: str, fidelity: dict[str, Any]) -> None:
     """Keep the int8 figures next to the fp32 ones in the fine-tuned bundle's report (torch's
-    under "int8", as before; other runtimes' under "int8_<runtime>")."""
+    under "int8", other runtimes' under "int8_<runtime>")."""
     from resnet_service.training.finetune import REPORT_JSON
 
     path = bundle / REPORT_JSON

@@ -24,7 +24,8 @@ from playwright.sync_api import (
     sync_playwright,
 )
 
-from tests.harness import ROOT, Server, jpeg_of, serve, write_test_bundle
+from tests.harness import ROOT, Server, jpeg_of, serve
+from tests.weights import write_test_bundle
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -15,9 +15,9 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
-from resnet_bench import loadgen
+from resnet_bench import loadgen, servers
 from resnet_bench.images import bench_images
-from resnet_bench.peers import archive, bentoml, load, processes, report, run, service, torchserve
+from resnet_bench.peers import archive, bentoml, load, report, run, service, torchserve
 from resnet_bench.runner import MAIN_IMAGE
 from resnet_service.model.torch_network import imagenet_labels
 from resnet_service.model.weights import WeightsSource, load_state_dict_file, random_weights
@@ -140,10 +140,19 @@ def test_stop_group_outlasts_a_leader_that_exits_first() -> None:
     the group is stopped only when no member is left, by SIGKILL if one ignores SIGTERM."""
     script = "sleep 30 & (trap '' TERM; exec sleep 30) & exec sleep 30"
     process = subprocess.Popen(["sh", "-c", script], start_new_session=True)
-    wait_until(lambda: len(processes._group_members(process.pid)) == 3, 5, "three group members")
-    processes.stop_group(process, grace=0.5)
-    assert processes._group_members(process.pid) == []
+    wait_until(lambda: len(servers._group_members(process.pid)) == 3, 5, "three group members")
+    servers.stop_process_group(process, grace=0.5)
+    assert servers._group_members(process.pid) == []
     assert process.returncode is not None
+
+
+def test_stop_group_stops_what_a_finished_leader_left_running() -> None:
+    """A shell that started a server in the background and exited: the server is stopped."""
+    process = subprocess.Popen(["sh", "-c", "sleep 30 & exit 0"], start_new_session=True)
+    process.wait(10)
+    assert len(servers._group_members(process.pid)) == 1  # the background sleep
+    servers.stop_process_group(process, grace=5)
+    assert servers._group_members(process.pid) == []
 
 
 def test_main_refuses_a_level_without_clients() -> None:

@@ -76,6 +76,7 @@ def test_quantize_prints_fidelity_and_writes_a_servable_model(
     assert main([*args, *model_args(weights_file, model_cache)]) == 0
     row = json.loads(capsys.readouterr().out)
     assert row["runtime"] == runtime
+    assert row["serve_with"] == serve_flag  # the folder's kind, said for the next command
     fidelity = row.get("fidelity") or row["quantization"]["fidelity"]
     assert fidelity["images"] == 16
     assert 0 <= fidelity["top1_agreement"] <= 1

@@ -28,7 +28,7 @@ from resnet_service.core.runtime import ALL_OUTPUTS
 from resnet_service.model.artifacts import ARTIFACT_MANIFEST, HEAD_FILE
 from resnet_service.model.served import find_or_build, load_artifact, open_served_model
 from resnet_service.service.loading import classifier_options
-from tests.harness import Server, encode, fp32_model, jpeg_of, make_settings, photo, serve
+from tests.harness import Server, encode, jpeg_of, make_settings, photo, serve
 from tests.outputs_checks import (
     CORNERS,
     PATCH_COLOURS,
@@ -38,6 +38,7 @@ from tests.outputs_checks import (
     peak_corner,
     write_patches,
 )
+from tests.weights import fp32_model
 
 RUNTIMES: tuple[RuntimeName, ...] = ("torch", "openvino", "onnxruntime")
 PHOTOS = ("chelsea", "coffee", "astronaut")

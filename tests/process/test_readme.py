@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,24 +119,6 @@ def test_the_readme_is_parsed_into_the_recipes_it_promises() -> None:
             assert ports <= set(README_PORTS), (title, block.line, ports)
 
 
-def _stop_group(process: subprocess.Popen[bytes]) -> None:
-    """The recipe's shell and whatever it left running in the background (its servers)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(process.pid, 0)
-            except ProcessLookupError:
-                process.wait(5)
-                return
-            time.sleep(0.1)  # polling the group's end, with a deadline
-    process.wait(5)
-
-
 @pytest.fixture
 def s3_bucket(s3_server: str) -> dict[str, str]:
     """The bucket the S3 recipe reads, my-photos/2026/, on moto's S3 server; its environment."""
@@ -210,7 +190,7 @@ def test_every_recipe_runs_as_written(
             try:
                 code = shell.wait(600)
             finally:
-                _stop_group(shell)
+                stop_process_group(shell)  # the shell and its background servers
             output = log.read_text(errors="replace")
             assert code == 0, f"recipe {recipe.title!r} failed ({code}):\n{output[-4000:]}"
         _check_what_the_recipes_made(work)

@@ -35,7 +35,8 @@ from tritonclient.utils import InferenceServerException
 
 from resnet_bench import loadgen
 from resnet_bench.servers import metric_sum
-from tests.harness import Server, jpeg_of, serve, wait_until, write_test_bundle
+from tests.harness import Server, jpeg_of, serve, wait_until
+from tests.weights import write_test_bundle
 
 ADMIN = "admin-secret"
 SHAPES = ["circle", "square", "triangle"]

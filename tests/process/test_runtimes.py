@@ -24,7 +24,8 @@ from resnet_service.model.artifacts import ARTIFACT_MANIFEST, read_artifact
 from resnet_service.model.hub import sha256_file
 from resnet_service.model.served import find_or_build, open_served_model
 from resnet_service.runtimes.registry import open_runtime
-from tests.harness import ROOT, Server, fp32_model, jpeg_of, make_settings, serve
+from tests.harness import ROOT, Server, jpeg_of, make_settings, serve
+from tests.weights import fp32_model
 
 RUNTIMES: list[RuntimeName] = ["openvino", "onnxruntime"]
 

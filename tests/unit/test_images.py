@@ -32,7 +32,8 @@ from resnet_service.core.images import (
     sniff_format,
     to_rgb,
 )
-from tests.harness import LIMITS, PHOTOS, SPEC, encode, fp32_model, jpeg_of, mode_image, photo
+from tests.harness import LIMITS, PHOTOS, SPEC, encode, jpeg_of, mode_image, photo
+from tests.weights import fp32_model
 
 REFERENCE = ResNet18_Weights.IMAGENET1K_V1.transforms()
 

@@ -31,7 +31,8 @@ from resnet_service.model.weights import (
     sha256_file,
 )
 from resnet_service.runtimes.torch_runtime import TorchRuntime
-from tests.harness import make_settings, write_test_bundle, write_weights
+from tests.harness import make_settings
+from tests.weights import write_test_bundle, write_weights
 
 
 def module_of(model: ServedModel) -> torch.nn.Module:

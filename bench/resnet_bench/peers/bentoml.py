@@ -26,9 +26,9 @@ from resnet_bench.images import BenchImage
 from resnet_bench.loadgen import multipart_request
 from resnet_bench.peers.load import Probe, ServerResult, drive
 from resnet_bench.peers.options import PeerOptions
-from resnet_bench.peers.processes import READY_TIMEOUT_S, StartedServer, stop_group, wait_until
+from resnet_bench.peers.processes import READY_TIMEOUT_S, StartedServer, wait_until
 from resnet_bench.peers.venv import ensure_peer_venv
-from resnet_bench.servers import free_port, memory_mb
+from resnet_bench.servers import free_port, memory_mb, stop_process_group
 from resnet_service.cpus import usable_cpus
 from resnet_service.model.torch_network import imagenet_labels
 from resnet_service.model.weights import ResolvedWeights
@@ -111,7 +111,7 @@ def running_bentoml(bin_dir: Path, folder: Path) -> Iterator[StartedServer]:
         wait_until(lambda: _ready(port), process, READY_TIMEOUT_S, folder)
         yield StartedServer(process, port, round(time.perf_counter() - started, 2))
     finally:
-        stop_group(process)
+        stop_process_group(process)
 
 
 def request_bytes(port: int, image: BenchImage) -> bytes:

@@ -20,8 +20,8 @@ from resnet_bench.images import BenchImage
 from resnet_bench.peers.archive import MODEL_NAME, archive_model, write_archive_inputs
 from resnet_bench.peers.load import Probe, ServerResult, drive
 from resnet_bench.peers.options import PeerOptions
-from resnet_bench.peers.processes import READY_TIMEOUT_S, StartedServer, stop_group, wait_until
-from resnet_bench.servers import free_port, memory_mb
+from resnet_bench.peers.processes import READY_TIMEOUT_S, StartedServer, wait_until
+from resnet_bench.servers import free_port, memory_mb, stop_process_group
 from resnet_service.cpus import usable_cpus
 from resnet_service.model.torch_network import imagenet_labels
 from resnet_service.model.weights import ResolvedWeights
@@ -217,7 +217,7 @@ def running_torchserve(
         )
         yield StartedServer(process, ports.inference, round(time.perf_counter() - started, 2))
     finally:
-        stop_group(process)
+        stop_process_group(process)
 
 
 def raw_request(port: int, path: str, data: bytes, content_type: str) -> bytes:

@@ -3,13 +3,18 @@ how closely it follows its fp32 source. Plain data (pydantic), torch-free."""
 
 from __future__ import annotations
 
+import logging
+import time
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
 from resnet_service.config import Precision, RuntimeName
 from resnet_service.cpus import cpu_name, isa_in_effect
+
+log = logging.getLogger(__name__)
 
 
 class WeightsSource(StrEnum):
@@ -73,8 +78,8 @@ class ModelInfo(BaseModel):
     architecture: str
     num_classes: int
     precision: Precision
-    runtime: RuntimeName = "torch"
-    runtime_version: str = ""
+    runtime: RuntimeName
+    runtime_version: str
     weights_source: WeightsSource
     weights_path: str | None
     weights_sha256: str
@@ -87,3 +92,76 @@ class ModelInfo(BaseModel):
     int8_cache: str | None
     provenance: dict[str, Any]
     load_seconds: float
+
+
+class Described(Protocol):
+    """What a model's manifest (a bundle or a built artifact) says about the model itself."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def architecture(self) -> str: ...
+    @property
+    def num_classes(self) -> int: ...
+    @property
+    def precision(self) -> Precision: ...
+    @property
+    def random_weights(self) -> bool: ...
+    @property
+    def quantization(self) -> QuantizationInfo | None: ...
+    @property
+    def provenance(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class WeightsFound:
+    """Where the weights came from, as this process found them."""
+
+    source: WeightsSource
+    sha256: str
+    path: str | None = None
+    matches_published_hash: bool | None = None
+
+
+def loaded_model_info(
+    manifest: Described,
+    *,
+    runtime: RuntimeName,
+    runtime_version: str,
+    weights: WeightsFound,
+    fidelity: Fidelity | None,
+    int8_cache: str | None,
+    started: float,
+) -> ModelInfo:
+    """The one way a ModelInfo is made (every runtime): the manifest's description plus how
+    this process found and loaded the model; logged once, as every load is."""
+    info = ModelInfo(
+        name=manifest.name,
+        architecture=manifest.architecture,
+        num_classes=manifest.num_classes,
+        precision=manifest.precision,
+        runtime=runtime,
+        runtime_version=runtime_version,
+        weights_source=weights.source,
+        weights_path=weights.path,
+        weights_sha256=weights.sha256,
+        weights_matches_published_hash=weights.matches_published_hash,
+        random_weights=manifest.random_weights,
+        quantization=manifest.quantization,
+        fidelity=fidelity,
+        int8_cache=int8_cache,
+        provenance=manifest.provenance,
+        load_seconds=round(time.perf_counter() - started, 3),
+    )
+    log.info(
+        "model %s (%s, %s %s) from %s, sha256 %s..., loaded in %.2fs%s",
+        info.name,
+        info.precision,
+        info.runtime,
+        info.runtime_version,
+        info.weights_source.value,
+        info.weights_sha256[:12],
+        info.load_seconds,
+        " [RANDOM WEIGHTS]" if info.random_weights else "",
+    )
+    return info

@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from resnet_service.config import Precision, RuntimeName, Settings
 from resnet_service.core.errors import BundleInvalid, RuntimeUnavailable
-from resnet_service.core.model_info import measured_here
+from resnet_service.core.model_info import WeightsFound, loaded_model_info, measured_here
 from resnet_service.core.runtime import ServedModel
 from resnet_service.cpus import has_vnni, threads_per_worker
 from resnet_service.locks import file_lock
@@ -34,7 +34,7 @@ from resnet_service.model.artifacts import (
 )
 from resnet_service.model.datasets import calibration_and_holdout
 from resnet_service.model.hub import sha256_file
-from resnet_service.model.manifest import LABELS, Fidelity, ModelInfo, ensure_writable
+from resnet_service.model.manifest import LABELS, Fidelity, ensure_writable
 from resnet_service.model.source import DownloadNeeded, ModelSource, resolve_source
 from resnet_service.runtimes.packages import torch_version
 from resnet_service.runtimes.registry import open_runtime, runtime_version
@@ -202,32 +202,18 @@ def load_artifact(folder: Path, settings: Settings) -> ServedModel:
         threads,
         pixels=manifest.preprocessing,
     )
-    info = ModelInfo(
-        name=manifest.name,
-        architecture=manifest.architecture,
-        num_classes=manifest.num_classes,
-        precision=manifest.precision,
+    info = loaded_model_info(
+        manifest,
         runtime=manifest.runtime,
         runtime_version=manifest.runtime_version,
-        weights_source=manifest.weights_source,
-        weights_path=None,
-        weights_sha256=manifest.source_weights_sha256,
-        weights_matches_published_hash=manifest.weights_matches_published_hash,
-        random_weights=manifest.random_weights,
-        quantization=manifest.quantization,
+        weights=WeightsFound(
+            source=manifest.weights_source,
+            sha256=manifest.source_weights_sha256,
+            matches_published_hash=manifest.weights_matches_published_hash,
+        ),
         fidelity=manifest.fidelity,
         int8_cache=str(folder),
-        provenance=manifest.provenance,
-        load_seconds=round(time.perf_counter() - started, 3),
-    )
-    log.info(
-        "model %s (%s, %s %s) loaded in %.2fs%s",
-        info.name,
-        info.precision,
-        info.runtime,
-        info.runtime_version,
-        info.load_seconds,
-        " [RANDOM WEIGHTS]" if info.random_weights else "",
+        started=started,
     )
     _warn_if_measured_elsewhere(manifest.precision, manifest.fidelity)
     return ServedModel(

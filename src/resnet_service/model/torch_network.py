@@ -13,16 +13,24 @@ from torchvision.models import ResNet18_Weights
 from resnet_service import logs
 from resnet_service.config import Settings
 from resnet_service.core.errors import BundleInvalid
+from resnet_service.core.model_info import (
+    ModelInfo,
+    WeightsFound,
+    WeightsSource,
+    loaded_model_info,
+)
 from resnet_service.core.runtime import ServedModel
 from resnet_service.cpus import threads_per_worker
 from resnet_service.model.architecture import QUANTIZED_ENGINE, build_fp32
 from resnet_service.model.bundle import (
+    MANIFEST,
     BundleManifest,
     QuantizationInfo,
     instantiate,
     read_labels,
     read_manifest,
     read_weights,
+    write_bundle,
 )
 from resnet_service.model.datasets import (
     ImageFiles,
@@ -32,7 +40,7 @@ from resnet_service.model.datasets import (
     directory_files,
 )
 from resnet_service.model.hub import hub_checkpoint_path
-from resnet_service.model.manifest import ModelInfo, WeightsSource, ensure_writable
+from resnet_service.model.manifest import ensure_writable
 from resnet_service.model.quantize import (
     cache_key,
     load_cached,
@@ -202,43 +210,29 @@ def load_model(settings: Settings) -> ServedModel:
     threads = threads_per_worker(settings.inference_threads, settings.workers or 1)
     # Building runs a forward pass here: keep torch's pools to the worker's share of CPUs.
     torch.set_num_threads(threads)
-    path: str | None
-    published: bool | None
     if settings.bundle_path is not None:
         module, manifest, labels, cache_dir = _load_bundle(settings, settings.bundle_path)
-        source, path, published = WeightsSource.BUNDLE, str(settings.bundle_path), None
-        sha = manifest.weights_sha256
+        found = WeightsFound(
+            WeightsSource.BUNDLE, manifest.weights_sha256, path=str(settings.bundle_path)
+        )
     else:
         module, manifest, weights, cache_dir = _load_imagenet(settings)
         labels = imagenet_labels()
-        source, path = weights.source, str(weights.path) if weights.path else None
-        published, sha = weights.matches_published_hash, weights.sha256
+        found = WeightsFound(
+            weights.source,
+            weights.sha256,
+            path=str(weights.path) if weights.path else None,
+            matches_published_hash=weights.matches_published_hash,
+        )
     runtime = TorchRuntime(module, manifest.precision, threads)
-    info = ModelInfo(
-        name=manifest.name,
-        architecture=manifest.architecture,
-        num_classes=manifest.num_classes,
-        precision=manifest.precision,
+    info = loaded_model_info(
+        manifest,
         runtime=runtime.name,
         runtime_version=runtime.version(),
-        weights_source=source,
-        weights_path=path,
-        weights_sha256=sha,
-        weights_matches_published_hash=published,
-        random_weights=manifest.random_weights,
-        quantization=manifest.quantization,
+        weights=found,
+        fidelity=None,
         int8_cache=str(cache_dir) if cache_dir else None,
-        provenance=manifest.provenance,
-        load_seconds=round(time.perf_counter() - started, 3),
-    )
-    log.info(
-        "model %s (%s) from %s, sha256 %s..., loaded in %.2fs%s",
-        info.name,
-        info.precision,
-        info.weights_source.value,
-        info.weights_sha256[:12],
-        info.load_seconds,
-        " [RANDOM WEIGHTS]" if info.random_weights else "",
+        started=started,
     )
     return ServedModel(
         runtime=runtime,
@@ -247,3 +241,27 @@ def load_model(settings: Settings) -> ServedModel:
         info=info,
         head=head_of(module),
     )
+
+
+def torch_int8_bundle(settings: Settings) -> tuple[ModelInfo, Path]:
+    """The int8 torch model for ``settings`` as a bundle folder: the quantization cache entry,
+    or torchvision's official int8 weights written once into the cache beside it."""
+    model = load_model(settings)
+    info = model.info
+    if info.int8_cache:
+        return info, Path(info.int8_cache)
+    folder = settings.model_cache_dir / f"int8-official-{info.weights_sha256[:16]}"
+    if not (folder / MANIFEST).is_file():
+        ensure_writable(settings.model_cache_dir, "int8 model")
+        manifest = BundleManifest(
+            name=info.name,
+            architecture=info.architecture,
+            num_classes=info.num_classes,
+            precision="int8",
+            weights_sha256=info.weights_sha256,
+            quantization=info.quantization,
+            provenance=info.provenance,
+        )
+        assert isinstance(model.runtime, TorchRuntime)
+        write_bundle(folder, manifest, model.runtime.module.state_dict(), model.labels)
+    return info, folder

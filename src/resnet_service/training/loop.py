@@ -27,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from resnet_service.training.features import BATCH, ViewCache
+from resnet_service.training.options import FinetuneConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +38,19 @@ _BUDGET_MARGIN = 0.9
 
 @dataclass(frozen=True)
 class LoopConfig:
-    """How long and how fast to train; every length is in optimiser steps."""
+    """How long and how fast to train; every length is in optimiser steps. The defaults
+    shared with ``finetune``'s options are its own."""
 
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
-    batch_size: int = 32
+    lr: float = FinetuneConfig.lr
+    weight_decay: float = FinetuneConfig.weight_decay
+    batch_size: int = FinetuneConfig.batch_size
     max_steps: int = 600
-    min_steps: int = 100
-    patience: int = 100
-    eval_every: int = 10
+    min_steps: int = FinetuneConfig.min_steps
+    patience: int = FinetuneConfig.patience
+    eval_every: int = FinetuneConfig.eval_every
     warmup_steps: int = 20
     deadline: float = math.inf  # time.monotonic() value after which no step starts
-    seed: int = 0
+    seed: int = FinetuneConfig.seed
     progress: bool = False
 
 

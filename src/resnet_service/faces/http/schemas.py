@@ -5,10 +5,11 @@ from __future__ import annotations
 import weakref
 from typing import Any, Final, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic.json_schema import SkipJsonSchema
 
 from resnet_service.core.classifier import Classifier
-from resnet_service.core.model_info import Fidelity, MeasuredOn, QuantizationInfo
+from resnet_service.core.model_info import MeasuredOn, ModelInfo
 
 _TOP_K: Final = (
     "How many predictions were asked for, as served: the request's top_k (or the default) "
@@ -207,33 +208,22 @@ class Problem(BaseModel):
     )
 
 
-class ModelResponse(BaseModel):
-    """The served model, its provenance and the settings that shape its behaviour."""
+#: What a person reads first in /model; the rest follows in ModelInfo's order.
+_MODEL_FIRST: Final = ("name", "version", "architecture", "num_classes", "precision", "runtime")
 
-    name: str
+
+class ModelResponse(ModelInfo):
+    """The served model (ModelInfo, minus server paths), its version and the settings that
+    shape its behaviour."""
+
     version: str = Field(description="The version that answers requests naming none.")
-    architecture: str
-    num_classes: int
-    precision: Literal["int8", "fp32"]
-    runtime: Literal["torch", "openvino", "onnxruntime"]
     settings: dict[str, int | float | str | bool] = Field(
         description="The settings that shape behaviour: threads, batching, limits."
-    )
-    runtime_version: str
-    weights_source: str
-    weights_sha256: str
-    weights_matches_published_hash: bool | None
-    random_weights: bool
-    quantization: QuantizationInfo | None
-    fidelity: Fidelity | None = Field(
-        None, description="Agreement with the fp32 torch model (runtimes other than torch)."
     )
     host: MeasuredOn = Field(
         description="This host's CPU and instruction-set level: int8 figures hold where "
         "fidelity.measured_on names the same level."
     )
-    provenance: dict[str, Any]
-    load_seconds: float
     embedding_size: int | None = Field(
         description="The length of /embed's vectors (None: this model cannot embed)."
     )
@@ -241,6 +231,16 @@ class ModelResponse(BaseModel):
     labels: list[str] | None = Field(
         None, description="Every class label in index order, with ?labels=true (else null)."
     )
+    # Places on the server's disk: never in an unauthenticated answer.
+    weights_path: SkipJsonSchema[str | None] = Field(None, exclude=True)
+    int8_cache: SkipJsonSchema[str | None] = Field(None, exclude=True)
+
+    # No return annotation on purpose: pydantic would publish it as the response's schema.
+    @model_serializer(mode="wrap")
+    def _reading_order(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
+        body: dict[str, Any] = handler(self)
+        first = {key: body[key] for key in _MODEL_FIRST}
+        return {**first, "settings": body["settings"], **body}
 
 
 class VersionStatus(BaseModel):

@@ -218,17 +218,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 class ReadinessHealth(HealthServicer):  # type: ignore[misc]
     """``grpc.health.v1``: SERVING exactly when /readyz would say 200."""
 
-    def __init__(self, service: ServiceState) -> None:
+    def __init__(self, plane: DataPlane) -> None:
         super().__init__()
-        self.service = service
+        self.plane = plane
 
     async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         if request.service not in ("", SERVICE):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
-        ready = self.service.readiness_problem() is None
         status = (
             health_pb2.HealthCheckResponse.SERVING
-            if ready
+            if self.plane.server_ready()
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         return health_pb2.HealthCheckResponse(status=status)
@@ -255,8 +254,9 @@ class GrpcFace:
                 ("grpc.so_reuseport", 1),
             ],
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.service), server)
-        self._health = ReadinessHealth(self.service)
+        inference = InferenceServicer(self.service)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
+        self._health = ReadinessHealth(inference.plane)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if server.add_insecure_port(self.address) == 0:
             raise OSError(f"cannot bind the gRPC port {self.address}")
