@@ -10,13 +10,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, Generic, TypeVar
 
 import httpx
 import numpy as np
@@ -28,6 +29,7 @@ from resnet_service.config import RuntimeName, Settings, load_settings
 from resnet_service.core.images import ImageLimits, PreprocessSpec
 
 ROOT: Final = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 #: The runtime a user gets without choosing one.
 DEFAULT_RUNTIME: Final[RuntimeName] = Settings.model_fields["runtime"].default
 
@@ -182,3 +184,71 @@ def make_settings(
     }
     base.update(overrides)
     return load_settings(**base)
+
+
+# --- load that records what answered ---------------------------------------------------------
+@dataclass
+class Answers(Generic[T]):
+    """What each answer said (``pick`` of its body), when it came, and every failure."""
+
+    values: list[tuple[float, T]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def after(self, t: float) -> list[T]:
+        return [v for when, v in self.values if when >= t]
+
+
+class ClassifyLoad(Generic[T]):
+    """``clients`` closed-loop ``/classify`` clients (of ``model``, else the default one) in a
+    thread of their own until the block ends, recording ``pick(body)`` of every answer."""
+
+    def __init__(
+        self,
+        url: str,
+        pick: Callable[[dict[str, Any]], T],
+        *,
+        model: str | None = None,
+        clients: int = 16,
+        image: bytes | None = None,
+    ) -> None:
+        self.url, self.pick, self.clients = url, pick, clients
+        self.params = {"model": model} if model else {}
+        self.image = image or jpeg_of("chelsea", (320, 240))
+        self.answers: Answers[T] = Answers()
+        self._halt = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _client(self, stop: asyncio.Event) -> None:
+        async with httpx.AsyncClient(base_url=self.url, timeout=30) as client:
+            while not stop.is_set():
+                files = {"image": ("c.jpg", self.image, "image/jpeg")}
+                try:
+                    r = await client.post("/classify", params=self.params, files=files)
+                except httpx.HTTPError as exc:
+                    self.answers.failures.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                if r.status_code != 200:
+                    self.answers.failures.append(f"{r.status_code}: {r.text[:200]}")
+                    continue
+                self.answers.values.append((time.monotonic(), self.pick(r.json())))
+
+    async def _main(self) -> None:
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(self._client(stop)) for _ in range(self.clients)]
+        await asyncio.to_thread(self._halt.wait)
+        stop.set()
+        await asyncio.gather(*tasks)
+
+    def __enter__(self) -> ClassifyLoad[T]:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._halt.set()
+        self._thread.join(60)
+
+    def count(self) -> int:
+        return len(self.answers.values)
+
+    def last(self, n: int) -> list[T]:
+        return [v for _, v in self.answers.values[-n:]]

@@ -42,6 +42,12 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
         help="a built OpenVINO/ONNX model folder (quantize --runtime R --out DIR) to serve as is",
     )
     group.add_argument("--precision", choices=["int8", "fp32"])
+    group.add_argument(
+        "--tag-rules",
+        dest="tag_rules",
+        type=Path,
+        help="tag rules file (default: tags.yml beside the model; ImageNet: the package's)",
+    )
     group.add_argument("--cache-dir", dest="model_cache_dir", type=Path)
     group.add_argument("--calibration-dir", dest="calibration_dir", type=Path)
     group.add_argument(
@@ -191,10 +197,12 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
     from resnet_service.core.errors import UnreadableFile
     from resnet_service.core.runtime import LOGITS_ONLY
     from resnet_service.model.served import open_served_model
+    from resnet_service.model.tag_rules_file import tag_rules_for
     from resnet_service.service.loading import classifier_options
 
     model = open_served_model(settings)
-    classifier = Classifier(model, classifier_options(settings))
+    rules = tag_rules_for(settings, model.labels)
+    classifier = Classifier(model, classifier_options(settings), tag_rules=rules)
     wants = LOGITS_ONLY.union(
         *([EMBEDDING] if args.embed else []), *([FEATURE_MAP] if args.explain else [])
     )
@@ -259,6 +267,7 @@ async def _predict_line(
             {"label": label, "index": index, "score": round(score, 6)}
             for label, index, score in zip(pred.labels, pred.indices, pred.scores, strict=True)
         ],
+        "tags": [{**dataclasses.asdict(tag), "score": round(tag.score, 6)} for tag in result.tags],
         "model": info.name,
         "precision": info.precision,
         "runtime": info.runtime,
@@ -336,6 +345,21 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from resnet_service.server.launch import run_server
 
     return run_server(settings)
+
+
+def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    """Tags against labelled images: the report in --out, its summary on stdout."""
+    from resnet_service.training.evaluate import evaluate, write_report
+
+    if not 0 < args.target_precision <= 1:
+        print(
+            "resnet-service: --target-precision is a share, above 0 and at most 1", file=sys.stderr
+        )
+        return 2
+    evaluation = evaluate(settings, args.labelled_dir, args.rules, args.target_precision)
+    write_report(evaluation, args.out)
+    _emit({**evaluation.summary(), "report": str(args.out)})
+    return 0
 
 
 def cmd_samples(args: argparse.Namespace, settings: Settings) -> int:
@@ -534,6 +558,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_flags(quantize)
     quantize.set_defaults(handler=cmd_quantize)
+
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="how the model's tags do on labelled images; thresholds for a target precision",
+        description="Classify LABELLED_DIR/<label>/* and report per tag its precision, recall "
+        "and the share of images tagged at the thresholds in force, the lowest threshold that "
+        "reaches --target-precision (with its 95%% interval), a Markdown report and the "
+        "precision-recall curves (PNG) in --out. Prints the summary as one JSON line.",
+    )
+    evaluate.add_argument("labelled_dir", type=Path, help="one sub-folder per class label")
+    evaluate.add_argument("--rules", type=Path, help="tag rules to judge (default: the model's)")
+    evaluate.add_argument(
+        "--target-precision",
+        type=float,
+        default=0.9,
+        help="the precision each tag's suggested threshold reaches (default 0.9; --precision "
+        "is the model's, int8 or fp32)",
+    )
+    evaluate.add_argument(
+        "--out", type=Path, default=Path("evaluation"), help="report folder (default evaluation/)"
+    )
+    _add_model_flags(evaluate)
+    evaluate.set_defaults(handler=cmd_evaluate)
 
     info = sub.add_parser("info", help="show the model that would be served")
     _add_model_flags(info)

@@ -7,7 +7,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from PIL import Image
 from pydantic import (
@@ -27,6 +27,17 @@ RUNTIMES: tuple[RuntimeName, ...] = ("torch", "openvino", "onnxruntime")
 
 def _default_cache_dir() -> Path:
     return Path.home() / ".cache" / "resnet-service"
+
+
+#: The settings that name a file or folder: empty means unset, given means it must exist.
+_PATHS: Final = (
+    "weights_path",
+    "bundle_path",
+    "calibration_dir",
+    "artifact_path",
+    "model_repository",
+    "tag_rules",
+)
 
 
 class Settings(BaseSettings):
@@ -51,6 +62,15 @@ class Settings(BaseSettings):
         None,
         description="A built OpenVINO or ONNX Runtime model folder (`quantize --runtime R --out "
         "DIR`) to serve as it is: its runtime and precision apply, no weights are needed.",
+    )
+    tag_rules: Path | None = Field(
+        None,
+        description="A tag rules file (YAML) for the served model; default: tags.yml beside "
+        "the model (in its bundle, built model or repository version folder), else the "
+        "package's rules for the ImageNet model; other models get no tags.",
+    )
+    tags: bool = Field(
+        True, description="Give tags from the models' rules (false: no tags, no rules read)."
     )
     model_repository: Path | None = Field(
         None,
@@ -298,22 +318,13 @@ class Settings(BaseSettings):
         "OTEL_TRACES_SAMPLER...); OTEL_SDK_DISABLED=true turns it off again.",
     )
 
-    @field_validator(
-        "weights_path",
-        "bundle_path",
-        "calibration_dir",
-        "artifact_path",
-        "model_repository",
-        mode="before",
-    )
+    @field_validator(*_PATHS, mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """``VAR=""`` unsets a path (a container image's default, overridden by a pod)."""
         return None if value == "" else value
 
-    @field_validator(
-        "weights_path", "bundle_path", "calibration_dir", "artifact_path", "model_repository"
-    )
+    @field_validator(*_PATHS)
     @classmethod
     def _must_exist(cls, value: Path | None) -> Path | None:
         if value is not None and not value.exists():

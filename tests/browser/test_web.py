@@ -340,13 +340,18 @@ def test_model_picker_of_a_repository(
     model_cache: Path,
     photos: dict[str, Path],
 ) -> None:
-    """A repository with two models: the page offers both, and the bars are the picked
-    model's own labels."""
+    """A repository with two models: the page offers both, the bars are the picked model's own
+    labels, and the chips its tags (shapes has tag rules, colours none)."""
     root = tmp_path_factory.mktemp("web-repository")
     labels = {"shapes": ["circle", "square", "triangle"], "colours": ["red", "green", "blue"]}
     for seed, (name, names) in enumerate(labels.items()):
         write_test_bundle(root / name / "1", names, name=name, seed=seed)
         (root / name / "config.json").write_text('{"precision": "fp32"}')
+    (root / "shapes" / "1" / "tags.yml").write_text(
+        "tags:\n"
+        "  - {name: round, classes: [circle], threshold: 0.0, priority: 1}\n"
+        "  - {name: angular, classes: [square, triangle], threshold: 0.0}\n"
+    )
     args = ["--repository", str(root), "--cache-dir", str(model_cache), "--offline"]
     server_dir = tmp_path_factory.mktemp("web-repo-server")
     with serve(server_dir, *args) as server, open_page(browser, server) as page:
@@ -365,6 +370,9 @@ def test_model_picker_of_a_repository(
             shown = {label for label, _ in shown_bars(card.first)}
             assert shown <= set(labels[name])
             assert len(shown) == 3
+            chips = card.first.get_by_test_id("tag").all_inner_texts()
+            expected = ["round", "angular"] if name == "shapes" else []
+            assert chips == expected  # priority first: round, then angular
 
 
 def api_explain(server: Server, path: Path, target: str, top_k: int = 5) -> dict[str, Any]:

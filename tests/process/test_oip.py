@@ -109,6 +109,7 @@ def test_health_and_metadata(client: Client, server: Server) -> None:
         "probabilities": ("FP32", [-1, 1000]),
         "embedding": ("FP32", [-1, 512]),
         "cam": ("FP32", [-1, 7, 7]),
+        "tags": ("BYTES", [-1]),  # the ImageNet model's own tag rules
     }
     assert versions == ["1"]
     server_meta = client.get_server_metadata()

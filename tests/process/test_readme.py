@@ -105,6 +105,7 @@ def test_the_readme_is_parsed_into_the_recipes_it_promises() -> None:
         "Tag a folder or a bucket",
         "Your own classes, end to end",
         "A repository with live versions",
+        "Tags people can use",
         "Kubernetes",
         "Open Inference Protocol clients",
     ]

@@ -18,10 +18,8 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +33,7 @@ from tritonclient.utils import InferenceServerException
 
 from resnet_bench import loadgen
 from resnet_bench.servers import metric_sum
-from tests.harness import Server, jpeg_of, serve, wait_until
+from tests.harness import Answers, ClassifyLoad, Server, jpeg_of, serve, wait_until
 from tests.weights import write_test_bundle
 
 ADMIN = "admin-secret"
@@ -89,64 +87,9 @@ def repo_args(repository: Path, cache: Path, *extra: str) -> tuple[str, ...]:
     return ("--repository", str(repository), "--cache-dir", str(cache), "--offline", *extra)
 
 
-# --- load that records who answered ---------------------------------------------------------
-@dataclass
-class Answers:
-    versions: list[tuple[float, str]] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-
-    def after(self, t: float) -> list[str]:
-        return [v for when, v in self.versions if when >= t]
-
-
-async def _client_loop(url: str, model: str, answers: Answers, stop: asyncio.Event) -> None:
-    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-        while not stop.is_set():
-            files = {"image": ("c.jpg", IMAGE, "image/jpeg")}
-            try:
-                r = await client.post("/classify", params={"model": model}, files=files)
-            except httpx.HTTPError as exc:
-                answers.failures.append(f"{type(exc).__name__}: {exc}")
-                continue
-            if r.status_code != 200:
-                answers.failures.append(f"{r.status_code}: {r.text[:200]}")
-                continue
-            body = r.json()
-            answers.versions.append((time.monotonic(), body["model"]["version"]))
-
-
-class Load:
-    """``clients`` closed-loop clients on one model in a thread of their own, until stopped."""
-
-    def __init__(self, url: str, model: str, clients: int = 16) -> None:
-        self.url, self.model, self.clients = url, model, clients
-        self.answers = Answers()
-        self._halt = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
-
-    async def _main(self) -> None:
-        stop = asyncio.Event()
-        tasks = [
-            asyncio.create_task(_client_loop(self.url, self.model, self.answers, stop))
-            for _ in range(self.clients)
-        ]
-        await asyncio.to_thread(self._halt.wait)
-        stop.set()
-        await asyncio.gather(*tasks)
-
-    def __enter__(self) -> Load:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._halt.set()
-        self._thread.join(60)
-
-    def count(self) -> int:
-        return len(self.answers.versions)
-
-    def last(self, n: int) -> list[str]:
-        return [v for _, v in self.answers.versions[-n:]]
+def Load(url: str, model: str) -> ClassifyLoad[str]:  # noqa: N802 (reads as the class it makes)
+    """16 clients on ``model``, recording which version answered."""
+    return ClassifyLoad(url, lambda body: str(body["model"]["version"]), model=model)
 
 
 def worker_rss(server: Server) -> dict[int, int]:
@@ -514,10 +457,10 @@ def test_poll_rolls_in_a_new_version_under_load_and_refuses_a_broken_one(
         assert set(load.last(50)) == {"2"}  # v2 serves on
     answers = load.answers
     assert answers.failures == []
-    versions = [v for _, v in answers.versions]
+    versions = [v for _, v in answers.values]
     assert set(versions) == {"1", "2"}
-    last_v1 = max(t for t, v in answers.versions if v == "1")
-    assert all(v == "2" for t, v in answers.versions if t > last_v1)
+    last_v1 = max(t for t, v in answers.values if v == "1")
+    assert all(v == "2" for t, v in answers.values if t > last_v1)
     print(
         f"\npoll switch-over (2 workers): first v2 answer {first(answers, '2') - published:.2f} s "
         f"after the rename, last v1 answer {last_v1 - published:.2f} s, "
@@ -525,5 +468,5 @@ def test_poll_rolls_in_a_new_version_under_load_and_refuses_a_broken_one(
     )
 
 
-def first(answers: Answers, version: str) -> float:
-    return min(t for t, v in answers.versions if v == version)
+def first(answers: Answers[str], version: str) -> float:
+    return min(t for t, v in answers.values if v == version)

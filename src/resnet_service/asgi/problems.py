@@ -52,6 +52,7 @@ HTTP_STATUS: Final[dict[str, int]] = {
     errors.ArtifactBuildFailed.code: 503,
     errors.CacheUnwritable.code: 503,
     errors.BundleInvalid.code: 503,
+    errors.TagRulesInvalid.code: 503,
     errors.DeadlineExceeded.code: 504,
 }
 

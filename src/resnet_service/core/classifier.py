@@ -53,6 +53,7 @@ from resnet_service.core.priority import Priority
 from resnet_service.core.response_cache import ResponseCache
 from resnet_service.core.results import Classification, Explanation, Prediction, Timings, top_k
 from resnet_service.core.runtime import LOGITS_ONLY, Output, ServedModel, Wants
+from resnet_service.core.tag_rules import TagRules
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,8 @@ class Classifier:
         name: str | None = None,
         version: str = MODEL_VERSION,
         compute: ComputeGate | None = None,
+        tag_rules: TagRules | None = None,
+        own_labels: list[str] | None = None,
     ) -> None:
         self.model = model
         self.options = options
@@ -145,6 +148,12 @@ class Classifier:
         self.version = version
         #: Set once the version is leaving (a repository swap): no new request is admitted.
         self.retiring = False
+        #: The model's tag rules (None: no tags); swapped whole when its file changes.
+        self.tag_rules = tag_rules
+        #: Why a new rules file was refused while these rules kept serving (None: no problem).
+        self.tag_rules_problem: str | None = None
+        #: The model's own labels, which tag rules name (``model.labels`` may be display names).
+        self.own_labels: list[str] = list(own_labels or model.labels)
         self.inference_threads = model.runtime.threads
         self.decode_threads = options.decode_threads
         self.limits = options.limits
@@ -383,7 +392,8 @@ class Classifier:
     def _from_cache(self, probabilities: Probabilities, k: int, started: float) -> Classification:
         timings = Timings(0.0, 0.0, 0.0, time.perf_counter() - started)
         prediction = self._prediction(probabilities, k, batch_size=1)
-        return Classification(prediction, timings, probabilities, cached=True)
+        tags = self.tag_rules.tags(probabilities) if self.tag_rules else ()
+        return Classification(prediction, timings, probabilities, cached=True, tags=tags)
 
     def _prediction(self, probabilities: Probabilities, k: int, batch_size: int) -> Prediction:
         indices, values = top_k(probabilities, k)
@@ -438,6 +448,7 @@ class Classifier:
             embedding=scores.embedding,
             feature_map=scores.feature_map,
             size=size,
+            tags=self.tag_rules.tags(scores.probabilities) if self.tag_rules else (),
         )
 
     async def classify_many(

@@ -135,7 +135,7 @@ class OutputUnavailable(ServiceError):
 
 
 class DatasetError(InputError):
-    """Training data that cannot be used (fine-tuning); the message says what to fix."""
+    """Training or labelled data that cannot be used; the message says what to fix."""
 
     code = "dataset_invalid"
     title = "Dataset invalid"
@@ -215,3 +215,10 @@ def error_classes() -> list[type[ServiceError]]:
     for cls in found:
         found.extend(sub for sub in cls.__subclasses__() if sub not in found)
     return found
+
+
+class TagRulesInvalid(ModelError):
+    """A tag rules file that cannot be used; the detail names the file, the line and why."""
+
+    code = "tag_rules_invalid"
+    title = "Tag rules invalid"

@@ -10,6 +10,7 @@ import numpy as np
 from resnet_service.core.engine import Probabilities
 from resnet_service.core.feature_outputs import CropBox
 from resnet_service.core.runtime import FloatBatch
+from resnet_service.core.tag_rules import Tag
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +48,8 @@ class Classification:
     feature_map: FloatBatch | None = None
     #: The upright (width, height) of the image as sent (None for a preprocessed array).
     size: tuple[int, int] | None = None
+    #: The tags its model's rules give it, best first (``core.tag_rules``).
+    tags: tuple[Tag, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

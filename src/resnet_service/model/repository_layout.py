@@ -21,6 +21,7 @@ from resnet_service.config import Precision, RuntimeName, Settings
 from resnet_service.core.errors import BundleInvalid
 from resnet_service.model.artifacts import ARTIFACT_MANIFEST
 from resnet_service.model.manifest import MANIFEST as BUNDLE_MANIFEST
+from resnet_service.model.tag_rules_file import RULES_FILE
 
 MODEL_CONFIG: Final = "config.json"
 WEIGHTS_CONFIG: Final = "model.json"
@@ -184,11 +185,20 @@ def _weights_update(version: VersionDir) -> dict[str, object]:
     return update
 
 
+def version_rules_file(version: VersionDir) -> Path:
+    """Where a version's tag rules file is, or would be once written."""
+    return version.path / RULES_FILE
+
+
 def version_settings(base: Settings, model: RepositoryModel, version: VersionDir) -> Settings:
     """The replica's settings as they apply to one version: its source, and what the model's
     config overrides (set explicitly, so that building and loading treat them as choices)."""
     # Explicit Nones: a worker's environment names the repository, which a version is not.
     update: dict[str, object] = {"model_repository": None, "repository_control": "none"}
+    # A version's tag rules live in its folder, whatever its kind (the replica's file is not
+    # every model's).
+    rules = version_rules_file(version)
+    update["tag_rules"] = rules if rules.is_file() else None
     if version.kind == "artifact":
         update["artifact_path"] = version.path
     elif version.kind == "bundle":

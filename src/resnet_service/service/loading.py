@@ -65,8 +65,11 @@ def load_classifier(
     ``version``: how requests reach it (a repository's folders; default: the model's own name,
     version 1); ``display_names``: labels to show instead of the model's own."""
     from resnet_service.model.served import open_served_model
+    from resnet_service.model.tag_rules_file import tag_rules_for
 
     model = open_served_model(settings, artifact)
+    own_labels = model.labels
+    rules = tag_rules_for(settings, own_labels)  # rules name the model's labels, not display names
     if display_names:
         model = replace(model, labels=[display_names.get(label, label) for label in model.labels])
     served = name or model.info.name
@@ -77,6 +80,8 @@ def load_classifier(
         name=served,
         version=version,
         compute=compute,
+        tag_rules=rules,
+        own_labels=own_labels,
     )
     classifier.start()
     model_info_gauge(metrics, classifier).set(1)

@@ -39,6 +39,7 @@ from resnet_service.model.repository_layout import (
     RepositoryModel,
     VersionDir,
     scan,
+    version_rules_file,
     version_settings,
 )
 from resnet_service.service.builder_process import BuildFailed, build_in_child
@@ -46,6 +47,8 @@ from resnet_service.service.control import ControlFile
 from resnet_service.service.loading import load_classifier, model_info_gauge
 from resnet_service.service.models import ModelTable, ServedVersion, VersionState
 from resnet_service.service.state import ServiceState
+from resnet_service.service.tag_rules_watch import CHECK_S as RULES_CHECK_S
+from resnet_service.service.tag_rules_watch import TagRulesWatch
 
 log = logging.getLogger("resnet_service.repository")
 
@@ -105,6 +108,8 @@ class Reconciler:
         self.applied_generation = -1
         #: One forward at a time across this worker's models (see ``engine.ComputeGate``).
         self.compute = ComputeGate()
+        #: The loaded versions' tag rules files, followed in poll mode.
+        self.tag_rules = TagRulesWatch()
 
     # --- one pass ------------------------------------------------------------------------
     def wanted(self, models: dict[str, RepositoryModel]) -> dict[str, list[VersionDir]]:
@@ -203,6 +208,8 @@ class Reconciler:
         after = resident_bytes()
         memory = after - before if after is not None and before is not None else None
         self.failures.pop((name, number), None)
+        if settings.tags:
+            self.tag_rules.loaded(name, number, version_rules_file(version))
         table.put(
             ServedVersion(
                 name,
@@ -261,6 +268,7 @@ class Reconciler:
         classifier.stop()
         model_info_gauge(self.state.metrics, classifier).set(0)
         table.drop(entry.model, entry.version)
+        self.tag_rules.forget(entry.model, entry.version)
         del classifier, entry
         _return_memory()
 
@@ -322,8 +330,16 @@ class Reconciler:
     def _run(self) -> None:
         poll = self.settings.repository_control == "poll"
         interval = self.settings.repository_poll_s if poll else _CONTROL_CHECK_S
-        while not self._stop.wait(interval):
-            if not poll and self.control.generation() == self.applied_generation:
+        # Poll mode also follows the tag rules files, more often than the folders.
+        tick = min(interval, RULES_CHECK_S) if poll else interval
+        next_pass = time.monotonic() + interval
+        while not self._stop.wait(tick):
+            if poll:
+                self._follow_tag_rules()
+                if time.monotonic() < next_pass:
+                    continue
+                next_pass = time.monotonic() + interval
+            elif self.control.generation() == self.applied_generation:
                 continue
             try:
                 self.reconcile()
@@ -331,6 +347,12 @@ class Reconciler:
                 log.error("model repository: %s", exc.detail)
             except Exception:
                 log.exception("model repository pass failed")
+
+    def _follow_tag_rules(self) -> None:
+        try:
+            self.tag_rules.check(self.state.models)
+        except Exception:
+            log.exception("following the tag rules failed")
 
     def stop(self) -> None:
         """Stop following (a pass under way finishes first); the classifiers stop with the

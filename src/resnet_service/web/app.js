@@ -160,7 +160,25 @@
 
   const canExplain = (item) => explainable.get(item.model) !== false && !item.previewBroken;
 
-  function showPredictions(item, predictions, k) {
+  // The model's tags (its rules' words for what it sees) as chips, best first.
+  function tagChips(tags) {
+    if (!tags || tags.length === 0) return null;
+    const list = h("ul", { class: "tags", role: "list", "aria-label": "Tags", "data-testid": "tags" });
+    for (const t of tags) {
+      const also = t.categories.length ? ` · ${t.categories.join(", ")}` : "";
+      list.append(
+        h("li", {
+          class: "chip",
+          "data-testid": "tag",
+          title: `${formatPercent(t.score)}${also}`,
+          text: t.name,
+        }),
+      );
+    }
+    return list;
+  }
+
+  function showPredictions(item, predictions, k, tags) {
     const mappable = canExplain(item);
     const list = h("ol", {
       class: "bars",
@@ -204,7 +222,9 @@
     }
     item.k = k;
     item.predictions = predictions;
-    const children = [list];
+    item.tags = tags || [];
+    const chips = tagChips(item.tags);
+    const children = chips ? [chips, list] : [list];
     item.heatToggle = null;
     if (mappable) {
       const toggle = h("input", { type: "checkbox", class: "heat-check", "data-testid": "heatmap-toggle" });
@@ -531,7 +551,7 @@
         item.retriable = result.error.status >= 500;
         showError(item, result.error.detail);
       }
-      else showPredictions(item, result.predictions, k);
+      else showPredictions(item, result.predictions, k, result.tags);
     }
     return { succeeded: body.succeeded, failed: body.failed };
   }
@@ -643,7 +663,7 @@
       explainable.set(ui.model.value, mappable);
       // Cards of this model already showing bars: offer (or withdraw) the heatmap.
       for (const item of items) {
-        if (item.state === "done" && item.model === ui.model.value) showPredictions(item, item.predictions, item.k);
+        if (item.state === "done" && item.model === ui.model.value) showPredictions(item, item.predictions, item.k, item.tags);
       }
     }
     limits.maxBatchFiles = Number(settings.max_batch_files) || limits.maxBatchFiles;

@@ -25,6 +25,7 @@ from resnet_service.faces.http.schemas import (
     ClassifyResponse,
     ItemError,
     Prediction,
+    Tag,
     model_ref,
 )
 from resnet_service.faces.http.uploads import (
@@ -50,6 +51,13 @@ def predictions_of(result: Classification) -> list[Prediction]:
     return [
         Prediction(label=label, index=index, score=score)
         for label, index, score in zip(p.labels, p.indices, p.scores, strict=True)
+    ]
+
+
+def tags_of(result: Classification) -> list[Tag]:
+    return [
+        Tag(name=t.name, score=t.score, categories=list(t.categories), aliases=list(t.aliases))
+        for t in result.tags
     ]
 
 
@@ -79,6 +87,7 @@ async def classify(
     context.timings, context.images_ok = result.timings, 1
     return ClassifyResponse(
         predictions=predictions_of(result),
+        tags=tags_of(result),
         top_k=k,
         model=model_ref(classifier),
         timings=timings_of(result),
@@ -122,5 +131,6 @@ def _batch_item(
         index=index,
         filename=filename,
         predictions=predictions_of(result),
+        tags=tags_of(result),
         timings=timings_of(result),
     )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Query, Response
 
 from resnet_service.asgi.deps import ClassifierDep, ServiceDep
+from resnet_service.core.classifier import Classifier
 from resnet_service.core.errors import NotReady
 from resnet_service.core.model_info import ModelInfo, measured_here
 from resnet_service.faces.http.openapi import problems
@@ -106,6 +108,15 @@ async def model(
     )
 
 
+def _tag_rules_status(classifier: Classifier | None) -> dict[str, Any]:
+    rules = classifier.tag_rules if classifier else None
+    return {
+        "tag_rules": Path(rules.source).name if rules else None,
+        "tags": len(rules.rules) if rules else None,
+        "tag_rules_problem": classifier.tag_rules_problem if classifier else None,
+    }
+
+
 @router.get(
     "/models",
     response_model=ModelsResponse,
@@ -126,6 +137,7 @@ async def models(service: ServiceDep) -> ModelsResponse:
                 runtime=e.classifier.model.info.runtime if e.classifier else None,
                 precision=e.classifier.model.info.precision if e.classifier else None,
                 num_classes=e.classifier.model.info.num_classes if e.classifier else None,
+                **_tag_rules_status(e.classifier),
             )
             for e in table.versions(name)
         ]

@@ -25,6 +25,21 @@ class Prediction(BaseModel):
     score: float = Field(ge=0, le=1, description="Softmax probability.", examples=[0.83])
 
 
+class Tag(BaseModel):
+    """A tag from the model's rules: the summed probability of its classes."""
+
+    name: str = Field(examples=["cat"])
+    score: float = Field(ge=0, le=1, description="Summed probability of its classes.")
+    categories: list[str] = Field(examples=[["animal", "pet"]])
+    aliases: list[str] = Field(examples=[["kitten"]])
+
+
+_TAGS: Final = (
+    "Tags from the model's rules (tags.yml), best first; empty when none clears its threshold "
+    "or the model has no rules."
+)
+
+
 class ModelRef(BaseModel):
     """Which model answered: enough provenance to tell deployments apart."""
 
@@ -72,6 +87,7 @@ class ClassifyResponse(BaseModel):
     """Top-k for one image."""
 
     predictions: list[Prediction] = Field(description="Best first.")
+    tags: list[Tag] = Field(description=_TAGS)
     top_k: int = Field(ge=1, description=_TOP_K)
     model: ModelRef
     timings: Timings
@@ -100,6 +116,7 @@ class BatchItemResult(BatchItem):
     """One image of a batch: predictions or an error."""
 
     predictions: list[Prediction] | None = None
+    tags: list[Tag] | None = Field(None, description=_TAGS)
 
 
 class BatchTotals(BaseModel):
@@ -256,6 +273,15 @@ class VersionStatus(BaseModel):
     runtime: Literal["torch", "openvino", "onnxruntime"] | None
     precision: Literal["int8", "fp32"] | None
     num_classes: int | None
+    tag_rules: str | None = Field(
+        None, description="Where its tag rules come from (a file name; null: no tags)."
+    )
+    tags: int | None = Field(None, description="How many tags its rules define.")
+    tag_rules_problem: str | None = Field(
+        None,
+        description="Why a changed rules file was refused (its line and reason); the rules "
+        "named in tag_rules keep serving until the file is fixed.",
+    )
 
 
 class ModelStatus(BaseModel):

@@ -17,6 +17,8 @@ message names the element.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -45,6 +47,8 @@ TENSOR_INPUT: Final = "input"
 PROBABILITIES: Final = "probabilities"
 EMBEDDING: Final = "embedding"
 CAM: Final = "cam"
+#: BYTES [N]: each image's tags as a JSON array of {name, score, categories, aliases}.
+TAGS: Final = "tags"
 #: What each output asks the forward for besides the logits.
 _WANTS: Final[dict[str, Output]] = {EMBEDDING: Output.EMBEDDING, CAM: Output.FEATURE_MAP}
 SERVER_NAME: Final = "resnet-service"
@@ -135,6 +139,8 @@ class DataPlane:
         if classifier.explainable:
             side = classifier.map_side
             specs.append(TensorSpec(CAM, "FP32", (-1, side, side)))
+        if classifier.tag_rules is not None:
+            specs.append(TensorSpec(TAGS, "BYTES", (-1,)))
         return specs
 
     # --- inference -----------------------------------------------------------------------
@@ -164,8 +170,13 @@ class DataPlane:
     def _requested(self, classifier: Classifier, request: InferRequest) -> list[RequestedOutput]:
         if not request.outputs:
             return [RequestedOutput(PROBABILITIES, binary=request.binary_output)]
-        names = [PROBABILITIES, EMBEDDING, CAM]
+        names = [PROBABILITIES, EMBEDDING, CAM, TAGS]
         for wanted in request.outputs:
+            if wanted.name == TAGS and classifier.tag_rules is None:
+                raise InvalidInferRequest(
+                    f"Model '{classifier.name}' has no tag rules (tags.yml beside it); "
+                    f"ask for '{PROBABILITIES}'."
+                )
             if wanted.name not in names:
                 raise InvalidInferRequest(
                     f"Unknown output '{wanted.name}'; the model has "
@@ -233,6 +244,11 @@ class DataPlane:
                 ]
             )
             return OutputTensor(CAM, "FP32", maps.shape, array=maps, binary=wanted.binary)
+        if wanted.name == TAGS:
+            elements = [_tags_json(r) for r in results]
+            return OutputTensor(
+                TAGS, "BYTES", (len(results),), elements=elements, binary=wanted.binary
+            )
         if wanted.classification is None:
             probabilities = np.stack([r.probabilities for r in results])
             return OutputTensor(
@@ -253,6 +269,10 @@ class DataPlane:
         return OutputTensor(
             PROBABILITIES, "BYTES", (len(results), k), elements=elements, binary=wanted.binary
         )
+
+
+def _tags_json(result: Classification) -> bytes:
+    return json.dumps([dataclasses.asdict(tag) for tag in result.tags]).encode()
 
 
 def _check_target(classifier: Classifier, target: object) -> None:

@@ -50,6 +50,7 @@ GRPC_STATUS: Final[dict[str, grpc.StatusCode]] = {
     errors.ArtifactBuildFailed.code: _UNAVAILABLE,
     errors.CacheUnwritable.code: _UNAVAILABLE,
     errors.BundleInvalid.code: _UNAVAILABLE,
+    errors.TagRulesInvalid.code: _UNAVAILABLE,
     errors.DeadlineExceeded.code: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 

@@ -64,6 +64,8 @@ class TagRow:
     width: int | None = None
     height: int | None = None
     embedding: npt.NDArray[np.float32] | None = None
+    #: The model's tags for the image (``core.tag_rules``), best first: (name, score).
+    tags: list[tuple[str, float]] = field(default_factory=list)
 
 
 def path_key(path: str) -> int:

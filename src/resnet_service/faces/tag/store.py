@@ -65,6 +65,10 @@ def schema(embed: bool) -> pa.Schema:
             ),
         ),
         pa.field(
+            "tags",
+            pa.list_(pa.struct([pa.field("name", pa.string()), pa.field("score", pa.float64())])),
+        ),
+        pa.field(
             "error", pa.struct([pa.field("code", pa.string()), pa.field("detail", pa.string())])
         ),
         pa.field("width", pa.int32()),
@@ -92,6 +96,10 @@ def to_table(rows: list[TagRow], stamp: ModelStamp, embed: bool, tagged_at: int)
             None
             if r.error is not None
             else [{"label": p.label, "index": p.index, "score": p.score} for p in r.predictions]
+            for r in rows
+        ],
+        "tags": [
+            None if r.error is not None else [{"name": n, "score": v} for n, v in r.tags]
             for r in rows
         ],
         "error": [

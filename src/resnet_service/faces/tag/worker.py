@@ -117,7 +117,10 @@ class Tagger:
     """A loaded model and the job's choices: ``run`` turns inputs into rows."""
 
     def __init__(self, model: ServedModel, spec: WorkerSpec) -> None:
+        from resnet_service.model.tag_rules_file import tag_rules_for
+
         self.model = model
+        self.rules = tag_rules_for(spec.settings, model.labels)
         self.top_k = min(spec.top_k, model.info.num_classes)
         self.embed = spec.embed
         settings = spec.settings
@@ -174,10 +177,18 @@ class Tagger:
             embedding = None
             if self.embed and outputs.embedding is not None:
                 embedding = l2_normalised(outputs.embedding[row].copy())
+            tags = self.rules.tags(probabilities[row]) if self.rules else ()
             item = image.item
             rows.append(
                 TagRow(
-                    item.path, item.size, item.source_version, labels, None, *image.size, embedding
+                    item.path,
+                    item.size,
+                    item.source_version,
+                    labels,
+                    None,
+                    *image.size,
+                    embedding,
+                    [(t.name, round(t.score, 6)) for t in tags],
                 )
             )
         return rows
