@@ -104,7 +104,7 @@ async def test_cancelled_callers_give_back_their_decode_slots(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.to_thread(
-            wait_until, lambda: clf._decoding == 0, 10, "the running decode to end"
+            wait_until, lambda: clf.decoding.in_flight == 0, 10, "the running decode to end"
         )
         results = await clf.classify_many([jpeg_of("coffee")] * 3)
         assert all(isinstance(r, Classification) for r in results)

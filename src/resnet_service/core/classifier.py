@@ -1,7 +1,7 @@
 """The transport-free core: image bytes (or preprocessed arrays) -> Top-k, shared by every face.
 
-Decoding runs on a bounded pool of plain threads (never the event loop); the model runs on the
-engine thread. The HTTP routes, the Open Inference Protocol faces and the CLI all call
+Decoding runs on a bounded pool of plain threads (``core.decode_stage``, never the event loop);
+the model runs on the engine thread. The HTTP routes, the Open Inference Protocol faces and the CLI all call
 ``classify``/``classify_many``, so the input contract, the limits and the numbers are the same
 everywhere. Admission (``admit``) is by predicted wait, decided before an upload is read.
 """
@@ -11,28 +11,29 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future
 from contextlib import contextmanager
 from contextvars import Context, copy_context
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final
 
 from resnet_service.core import priority
 from resnet_service.core.admission import AdmissionPolicy, Ticket, Workload
-from resnet_service.core.decode_threads import DecodeThreads
+from resnet_service.core.decode_stage import (
+    DecodeLimits,
+    DecodeObserver,
+    DecodeStage,
+    Queued,
+)
 from resnet_service.core.engine import (
     ComputeGate,
-    EngineObserver,
     InferenceEngine,
     Probabilities,
     Scores,
 )
 from resnet_service.core.engine_spans import child_span
 from resnet_service.core.errors import (
-    DeadlineExceeded,
     InvalidParameter,
     NotReady,
     OutputUnavailable,
@@ -45,11 +46,9 @@ from resnet_service.core.images import (
     Pixels,
     Tensor3,
     crop_source_box,
-    decode_sized,
     install_bomb_guard,
     normalise_pixels,
 )
-from resnet_service.core.priority import Priority
 from resnet_service.core.response_cache import ResponseCache
 from resnet_service.core.results import Classification, Explanation, Prediction, Timings, top_k
 from resnet_service.core.runtime import LOGITS_ONLY, Output, ServedModel, Wants
@@ -91,39 +90,11 @@ class ClassifierOptions:
     response_cache_bytes: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Decoded:
-    """One decoded image (8-bit, model-sized), with its decode time and how long it waited for
-    a decode thread."""
-
-    array: Pixels
-    decode_s: float
-    waited_s: float
-    #: The upright (width, height) of the image as sent.
-    size: tuple[int, int]
-
-
-@dataclass(frozen=True, slots=True)
-class Queued:
-    """A decoded image and its place in the model's queue."""
-
-    decoded: Decoded
-    scores: Future[Scores]
-
-
 @dataclass(slots=True)
 class _Slot:
     """One image's place in the pipeline; ``waited_s`` is set once it was served."""
 
     waited_s: float | None = None
-
-
-class DecodeObserver(EngineObserver, Protocol):
-    """Engine hooks plus the decode stage (implemented by the metrics module)."""
-
-    def decoded(self, seconds: float) -> None: ...
-
-    def cache_lookup(self, hit: bool, cached_bytes: int) -> None: ...
 
 
 class Classifier:
@@ -180,12 +151,20 @@ class Classifier:
         )
         self.workload = Workload(options.admission, _INITIAL_DECODE_S)
         self._observer = observer
-        self._pool = DecodeThreads(self.decode_threads, self._has_room, self._stale_error)
-        self.engine.on_room(self._pool.wake)
-        # Decodes waiting or running; bounded like the engine queue so memory stays bounded.
-        self._decoding = 0
-        self._decoding_lock = threading.Lock()
-        self._decode_capacity = options.queue_capacity + self.decode_threads
+        self.decoding = DecodeStage(
+            DecodeLimits(
+                threads=self.decode_threads,
+                images=self.limits,
+                spec=spec,
+                fast=self.fast,
+                request_timeout_s=options.request_timeout_s,
+                batch=options.max_batch_size,
+                queue_capacity=options.queue_capacity,
+            ),
+            self.engine,
+            self.workload,
+            observer,
+        )
         self.cache: ResponseCache | None = None
         if options.response_cache_bytes > 0:
             info = model.info
@@ -204,7 +183,7 @@ class Classifier:
     def stop(self, timeout: float | None = None) -> None:
         """Finish queued work (within ``timeout``), then stop the engine and the decode pool."""
         self.engine.stop(self.options.shutdown_grace_s if timeout is None else timeout)
-        self._pool.shutdown()
+        self.decoding.shutdown()
         self.model.runtime.close()
 
     @property
@@ -235,72 +214,11 @@ class Classifier:
             raise NotReady("the model is not ready (starting up or shutting down)")
         return self.workload.admit(priority.current())
 
-    # --- decoding ------------------------------------------------------------------------
-    def _stale_error(self, waited_s: float) -> Overloaded | None:
-        """Fresh over stale (see ``resnet_service.core.admission``): the refusal of an image
-        that waited this long for a decoder, or None while it may still be served."""
-        if not self.workload.stale(waited_s):
-            return None
-        return Overloaded(
-            f"this image waited {waited_s * 1000:.0f} ms for a decoder while the service is "
-            "overloaded, and was dropped in favour of newer requests; retry later",
-            retry_after_s=1,
-        )
-
-    def _has_room(self, wanted: Priority) -> bool:
-        """Just in time: a decode thread takes an image only while fewer than a batch of what
-        goes before it wait for the model (``InferenceEngine.has_room``). Past that an image
-        waits as its bytes, where a standing queue's stale work is dropped before any CPU is
-        spent on it and where it does not take the cores from other models or from an
-        interactive batch."""
-        return self.engine.has_room(wanted, self.options.max_batch_size)
-
-    def _decode_sync(self, data: bytes, submitted: float, wants: Wants) -> Queued:
-        """Decode one image and queue it for the model, on a decode thread (so that the room
-        check and the put are one thread's steps), in the request's context (its priority,
-        and its span for the batch's trace)."""
-        timeout_s = self.options.request_timeout_s
-        started = time.monotonic()
-        waited = started - submitted
-        if waited > timeout_s:
-            raise DeadlineExceeded("the request's deadline passed while it waited for a decoder")
-        if (stale := self._stale_error(waited)) is not None:
-            raise stale
-        pixels, size = decode_sized(data, self.limits, self.model.spec, fast=self.fast)
-        decoded = Decoded(pixels, time.monotonic() - started, waited, size)
-        return Queued(decoded, self.engine.submit(pixels, timeout_s, wants))
-
-    def _release_decode_slot(self, _: object = None) -> None:
-        with self._decoding_lock:
-            self._decoding -= 1
-
     async def decode(
         self, data: bytes, wants: Wants = LOGITS_ONLY, context: Context | None = None
     ) -> Queued:
-        """Decode on the pool and queue for the model, in ``context`` (the caller's by
-        default); ``Overloaded`` at once when the pool's backlog is full."""
-        context = context or copy_context()
-        with self._decoding_lock:
-            if self._decoding >= self._decode_capacity:
-                raise Overloaded(
-                    "too many images are waiting to be decoded; retry later",
-                    retry_after_s=self.workload.retry_after_s(),
-                )
-            self._decoding += 1
-        try:
-            decode = functools.partial(
-                context.run, self._decode_sync, data, time.monotonic(), wants
-            )
-            future: Future[Queued] = self._pool.submit(decode, priority.current())
-        except RuntimeError:  # pool shut down
-            self._release_decode_slot()
-            raise NotReady("the service is shutting down") from None
-        # Released when the decode ends *or* is cancelled before it ran (caller gone).
-        future.add_done_callback(self._release_decode_slot)
-        queued = await asyncio.wrap_future(future)
-        if self._observer:
-            self._observer.decoded(queued.decoded.decode_s)
-        return queued
+        """Decode on the pool and queue for the model (``core.decode_stage``)."""
+        return await self.decoding.decode(data, wants, context)
 
     # --- classification ------------------------------------------------------------------
     async def classify(
