@@ -98,11 +98,12 @@ bench-tag: install
 	$(BIN)/python -m resnet_bench.tagjob --artifact bench/results/tag-model --out bench \
 		--memory-sizes "$(TAG_MEMORY_SIZES)"
 
-# The fine-tuning task suite over three seeds, torch int8 at every ISA level too (~14 min);
-# prints the table docs/finetuning.md gives (bench/finetune-suite.jsonl keeps the rows).
+# The fine-tuning task suite and the untuned tasks over three seeds, torch int8 at every ISA
+# level too (~30 min on 2 cores); prints the tables docs/finetuning.md gives
+# (bench/finetune-suite.jsonl keeps the rows).
 finetune-suite: install test-deps
 	rm -f bench/finetune-suite.jsonl
-	RESNET_SUITE_SEEDS=0,1,2 RESNET_SUITE_ISA_RUNTIMES=openvino,torch \
+	RESNET_SUITE_SEEDS=0,1,2 RESNET_SUITE_TASKS=all RESNET_SUITE_ISA_RUNTIMES=openvino,torch \
 	RESNET_SUITE_REPORT=bench/finetune-suite.jsonl \
 	$(BIN)/pytest -s tests/process/test_training_quality.py
 	$(BIN)/python scripts/task_table.py bench/finetune-suite.jsonl

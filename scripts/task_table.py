@@ -4,9 +4,11 @@
         .venv/bin/pytest -s tests/process/test_training_quality.py
     .venv/bin/python scripts/task_table.py /tmp/suite.jsonl
 
-One row per task: the probe and the served int8 default on the held-out split (mean over
-seeds), the per-seed gap (served - probe: mean, min, max), fp32, what was trained per seed,
-and the fine-tuning wall time; then the mean over tasks, per seed and overall; then the int8
+One row per task: the probe (standardised features), the textbook probe (raw features) and
+the served int8 default on the held-out split (mean over seeds), the per-seed gap to each
+(served - probe: mean, min, max), fp32, what was trained per seed,
+and the fine-tuning wall time (one table for the suite, one for the untuned tasks); then the
+mean over tasks, per seed and overall; then the int8
 agreement with fp32 per runtime and capped instruction-set level (``isa_task`` rows: the
 lowest agreement and the largest accuracy drop over the seeds).
 """
@@ -19,6 +21,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from resnet_bench.tasks import UNTUNED
+
 
 def _pct(value: float) -> str:
     return f"{100 * value:.1f}"
@@ -29,35 +33,41 @@ def table(rows: list[dict[str, object]]) -> str:
     for row in rows:
         by_task[str(row["task"])].append(row)
     lines = [
-        "| task | probe | default (served int8) | gap per seed: mean [min, max] | fp32 "
-        "| trained (per seed) | wall s |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| task | probe | textbook probe | default (served int8) | gap to the probe per seed: "
+        "mean [min, max] | gap to the textbook probe | fp32 | trained (per seed) | wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for task, runs in sorted(by_task.items()):
         runs.sort(key=lambda r: int(r["seed"]))  # type: ignore[call-overload]
         probe = [float(r["probe_test_accuracy"]) for r in runs]  # type: ignore[arg-type]
         served = [float(r["int8_http_test_accuracy"]) for r in runs]  # type: ignore[arg-type]
         fp32 = [float(r["fp32_test_accuracy"]) for r in runs]  # type: ignore[arg-type]
-        gaps = [s - p for s, p in zip(served, probe, strict=True)]
+        textbook = [float(r["textbook_test_accuracy"]) for r in runs]  # type: ignore[arg-type]
         wall = [float(r["finetune_wall_seconds"]) for r in runs]  # type: ignore[arg-type]
         lines.append(
-            f"| {task} | {_pct(statistics.mean(probe))} | {_pct(statistics.mean(served))} "
-            f"| {100 * statistics.mean(gaps):+.1f} [{100 * min(gaps):+.1f}, "
-            f"{100 * max(gaps):+.1f}] | {_pct(statistics.mean(fp32))} "
+            f"| {task} | {_pct(statistics.mean(probe))} | {_pct(statistics.mean(textbook))} "
+            f"| {_pct(statistics.mean(served))} | {_gaps(served, probe)} "
+            f"| {_gaps(served, textbook)} | {_pct(statistics.mean(fp32))} "
             f"| {', '.join(str(r['trained']) for r in runs)} | {statistics.mean(wall):.0f} |"
         )
     seeds = sorted({int(r["seed"]) for r in rows})  # type: ignore[call-overload]
-    per_seed = []
-    for seed in seeds:
-        mine = [r for r in rows if r["seed"] == seed]
-        gap = statistics.mean(
-            float(r["int8_http_test_accuracy"]) - float(r["probe_test_accuracy"])  # type: ignore[arg-type]
-            for r in mine
-        )
-        per_seed.append(f"seed {seed}: {100 * gap:+.2f}")
     lines.append("")
-    lines.append("Mean over tasks, served int8 - probe: " + "; ".join(per_seed))
+    for key, name in (("probe_test_accuracy", "probe"), ("textbook_test_accuracy", "textbook")):
+        per_seed = []
+        for seed in seeds:
+            mine = [r for r in rows if r["seed"] == seed]
+            gap = statistics.mean(
+                float(r["int8_http_test_accuracy"]) - float(r[key])  # type: ignore[arg-type]
+                for r in mine
+            )
+            per_seed.append(f"seed {seed}: {100 * gap:+.2f}")
+        lines.append(f"Mean over tasks, served int8 - {name}: " + "; ".join(per_seed))
     return "\n".join(lines)
+
+
+def _gaps(served: list[float], baseline: list[float]) -> str:
+    gaps = [s - b for s, b in zip(served, baseline, strict=True)]
+    return f"{100 * statistics.mean(gaps):+.1f} [{100 * min(gaps):+.1f}, {100 * max(gaps):+.1f}]"
 
 
 def isa_table(rows: list[dict[str, object]]) -> str:
@@ -85,7 +95,15 @@ def isa_table(rows: list[dict[str, object]]) -> str:
 
 def main(argv: list[str]) -> int:
     rows = [json.loads(line) for line in Path(argv[1]).read_text().splitlines() if line]
-    print(table([r for r in rows if "isa_task" not in r]))
+    tasks = [r for r in rows if "isa_task" not in r]
+    for name, members in (
+        ("The suite", [r for r in tasks if r["task"] not in UNTUNED]),
+        ("Tasks nothing was tuned on", [r for r in tasks if r["task"] in UNTUNED]),
+    ):
+        if members:
+            print(f"{name}:\n")
+            print(table(members))
+            print()
     isa = [r for r in rows if "isa_task" in r]
     if isa:
         print()

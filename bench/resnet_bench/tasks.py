@@ -16,6 +16,13 @@ must not lose on:
 - ``stripes`` and ``photo-crops``: the two earlier quality tasks (gratings at three
   orientations; balanced texture crops).
 
+``UNTUNED`` holds tasks no choice of the recipe was tuned on (issue 34), kept out of ``make
+test``: ``stray-lines`` (a filled disc, square or triangle of random size, place and colour
+among 2-4 stray lines, 40 + 20 images a class), ``stray-lines-few`` (the same, 10 training
+images a class), ``stars`` (other shapes: pentagon, hexagon, five-pointed star), ``colours``
+(the class is the fill's colour family, the shape is random) and ``sizes`` (the class is the
+size band).
+
 Images are small (``side`` pixels) because the suite fine-tunes at 64 px to stay short.
 
 ``python -m resnet_bench.tasks shapes DIR [--seed N]`` writes one to try ``finetune`` with (the
@@ -235,16 +242,92 @@ WRITERS: dict[str, Callable[[Path, int], TaskData]] = {
 #: The five kinds the issue names; ``stripes`` and ``photo-crops`` join them in the suite.
 NEW_KINDS = ("shapes", "ellipses", "digits-10", "textures-5to1", "grey-marks")
 
+FAMILIES = {"red": (210, 45, 45), "green": (45, 170, 60), "blue": (50, 70, 215)}
+SIZE_BANDS = {"small": (0.07, 0.13), "medium": (0.16, 0.24), "large": (0.28, 0.42)}
+STRAY_SHAPES = ("disc", "square", "triangle")
+
+
+def _stray_lines(pen: ImageDraw.ImageDraw, rng: np.random.Generator) -> None:
+    for _ in range(int(rng.integers(2, 5))):
+        ends = [(float(v) for v in rng.uniform(0, SIDE, 2)) for _ in range(2)]
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        pen.line([tuple(e) for e in ends], fill=colour, width=int(rng.integers(1, 4)))
+
+
+def _filled(
+    pen: ImageDraw.ImageDraw,
+    shape: str,
+    centre: tuple[float, float],
+    r: float,
+    colour: tuple[int, ...],
+    turn: float,
+) -> None:
+    cx, cy = centre
+    if shape == "disc":
+        pen.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
+    elif shape == "star":
+        angles = turn + np.pi * np.arange(10) / 5
+        radii = np.where(np.arange(10) % 2 == 0, r, 0.45 * r)
+        pen.polygon(
+            list(zip(cx + radii * np.cos(angles), cy + radii * np.sin(angles), strict=True)),
+            fill=colour,
+        )
+    else:
+        sides = {"triangle": 3, "square": 4, "pentagon": 5, "hexagon": 6}[shape]
+        pen.polygon(_polygon(sides, centre, r, turn), fill=colour)
+
+
+def draw_among_lines(kind: str) -> Callable[[str, str, np.random.Generator], Image.Image]:
+    """A filled shape among stray lines on a random background; what the label fixes (the
+    shape, its colour family or its size band) depends on ``kind``."""
+
+    def draw(label: str, _split: str, rng: np.random.Generator) -> Image.Image:
+        image = Image.new("RGB", (SIDE, SIDE), tuple(int(c) for c in rng.integers(0, 256, 3)))
+        pen = ImageDraw.Draw(image)
+        _stray_lines(pen, rng)
+        centre, r = _placed(rng, *SIZE_BANDS.get(label, (0.12, 0.35)))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        if kind == "colours":
+            jitter = rng.integers(-30, 31, 3)
+            colour = tuple(
+                int(np.clip(c + j, 0, 255)) for c, j in zip(FAMILIES[label], jitter, strict=True)
+            )
+        shape = label if kind == "shapes" else STRAY_SHAPES[int(rng.integers(3))]
+        _filled(pen, shape, centre, r, colour, rng.uniform(0, 2 * np.pi))
+        return image
+
+    return draw
+
+
+UNTUNED: dict[str, Callable[[Path, int], TaskData]] = {
+    "stray-lines": lambda root, seed: _write(
+        root, _balanced(STRAY_SHAPES, 40, 20), draw_among_lines("shapes"), seed
+    ),
+    "stray-lines-few": lambda root, seed: _write(
+        root, _balanced(STRAY_SHAPES, 10, 20), draw_among_lines("shapes"), seed
+    ),
+    "stars": lambda root, seed: _write(
+        root, _balanced(("hexagon", "pentagon", "star"), 40, 20), draw_among_lines("shapes"), seed
+    ),
+    "colours": lambda root, seed: _write(
+        root, _balanced(tuple(FAMILIES), 40, 20), draw_among_lines("colours"), seed
+    ),
+    "sizes": lambda root, seed: _write(
+        root, _balanced(tuple(SIZE_BANDS), 40, 20), draw_among_lines("sizes"), seed
+    ),
+}
+TASKS = {**WRITERS, **UNTUNED}
+
 
 def write_task(name: str, root: Path, seed: int = 0) -> TaskData:
-    return WRITERS[name](root, seed)
+    return TASKS[name](root, seed)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m resnet_bench.tasks", description="write a task as an ImageFolder"
     )
-    parser.add_argument("task", choices=sorted(WRITERS))
+    parser.add_argument("task", choices=sorted(TASKS))
     parser.add_argument("dir", type=Path, help="writes DIR/train/<class>/ and DIR/test/<class>/")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -157,6 +157,10 @@ def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
             "classes": result.manifest.num_classes,
             "val_accuracy": round(report.val_accuracy, 4),
             "probe_val_accuracy": round(report.probe.val_accuracy, 4) if report.probe else None,
+            "textbook_probe_val_accuracy": (
+                round(report.textbook_probe.val_accuracy, 4) if report.textbook_probe else None
+            ),
+            "features": "standardised" if report.head.standardised else "raw",
             "trained": report.trained,  # what is served: the head alone, or a block with it
             "recalibrated_bn": report.recalibrated_bn,
             # Block training, when it ran: its steps whether or not the block was kept.
@@ -348,7 +352,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
-    """Tags against labelled images: the report in --out, its summary on stdout."""
+    """The model and its tags against labelled images: the report in --out, its summary on
+    stdout."""
     from resnet_service.training.evaluate import evaluate, write_report
 
     if not 0 < args.target_precision <= 1:
@@ -561,11 +566,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser(
         "evaluate",
-        help="how the model's tags do on labelled images; thresholds for a target precision",
-        description="Classify LABELLED_DIR/<label>/* and report per tag its precision, recall "
-        "and the share of images tagged at the thresholds in force, the lowest threshold that "
-        "reaches --target-precision (with its 95%% interval), a Markdown report and the "
-        "precision-recall curves (PNG) in --out. Prints the summary as one JSON line.",
+        help="the model and its tags on labelled images; thresholds for a target precision",
+        description="Classify LABELLED_DIR/<label>/* and report the model's accuracy (with its "
+        "95%% interval; for a fine-tuned bundle, its report's figures beside both linear probes) "
+        "and per tag its precision, recall and the share of images tagged at the thresholds in "
+        "force, the lowest threshold that reaches --target-precision (with its 95%% interval), "
+        "a Markdown report and the precision-recall curves (PNG) in --out. Prints the summary "
+        "as one JSON line.",
     )
     evaluate.add_argument("labelled_dir", type=Path, help="one sub-folder per class label")
     evaluate.add_argument("--rules", type=Path, help="tag rules to judge (default: the model's)")

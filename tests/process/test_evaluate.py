@@ -91,13 +91,31 @@ def test_evaluate_reports_what_the_tags_do_and_thresholds_that_hold_on_held_out_
         str(out),
         *model,
     )
-    assert (out / "evaluation.md").read_text().startswith("# Tags on labelled images")
+    document_a = (out / "evaluation.md").read_text()
+    assert document_a.startswith("# The model on labelled images")
+    assert "## Tags" in document_a
     assert (out / "pr_curves.png").stat().st_size > 10_000
     assert on_a["images"] == 150
+
+    # A fine-tuned bundle: its report's comparison with both probes stands beside the
+    # accuracy measured here.
+    report = json.loads((bundle / "report.json").read_text())
+    assert on_a["training"] == {
+        "val_accuracy": round(report["val_accuracy"], 4),
+        "probe_val_accuracy": round(report["probe_val_accuracy"], 4),
+        "textbook_probe_val_accuracy": round(report["textbook_probe_val_accuracy"], 4),
+        "trained": "head",
+        "features": "standardised" if report["head"]["standardised"] else "raw",
+    }
+    assert "textbook probe (C=1, raw features)" in document_a
+    low, high = on_a["accuracy_95"]
+    assert low < on_a["accuracy"] < high
 
     # The figures in force, counted by hand from predict's probabilities.
     assert main(["predict", str(a), "--top-k", "10", "--tag-rules", str(rules), *model]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    first = [line["predictions"][0]["label"] == Path(line["file"]).parent.name for line in lines]
+    assert on_a["accuracy"] == pytest.approx(sum(first) / len(first), abs=1e-4)
     truth: dict[str, list[tuple[bool, float]]] = {
         n: [] for n in ("even", "loops", "small", "seven")
     }
@@ -159,10 +177,36 @@ def test_evaluate_says_what_is_wrong_with_its_input(
     bundle = write_test_bundle(tmp_path / "m", ["cat", "dog"], "pets")
     (tmp_path / "data" / "horse").mkdir(parents=True)
     model = _flags(bundle, tmp_path / "cache")
-    assert main(["evaluate", str(tmp_path / "data"), *model]) == 1
-    assert "has no tag rules" in capsys.readouterr().err
     rules = tmp_path / "tags.yml"
     rules.write_text("tags:\n  - {name: pet, classes: [cat, dog]}\n")
     assert main(["evaluate", str(tmp_path / "data"), "--rules", str(rules), *model]) == 1
     assert "folders ['horse'] are not labels of this model" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "data"), "--target-precision", "90", *model]) == 2
+
+
+def test_evaluate_without_tag_rules_judges_the_classes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model with no rules (and no fine-tuning report): the classes alone, said so."""
+    from tests.harness import PHOTOS, jpeg_of
+    from tests.weights import write_test_bundle
+
+    bundle = write_test_bundle(tmp_path / "m", ["cat", "dog"], "pets")
+    for i, name in enumerate(PHOTOS[:4]):
+        folder = tmp_path / "data" / ("cat" if i % 2 == 0 else "dog")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.jpg").write_bytes(jpeg_of(name, (320, 240)))
+    out = tmp_path / "report"
+    model = _flags(bundle, tmp_path / "cache")
+    summary = _evaluate(capsys, str(tmp_path / "data"), "--out", str(out), *model)
+    assert (summary["rules"], summary["tags"], summary["coverage"]) == (None, [], None)
+    assert summary["training"] is None  # not a bundle finetune wrote
+    assert summary["images"] == 4
+    assert main(["predict", str(tmp_path / "data"), *model]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    first = [line["predictions"][0]["label"] == Path(line["file"]).parent.name for line in lines]
+    assert summary["accuracy"] == sum(first) / 4
+    low, high = summary["accuracy_95"]
+    assert low <= summary["accuracy"] <= high
+    assert "No tag rules: only the classes are judged" in (out / "evaluation.md").read_text()
+    assert not (out / "pr_curves.png").exists()

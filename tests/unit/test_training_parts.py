@@ -27,7 +27,13 @@ from resnet_service.training.head import (
 from resnet_service.training.loop import LoopConfig, train_block
 from resnet_service.training.options import FinetuneConfig
 from resnet_service.training.probe import linear_probe
-from resnet_service.training.selection import Candidate, choose_linear, paired, pool
+from resnet_service.training.selection import (
+    Candidate,
+    better_probe,
+    choose_linear,
+    paired,
+    pool,
+)
 
 
 def blobs(n: int, dim: int, classes: int, noise: float, seed: int) -> tuple[torch.Tensor, ...]:
@@ -59,6 +65,22 @@ def test_head_fits_to_convergence_like_sklearn() -> None:
     with torch.no_grad():
         ours = head(x).argmax(1).numpy()
     assert (ours == reference.predict(z)).mean() >= 0.99
+
+
+def test_raw_head_is_the_textbook_probe() -> None:
+    """The selection's textbook candidate (``standardise=False`` at the probe's strength) is
+    scikit-learn's ``LogisticRegression(C=1)`` on the raw features: the same predictions, on
+    features with a scale and offset of their own (pooled ReLU features are positive)."""
+    x, y = blobs(300, 32, 4, 2.0, seed=5)
+    x = x.abs() * 3.0 + 0.5
+    head = fit_head(x, y, 4, probe_l2(len(y)), standardise=False)
+    reference = LogisticRegression(C=1.0, max_iter=10_000).fit(x.double().numpy(), y.numpy())
+    with torch.no_grad():
+        ours = head(x).argmax(1).numpy()
+    assert (ours == reference.predict(x.double().numpy())).mean() >= 0.99
+    assert torch.equal(head.get_buffer("std"), torch.ones(32))  # nothing rescaled
+    standardised = fit_head(x, y, 4, probe_l2(len(y)))
+    assert not torch.equal(standardised.get_buffer("std"), torch.ones(32))
 
 
 def test_cross_validation_regularises_noisy_features_and_generalises() -> None:
@@ -213,7 +235,16 @@ def test_a_clear_lead_is_taken() -> None:
     better = _candidate([1, 1, 1, 0] * 25)  # right on 25 more of 100, wrong on none more
     chosen, why = choose_linear([incumbent, better], incumbent)
     assert chosen is better
-    assert "beat the probe's configuration" in why
+    assert "beat the better probe's configuration" in why
+
+
+def test_the_better_probe_is_the_incumbent_and_a_tie_keeps_the_standardised_one() -> None:
+    standardised = Candidate(False, 0.01, torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    textbook = Candidate(False, 0.01, torch.tensor([1.0, 1.0, 1.0, 0.0]), standardised=False)
+    assert better_probe([standardised, textbook]) is textbook
+    assert "raw features (the textbook probe)" in textbook.describe()
+    tied = Candidate(False, 0.01, torch.tensor([0.0, 1.0, 1.0, 0.0]), standardised=False)
+    assert better_probe([tied, standardised]) is standardised
 
 
 def test_block_training_needs_a_clear_paired_win() -> None:

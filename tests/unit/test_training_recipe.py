@@ -62,7 +62,12 @@ def test_every_path_writes_a_servable_bundle(
     result = _run(tmp_path, weights_file, train, bn)
     report = result.report
     decided = {d.what: d for d in report.decisions}
-    assert [d.what for d in report.decisions[:3]] == ["recalibrate_bn", "l2", "train"]
+    assert [d.what for d in report.decisions[:4]] == [
+        "recalibrate_bn",
+        "l2",
+        "features",
+        "train",
+    ]
     assert ("refit" in decided) == (report.trained == "head")
     if bn != "auto":
         assert report.recalibrated_bn == (bn == "yes")
@@ -82,6 +87,10 @@ def test_every_path_writes_a_servable_bundle(
     saved = json.loads((bundle / "report.json").read_text())
     assert saved["val_accuracy"] == report.val_accuracy
     assert saved["probe_val_accuracy"] == report.probe.val_accuracy
+    assert report.textbook_probe is not None
+    assert saved["textbook_probe_val_accuracy"] == report.textbook_probe.val_accuracy
+    assert "raw" in report.textbook_probe.description
+    assert decided["features"].choice == ("standardised" if report.head.standardised else "raw")
     assert saved["history"] == [] or saved["history"][0]["train_loss"] is None  # no NaN in JSON
     manifest = read_manifest(bundle)
     assert manifest.provenance["trained"] == report.trained

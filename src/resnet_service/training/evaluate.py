@@ -4,7 +4,12 @@ images get a tag at all (coverage) at the thresholds in force, the threshold eac
 a target precision with its sampling error, the precision-recall curves (PNG) and a report a
 person reads (Markdown). A tag's truth is its rule: an image is a positive of a tag when its
 class is one of the tag's classes (a hierarchy node counts every class below it). Tags are
-judged one at a time, before the per-image cap (``max_tags``) picks among them."""
+judged one at a time, before the per-image cap (``max_tags``) picks among them.
+
+It also says how often the model's first class is the labelled one, and for a bundle
+``finetune`` wrote, its report's validation figures beside that: the model against the two
+probes (standardised features, and the textbook probe on the raw ones). A model without tag
+rules gets that part alone."""
 
 from __future__ import annotations
 
@@ -20,18 +25,21 @@ import numpy.typing as npt
 
 from resnet_service.config import Settings
 from resnet_service.core.classifier import Classifier
-from resnet_service.core.errors import DatasetError, ServiceError, TagRulesInvalid
+from resnet_service.core.errors import DatasetError, ServiceError
 from resnet_service.core.tag_rules import TagRules
 from resnet_service.model.datasets import image_files
 from resnet_service.model.served import open_served_model
 from resnet_service.model.tag_rules_file import read_tag_rules, tag_rules_for
 from resnet_service.service.loading import classifier_options
+from resnet_service.training.report_figures import TrainingFigures, read_training_figures
 from resnet_service.training.tag_metrics import (
     AtThreshold,
     Curve,
+    Interval,
     at_threshold,
     pr_curve,
     suggest_threshold,
+    wilson,
 )
 
 log = logging.getLogger(__name__)
@@ -110,16 +118,22 @@ def _round(value: float | None) -> float | None:
 class Evaluation:
     images: int
     unreadable: int
-    coverage: float  # share of images with at least one tag at the thresholds in force
+    accuracy: float  # share of images whose first class is the labelled one
+    accuracy_95: Interval
+    coverage: float | None  # share with at least one tag at the thresholds in force
     target_precision: float
-    rules: str
+    rules: str | None  # None: the model has no tag rules, only the classes are judged
     tags: list[TagEvaluation]
+    training: TrainingFigures | None  # a fine-tuned bundle's own report
 
     def summary(self) -> dict[str, Any]:
         return {
             "images": self.images,
             "unreadable": self.unreadable,
-            "coverage": round(self.coverage, 4),
+            "accuracy": round(self.accuracy, 4),
+            "accuracy_95": [round(self.accuracy_95.low, 4), round(self.accuracy_95.high, 4)],
+            "training": self.training.summary() if self.training else None,
+            "coverage": _round(self.coverage),
             "target_precision": self.target_precision,
             "rules": self.rules,
             "tags": [t.summary() for t in self.tags],
@@ -178,8 +192,10 @@ def evaluate(settings: Settings, root: Path, rules_file: Path | None, target: fl
         else tag_rules_for(settings, model.labels)
     )
     if rules is None:
-        raise TagRulesInvalid(
-            f"{model.info.name} has no tag rules: give --rules FILE (or put tags.yml beside it)"
+        log.warning(
+            "%s has no tag rules: only its classes are judged (give --rules FILE, or put "
+            "tags.yml beside the model, to judge tags)",
+            model.info.name,
         )
     data = labelled_images(root, model.labels)
     classifier = Classifier(model, classifier_options(settings))
@@ -194,14 +210,17 @@ def evaluate(settings: Settings, root: Path, rules_file: Path | None, target: fl
         raise DatasetError(f"none of the {len(answers)} images below {root} could be read")
     probabilities = np.stack([answers[i] for i in kept])  # type: ignore[misc]
     classes = data.classes[kept]
-    tagged = sum(1 for p in probabilities if rules.tags(p))
+    right = int((probabilities.argmax(1) == classes).sum())
     return Evaluation(
         images=len(kept),
         unreadable=len(answers) - len(kept),
-        coverage=tagged / len(kept),
+        accuracy=right / len(kept),
+        accuracy_95=wilson(right, len(kept)),
+        coverage=sum(1 for p in probabilities if rules.tags(p)) / len(kept) if rules else None,
         target_precision=target,
-        rules=Path(rules.source).name,
-        tags=evaluate_rules(probabilities, classes, rules, target),
+        rules=Path(rules.source).name if rules else None,
+        tags=evaluate_rules(probabilities, classes, rules, target) if rules else [],
+        training=read_training_figures(settings.bundle_path),
     )
 
 
@@ -210,7 +229,8 @@ def write_report(evaluation: Evaluation, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORT_JSON).write_text(json.dumps(evaluation.summary(), indent=2) + "\n")
     (out / REPORT_MD).write_text(_markdown(evaluation))
-    _plot(evaluation, out / CURVES_PNG)
+    if evaluation.tags:
+        _plot(evaluation, out / CURVES_PNG)
 
 
 def _cell(value: float | None, digits: int = 1) -> str:
@@ -218,11 +238,49 @@ def _cell(value: float | None, digits: int = 1) -> str:
 
 
 def _markdown(e: Evaluation) -> str:
+    interval = e.accuracy_95
     lines = [
-        "# Tags on labelled images",
+        "# The model on labelled images",
         "",
-        f"{e.images} images ({e.unreadable} unreadable), rules `{e.rules}`. **Coverage**: "
-        f"{_cell(e.coverage)} of the images get at least one tag at the thresholds in force.",
+        f"{e.images} images ({e.unreadable} unreadable). **Accuracy** (the first class is the "
+        f"labelled one): {_cell(e.accuracy)} [{interval.low * 100:.0f}, "
+        f"{interval.high * 100:.0f}] (95%).",
+        "",
+        *_training_lines(e.training),
+        *_tag_lines(e),
+    ]
+    return "\n".join(lines)
+
+
+def _training_lines(figures: TrainingFigures | None) -> list[str]:
+    """The fine-tuning report's own comparison, so the two probes stand beside the model."""
+    if figures is None:
+        return []
+    return [
+        "## From the fine-tuning report (its validation split)",
+        "",
+        "| model | validation accuracy |",
+        "|---|---|",
+        f"| fine-tuned ({figures.trained}, {figures.features} features) | "
+        f"{_cell(figures.val_accuracy)} |",
+        f"| linear probe (C=1, standardised features) | {_cell(figures.probe_val_accuracy)} |",
+        f"| textbook probe (C=1, raw features) | {_cell(figures.textbook_probe_val_accuracy)} |",
+        "",
+    ]
+
+
+def _tag_lines(e: Evaluation) -> list[str]:
+    if e.rules is None:
+        return [
+            "No tag rules: only the classes are judged (give `--rules FILE`, or put "
+            "`tags.yml` beside the model).",
+            "",
+        ]
+    lines = [
+        "## Tags",
+        "",
+        f"Rules `{e.rules}`. **Coverage**: {_cell(e.coverage)} of the images get at least one "
+        "tag at the thresholds in force.",
         "",
         f"Precision and recall per tag at its threshold now, and the lowest threshold that "
         f"reaches {e.target_precision:.0%} precision on these images (its precision's 95% "
@@ -248,7 +306,7 @@ def _markdown(e: Evaluation) -> str:
             f"{_cell(now.precision)} | {_cell(now.recall)} | {' | '.join(suggested)} |"
         )
     lines += ["", f"The curves: `{CURVES_PNG}`.", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def _plot(e: Evaluation, path: Path) -> None:

@@ -10,18 +10,19 @@ The recipe, and why (``--train auto``, the default):
 3. **Choose the linear head by repeated cross-validation** (``selection.py``): both BatchNorm
    variants (``--recalibrate-bn auto``: the trunk's own statistics and statistics
    re-estimated on the training images) and every L2 strength on the grid, the probe's own
-   among them, scored over several fold assignments of *every* labelled image. The probe's
-   configuration is kept unless another beats it by two standard errors of the paired
-   per-image gain: re-estimating helps when the images are far from the trunk's domain and
-   can cost several points when they are not, and one small validation split cannot tell.
+   among them, and the textbook probe (``C=1`` on the raw features), scored over several
+   fold assignments of *every* labelled image. The better of the two probes' configurations
+   is kept unless another beats it by two standard errors of the paired per-image gain:
+   re-estimating helps when the images are far from the trunk's domain and can cost several
+   points when they are not, and one small validation split cannot tell.
 4. **Train the last block** (``loop.py``), starting from that head fitted on the training
    split, when the head is not already perfect on validation, within ``time_budget`` seconds
    for the whole run. The block is kept only when it is right on clearly more validation
    images than the head (a paired sign test); otherwise it is put back and the head, refitted
    on every labelled image, is served.
-5. **Compare with a baseline the run did not tune** (``probe.py``): scikit-learn logistic
-   regression on the frozen features and the same split, written next to the model's own
-   accuracy in ``report.json``/``report.png``.
+5. **Compare with baselines the run did not tune** (``probe.py``): scikit-learn logistic
+   regression on the frozen features, standardised and raw (the textbook probe), and the
+   same split, written next to the model's own accuracy in ``report.json``/``report.png``.
 
 Evaluation uses the serving preprocessing exactly. Augmentation (``crop`` by default: random
 crops of 50-100% of the area, never mirrored, since a mirror changes some classes) adds cached
@@ -75,7 +76,6 @@ from resnet_service.training.head import (
 from resnet_service.training.loop import LoopConfig, LoopResult, evaluate, train_block
 from resnet_service.training.options import BnChoice, FinetuneConfig
 from resnet_service.training.probe import ProbeResult, linear_probe
-from resnet_service.training.report import REPORT_JSON as REPORT_JSON
 from resnet_service.training.report import REPORT_PNG as REPORT_PNG
 from resnet_service.training.report import (
     Decision,
@@ -85,10 +85,12 @@ from resnet_service.training.report import (
     below_probe,
     write_report,
 )
+from resnet_service.training.report_figures import REPORT_JSON as REPORT_JSON
 from resnet_service.training.selection import (
     Candidate,
     Paired,
     Pooled,
+    better_probe,
     choose_linear,
     paired,
     pool,
@@ -117,11 +119,16 @@ class _Variant:
     pooled: Pooled
     val_x: torch.Tensor  # the validation split's features
     correct: dict[float, torch.Tensor] | None  # per L2: per-image cross-validated correctness
+    textbook_correct: torch.Tensor | None  # the textbook probe's (raw features, C=1)
     seconds: float
 
     def candidates(self) -> list[Candidate]:
         correct = self.correct or {}
-        return [Candidate(self.recalibrated, l2, c) for l2, c in correct.items()]
+        heads = [Candidate(self.recalibrated, l2, c) for l2, c in correct.items()]
+        if self.textbook_correct is not None:
+            l2 = probe_l2(self.pooled.images)
+            heads.append(Candidate(self.recalibrated, l2, self.textbook_correct, False))
+        return heads
 
     @property
     def best_cv_accuracy(self) -> float | None:
@@ -135,6 +142,7 @@ class _Chosen:
 
     variant: _Variant
     l2: float
+    standardised: bool
     cv_accuracy: float | None
     head: StandardizedLinear
     val_accuracy: float
@@ -227,10 +235,15 @@ def _variant(
     val_x = trunk.features(val.views[0])
     pooled = pool([trunk.features(v) for v in train.views], train.targets, val_x, val.targets)
     started = time.perf_counter()
+    classes = len(train_set.classes)
     with one_thread():
-        correct = cross_validated_correct(
-            pooled.x, pooled.y, pooled.image, len(train_set.classes), config.seed
-        )
+        correct = cross_validated_correct(pooled.x, pooled.y, pooled.image, classes, config.seed)
+        # The textbook probe as a candidate: on the trunk as loaded, at its own strength only.
+        textbook = None
+        if not recalibrated:
+            grid, xy = (probe_l2(pooled.images),), (pooled.x, pooled.y, pooled.image)
+            raw = cross_validated_correct(*xy, classes, config.seed, grid, standardise=False)
+            textbook = raw[grid[0]] if raw else None
     return _Variant(
         recalibrated,
         model,
@@ -240,6 +253,7 @@ def _variant(
         pooled,
         val_x,
         correct,
+        textbook,
         time.perf_counter() - started,
     )
 
@@ -247,20 +261,23 @@ def _variant(
 def _choose_linear(
     variants: list[_Variant], setting: BnChoice, classes: int
 ) -> tuple[_Chosen, list[Decision]]:
-    """The probe's configuration unless another head clearly cross-validates better
+    """The better probe's configuration unless another head clearly cross-validates better
     (``selection.choose_linear``), then that head fitted on the training split."""
     incumbent_variant = next((v for v in variants if not v.recalibrated), variants[0])
     images = incumbent_variant.pooled.images
+    standardised = True
     if incumbent_variant.correct is None:  # a class too small to cross-validate
         variant, l2, cv, why = incumbent_variant, probe_l2(images), None, "no cross-validation"
     else:
-        incumbent = next(c for c in incumbent_variant.candidates() if c.l2 == probe_l2(images))
+        probes = [c for c in incumbent_variant.candidates() if c.l2 == probe_l2(images)]
+        incumbent = better_probe(probes)
         best, why = choose_linear([c for v in variants for c in v.candidates()], incumbent)
         variant = next(v for v in variants if v.recalibrated == best.recalibrated)
-        l2, cv = best.l2, best.accuracy
+        l2, cv, standardised = best.l2, best.accuracy, best.standardised
     pooled = variant.pooled
+    x, y = pooled.x[pooled.train], pooled.y[pooled.train]
     with one_thread():
-        head = fit_head(pooled.x[pooled.train], pooled.y[pooled.train], classes, l2)
+        head = fit_head(x, y, classes, l2, standardise=standardised)
     _, val_accuracy, val_preds = evaluate(head, variant.val_x, variant.val.targets)
     log.info("head: %s; validation accuracy %.3f", why, val_accuracy)
     decisions = [
@@ -270,8 +287,13 @@ def _choose_linear(
             _bn_reason(variants, variant, setting),
         ),
         Decision("l2", f"{l2:g}", why),
+        Decision(
+            "features",
+            "standardised" if standardised else "raw",
+            "chosen with the L2 strength as one head configuration (the l2 decision says why)",
+        ),
     ]
-    return _Chosen(variant, l2, cv, head, val_accuracy, val_preds), decisions
+    return _Chosen(variant, l2, standardised, cv, head, val_accuracy, val_preds), decisions
 
 
 def _bn_reason(variants: list[_Variant], kept: _Variant, setting: BnChoice) -> str:
@@ -290,14 +312,15 @@ def _bn_reason(variants: list[_Variant], kept: _Variant, setting: BnChoice) -> s
     )
 
 
-def _probe(
+def _probes(
     base_model: nn.Module,
     variants: list[_Variant],
     train_set: Dataset,
     val_set: Dataset,
     spec: PreprocessSpec,
-) -> ProbeResult | None:
-    """The baseline on the trunk *as loaded*: reuse that variant's cache when there is one."""
+) -> tuple[ProbeResult | None, ProbeResult | None]:
+    """The baselines (standardised, textbook) on the trunk *as loaded*: reuse that variant's
+    cache when there is one."""
     base = next((v for v in variants if not v.recalibrated), None)
     if base is not None:
         trunk, train, val = base.trunk, base.train, base.val
@@ -305,8 +328,10 @@ def _probe(
         trunk = split_trunk(base_model)
         train = cache_views(trunk.stem, train_set.images, train_set.targets(), spec)
         val = cache_views(trunk.stem, val_set.images, val_set.targets(), spec)
-    return linear_probe(
-        trunk.features(train.views[0]), train.targets, trunk.features(val.views[0]), val.targets
+    split = trunk.features(train.views[0]), train.targets, trunk.features(val.views[0])
+    return (
+        linear_probe(*split, val.targets),
+        linear_probe(*split, val.targets, standardise=False),
     )
 
 
@@ -386,13 +411,13 @@ def _fit_heads(
     train_set: Dataset,
     val_set: Dataset,
     spec: PreprocessSpec,
-) -> tuple[_Chosen, list[Decision], HeadSummary, ProbeResult | None]:
-    """Heads on each BatchNorm variant asked for, the one kept, and the probe baseline.
+) -> tuple[_Chosen, list[Decision], HeadSummary, tuple[ProbeResult | None, ProbeResult | None]]:
+    """Heads on each BatchNorm variant asked for, the one kept, and the probe baselines.
     Only the kept variant outlives this call (its caches are what block training needs)."""
     recal_options = {"auto": [False, True], "yes": [True], "no": [False]}[config.recalibrate_bn]
     variants = [_variant(base_model, r, train_set, val_set, config, spec) for r in recal_options]
     chosen, decisions = _choose_linear(variants, config.recalibrate_bn, len(train_set.classes))
-    probe = _probe(base_model, variants, train_set, val_set, spec)
+    probes = _probes(base_model, variants, train_set, val_set, spec)
     others = [
         v.best_cv_accuracy
         for v in variants
@@ -400,12 +425,13 @@ def _fit_heads(
     ]
     summary = HeadSummary(
         l2=chosen.l2,
+        standardised=chosen.standardised,
         cv_accuracy=chosen.cv_accuracy,
         val_accuracy=chosen.val_accuracy,
         cv_accuracy_other_bn=others[0] if others else None,
         seconds=sum(v.seconds for v in variants),
     )
-    return chosen, decisions, summary, probe
+    return chosen, decisions, summary, probes
 
 
 @dataclass(frozen=True)
@@ -456,7 +482,7 @@ def _served_head(chosen: _Chosen, classes: int) -> tuple[nn.Linear, Decision]:
     """The head that goes into the bundle when the head is all that was trained: the chosen
     strength refitted on every labelled image (training and validation splits)."""
     pooled = chosen.variant.pooled
-    head = refit(pooled.x, pooled.y, classes, chosen.l2)
+    head = refit(pooled.x, pooled.y, classes, chosen.l2, chosen.standardised)
     reason = (
         f"refitted on all {pooled.images} labelled images (the validation figures are the "
         "training split's fit)"
@@ -477,7 +503,7 @@ def _finetune(config: FinetuneConfig, settings: Settings) -> FinetuneResult:
     )
     base_model = _base_model(base, len(data.classes))
     loaded = time.monotonic()
-    chosen, head_decisions, head, probe = _fit_heads(config, base_model, train_set, val_set, spec)
+    chosen, head_decisions, head, probes = _fit_heads(config, base_model, train_set, val_set, spec)
     heads_done = time.monotonic()
     trained = _train_phase(config, chosen, train_set, val_set, spec, deadline)
     result = trained.result
@@ -498,7 +524,8 @@ def _finetune(config: FinetuneConfig, settings: Settings) -> FinetuneResult:
         best_step=result.best_step if result else 0,
         steps_run=result.steps_run if result else 0,
         head=head,
-        probe=probe,
+        probe=probes[0],
+        textbook_probe=probes[1],
         decisions=decisions,
         timings=Timings(
             load=loaded - started,
@@ -545,6 +572,9 @@ def _write(
         "best_step": report.best_step,
         "val_accuracy": report.val_accuracy,
         "probe_val_accuracy": report.probe.val_accuracy if report.probe else None,
+        "textbook_probe_val_accuracy": (
+            report.textbook_probe.val_accuracy if report.textbook_probe else None
+        ),
         "confusion_matrix": report.confusion,
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
     }
@@ -573,17 +603,19 @@ def _write(
 
 
 def _log_summary(report: FinetuneReport) -> None:
-    probe = report.probe
+    probe, textbook = report.probe, report.textbook_probe
     log.info(
-        "validation accuracy %.1f%% (%s%s) vs linear probe %s, in %.1fs (budget %.0fs)",
+        "validation accuracy %.1f%% (%s%s) vs linear probe %s, textbook probe %s, in %.1fs "
+        "(budget %.0fs)",
         100 * report.val_accuracy,
         report.trained,
         ", re-estimated BatchNorm" if report.recalibrated_bn else "",
         f"{100 * probe.val_accuracy:.1f}%" if probe else "n/a",
+        f"{100 * textbook.val_accuracy:.1f}%" if textbook else "n/a",
         report.timings.total,
         report.time_budget,
     )
-    if probe and below_probe(report.val_accuracy, probe.val_accuracy):
+    if any(p and below_probe(report.val_accuracy, p.val_accuracy) for p in (probe, textbook)):
         log.warning(
             "the model validates below the linear-probe baseline: see report.json; more "
             "images, --augment crop, or --train head may do better"

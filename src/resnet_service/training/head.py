@@ -12,7 +12,9 @@ the probe's solution is always a candidate; ``selection.py`` keeps it unless ano
 clearly better over every image. Features are standardised first (mean 0, variance 1 per
 dimension, from the training split) so one grid of strengths fits any trunk, random or
 pretrained; the standardisation is kept as a fixed layer while training and folded into the
-final ``nn.Linear`` when the bundle is written.
+final ``nn.Linear`` when the bundle is written. One candidate is not standardised: the
+textbook probe (logistic regression with ``C=1`` on the raw pooled features), so that the
+selection can keep it too.
 
 Torch rather than scikit-learn, so that training needs no extra dependency and the head is
 exactly the module that is served; scikit-learn only provides the independent baseline
@@ -91,9 +93,12 @@ def _lbfgs(
         optimizer.step(closure)  # type: ignore[no-untyped-call]
 
 
-def _new_head(x: torch.Tensor, classes: int) -> StandardizedLinear:
-    mean = x.mean(0)
-    std = x.std(0).clamp_min(1e-6 * float(x.std().clamp_min(1e-12)))
+def _new_head(x: torch.Tensor, classes: int, standardise: bool) -> StandardizedLinear:
+    if standardise:
+        mean = x.mean(0)
+        std = x.std(0).clamp_min(1e-6 * float(x.std().clamp_min(1e-12)))
+    else:  # the raw features, as the textbook probe fits them
+        mean, std = torch.zeros(x.shape[1]), torch.ones(x.shape[1])
     head = StandardizedLinear(mean, std, classes)
     nn.init.zeros_(head.linear.weight)
     nn.init.zeros_(head.linear.bias)
@@ -107,10 +112,12 @@ def fit_head(
     l2: float,
     max_iter: int = MAX_ITER,
     start: StandardizedLinear | None = None,
+    standardise: bool = True,
 ) -> StandardizedLinear:
-    """One regularised logistic regression on features ``x`` (rows) with labels ``y``;
-    ``start`` (a head fitted on the same rows) warm-starts it."""
-    head = _new_head(x, classes) if start is None else copy.deepcopy(start)
+    """One regularised logistic regression on features ``x`` (rows) with labels ``y``
+    (standardised first unless ``standardise`` is False); ``start`` (a head fitted on the
+    same rows) warm-starts it."""
+    head = _new_head(x, classes, standardise) if start is None else copy.deepcopy(start)
     _lbfgs(head, x, y, l2, max_iter)
     return head.eval()
 
@@ -149,6 +156,7 @@ def cross_validated_correct(
     seed: int = 0,
     grid: tuple[float, ...] | None = None,
     repeats: int = REPEATS,
+    standardise: bool = True,
 ) -> dict[float, torch.Tensor] | None:
     """Per L2 strength, each image's share of the repeats in which the head fitted without it
     was right on it; None when a class has fewer than two images. Rows that are views of one
@@ -167,7 +175,8 @@ def cross_validated_correct(
             held = (fold_of_image == k).nonzero().flatten()
             head = None
             for l2 in sorted(grid, reverse=True):  # strongest first: each warm-starts the next
-                head = fit_head(x[fold != k], y[fold != k], classes, l2, MAX_ITER // 2, head)
+                rows = fold != k
+                head = fit_head(x[rows], y[rows], classes, l2, MAX_ITER // 2, head, standardise)
                 with torch.no_grad():
                     right = head(x[held]).argmax(1) == per_image[held]
                 correct[l2][held] += right.float() / repeats
@@ -187,7 +196,9 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def refit(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float) -> StandardizedLinear:
-    """The chosen strength fitted on every labelled row (what is served when the head is)."""
+def refit(
+    x: torch.Tensor, y: torch.Tensor, classes: int, l2: float, standardise: bool = True
+) -> StandardizedLinear:
+    """The chosen head fitted on every labelled row (what is served when the head is)."""
     with one_thread():
-        return fit_head(x, y, classes, l2)
+        return fit_head(x, y, classes, l2, standardise=standardise)

@@ -1,6 +1,7 @@
 """The linear-probe baseline: scikit-learn logistic regression on the frozen trunk's features.
 
-This is the number a fine-tuning run has to beat. It is computed outside our own training
+This is the number a fine-tuning run has to beat (two of them: on standardised features, and
+the textbook probe on the raw ones). It is computed outside our own training
 code on purpose (another library, its defaults, nothing tuned), on the features of the trunk
 exactly as it was loaded (no BatchNorm re-estimation), the serving preprocessing, and the same
 train/validation split as the run. If the trained model does not beat it, training did not
@@ -27,6 +28,13 @@ DESCRIPTION = (
     "scikit-learn LogisticRegression (C=1.0, lbfgs) on standardised frozen-trunk features "
     "(base BatchNorm statistics, serving preprocessing), same train/validation split"
 )
+#: The probe of the textbooks: the same on the raw pooled features (no scaling). At the
+#: default image size the serving preprocessing is torchvision's reference one (resize 256,
+#: centre crop 224), and nothing is augmented.
+TEXTBOOK_DESCRIPTION = (
+    "scikit-learn LogisticRegression (C=1.0, lbfgs) on the raw frozen-trunk features "
+    "(base BatchNorm statistics, serving preprocessing), same train/validation split"
+)
 MISSING = "scikit-learn is not installed: pip install 'resnet-service[train]' for the baseline"
 
 
@@ -41,9 +49,14 @@ class ProbeResult:
 
 
 def linear_probe(
-    train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    standardise: bool = True,
 ) -> ProbeResult | None:
-    """Fit the baseline; None (with a warning) when scikit-learn is missing."""
+    """Fit the baseline (the textbook one when ``standardise`` is False); None (with a
+    warning) when scikit-learn is missing."""
     try:
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression
@@ -53,7 +66,8 @@ def linear_probe(
         log.warning(MISSING)
         return None
     started = time.perf_counter()
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=5000))
+    scaling = [StandardScaler()] if standardise else []
+    probe = make_pipeline(*scaling, LogisticRegression(C=1.0, max_iter=5000))
     xt, yt = train_x.double().numpy(), train_y.numpy()
     with warnings.catch_warnings():
         # 5000 iterations is far beyond what standardised features need; should a probe still
@@ -65,4 +79,5 @@ def linear_probe(
         val_accuracy=float(np.mean(val_pred == val_y.numpy())),
         train_accuracy=float(probe.score(xt, yt)),
         seconds=time.perf_counter() - started,
+        description=DESCRIPTION if standardise else TEXTBOOK_DESCRIPTION,
     )

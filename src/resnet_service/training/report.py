@@ -1,7 +1,8 @@
 """The fine-tuning report: ``report.json`` always, ``report.png`` when matplotlib is there.
 
 Its first job is to say whether training worked: the model's validation accuracy next to the
-linear-probe baseline's (same features, same split), then the choices the recipe made and why,
+linear-probe baselines' (same features, same split: standardised, and the textbook probe on
+the raw features), then the choices the recipe made and why,
 then the learning curve and the confusion matrix.
 """
 
@@ -18,10 +19,10 @@ import numpy as np
 
 from resnet_service.training.loop import StepStats
 from resnet_service.training.probe import ProbeResult
+from resnet_service.training.report_figures import REPORT_JSON
 
 log = logging.getLogger(__name__)
 
-REPORT_JSON = "report.json"
 REPORT_PNG = "report.png"
 
 
@@ -39,6 +40,7 @@ class HeadSummary:
     """The fitted head before any block training."""
 
     l2: float
+    standardised: bool  # False: the textbook probe's raw features
     cv_accuracy: float | None
     val_accuracy: float
     cv_accuracy_other_bn: float | None  # the best of the BatchNorm variant not kept
@@ -67,6 +69,7 @@ class FinetuneReport:
     steps_run: int
     head: HeadSummary
     probe: ProbeResult | None
+    textbook_probe: ProbeResult | None
     decisions: list[Decision]
     timings: Timings
     time_budget: float
@@ -97,6 +100,9 @@ def report_dict(report: FinetuneReport, classes: list[str]) -> dict[str, Any]:
     headline = {
         "val_accuracy": out.pop("val_accuracy"),
         "probe_val_accuracy": report.probe.val_accuracy if report.probe else None,
+        "textbook_probe_val_accuracy": (
+            report.textbook_probe.val_accuracy if report.textbook_probe else None
+        ),
     }
     cleaned: dict[str, Any] = _finite({**headline, **out, "classes": classes})
     return cleaned
@@ -123,13 +129,16 @@ def write_report(out_dir: Path, report: FinetuneReport, classes: list[str]) -> N
 
 
 def _plot_comparison(ax: Any, report: FinetuneReport) -> None:
-    names = ["linear probe\n(scikit-learn)", "head only", f"final\n({report.trained})"]
-    values = [
-        report.probe.val_accuracy if report.probe else math.nan,
-        report.head.val_accuracy,
-        report.val_accuracy,
+    names = [
+        "linear probe\n(standardised)",
+        "textbook probe\n(raw features)",
+        "head only",
+        f"final\n({report.trained})",
     ]
-    colours = ["#999999", "#7aa6d6", "#1f5fa8"]
+    values = [
+        probe.val_accuracy if probe else math.nan for probe in (report.probe, report.textbook_probe)
+    ] + [report.head.val_accuracy, report.val_accuracy]
+    colours = ["#999999", "#bbbbbb", "#7aa6d6", "#1f5fa8"]
     ax.bar(names, values, color=colours)
     for i, value in enumerate(values):
         label = "n/a" if math.isnan(value) else f"{value:.1%}"
