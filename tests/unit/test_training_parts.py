@@ -29,10 +29,10 @@ from resnet_service.training.options import FinetuneConfig
 from resnet_service.training.probe import linear_probe
 from resnet_service.training.selection import (
     Candidate,
-    better_probe,
     choose_linear,
     paired,
     pool,
+    textbook_first,
 )
 
 
@@ -235,16 +235,18 @@ def test_a_clear_lead_is_taken() -> None:
     better = _candidate([1, 1, 1, 0] * 25)  # right on 25 more of 100, wrong on none more
     chosen, why = choose_linear([incumbent, better], incumbent)
     assert chosen is better
-    assert "beat the better probe's configuration" in why
+    assert "beat the probe's configuration" in why
 
 
-def test_the_better_probe_is_the_incumbent_and_a_tie_keeps_the_standardised_one() -> None:
-    standardised = Candidate(False, 0.01, torch.tensor([1.0, 0.0, 1.0, 0.0]))
-    textbook = Candidate(False, 0.01, torch.tensor([1.0, 1.0, 1.0, 0.0]), standardised=False)
-    assert better_probe([standardised, textbook]) is textbook
+def test_the_textbook_probe_is_the_incumbent_even_when_it_trails() -> None:
+    standardised = Candidate(False, 0.01, torch.tensor([1.0, 1.0, 1.0, 0.0]))
+    textbook = Candidate(False, 0.01, torch.tensor([1.0, 0.0, 1.0, 0.0]), standardised=False)
+    assert textbook_first([standardised, textbook]) is textbook
+    assert textbook_first([standardised]) is standardised  # --recalibrate-bn yes: no textbook
     assert "raw features (the textbook probe)" in textbook.describe()
-    tied = Candidate(False, 0.01, torch.tensor([0.0, 1.0, 1.0, 0.0]), standardised=False)
-    assert better_probe([tied, standardised]) is standardised
+    chosen, why = choose_linear([standardised, textbook], textbook)  # +1 of 4: noise
+    assert chosen is textbook
+    assert "within 2 standard errors" in why
 
 
 def test_block_training_needs_a_clear_paired_win() -> None:

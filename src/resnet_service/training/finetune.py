@@ -11,8 +11,8 @@ The recipe, and why (``--train auto``, the default):
    variants (``--recalibrate-bn auto``: the trunk's own statistics and statistics
    re-estimated on the training images) and every L2 strength on the grid, the probe's own
    among them, and the textbook probe (``C=1`` on the raw features), scored over several
-   fold assignments of *every* labelled image. The better of the two probes' configurations
-   is kept unless another beats it by two standard errors of the paired per-image gain:
+   fold assignments of *every* labelled image. The textbook probe's configuration is kept
+   unless another beats it by two standard errors of the paired per-image gain:
    re-estimating helps when the images are far from the trunk's domain and can cost several
    points when they are not, and one small validation split cannot tell.
 4. **Train the last block** (``loop.py``), starting from that head fitted on the training
@@ -90,10 +90,10 @@ from resnet_service.training.selection import (
     Candidate,
     Paired,
     Pooled,
-    better_probe,
     choose_linear,
     paired,
     pool,
+    textbook_first,
 )
 
 log = logging.getLogger(__name__)
@@ -261,7 +261,7 @@ def _variant(
 def _choose_linear(
     variants: list[_Variant], setting: BnChoice, classes: int
 ) -> tuple[_Chosen, list[Decision]]:
-    """The better probe's configuration unless another head clearly cross-validates better
+    """The textbook probe's configuration unless another head clearly cross-validates better
     (``selection.choose_linear``), then that head fitted on the training split."""
     incumbent_variant = next((v for v in variants if not v.recalibrated), variants[0])
     images = incumbent_variant.pooled.images
@@ -270,7 +270,7 @@ def _choose_linear(
         variant, l2, cv, why = incumbent_variant, probe_l2(images), None, "no cross-validation"
     else:
         probes = [c for c in incumbent_variant.candidates() if c.l2 == probe_l2(images)]
-        incumbent = better_probe(probes)
+        incumbent = textbook_first(probes)
         best, why = choose_linear([c for v in variants for c in v.candidates()], incumbent)
         variant = next(v for v in variants if v.recalibrated == best.recalibrated)
         l2, cv, standardised = best.l2, best.accuracy, best.standardised
