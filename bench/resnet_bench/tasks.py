@@ -249,9 +249,9 @@ STRAY_SHAPES = ("disc", "square", "triangle")
 
 def _stray_lines(pen: ImageDraw.ImageDraw, rng: np.random.Generator) -> None:
     for _ in range(int(rng.integers(2, 5))):
-        ends = [(float(v) for v in rng.uniform(0, SIDE, 2)) for _ in range(2)]
+        ends = [tuple(float(v) for v in rng.uniform(0, SIDE, 2)) for _ in range(2)]
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        pen.line([tuple(e) for e in ends], fill=colour, width=int(rng.integers(1, 4)))
+        pen.line(ends, fill=colour, width=int(rng.integers(1, 4)))
 
 
 def _filled(

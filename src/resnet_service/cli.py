@@ -127,7 +127,7 @@ def cmd_quantize(args: argparse.Namespace, settings: Settings) -> int:
 def _record_int8_evaluation(bundle: Path, runtime: str, fidelity: dict[str, Any]) -> None:
     """Keep the int8 figures next to the fp32 ones in the fine-tuned bundle's report (torch's
     under "int8", other runtimes' under "int8_<runtime>")."""
-    from resnet_service.training.finetune import REPORT_JSON
+    from resnet_service.training.report_figures import REPORT_JSON
 
     path = bundle / REPORT_JSON
     report = json.loads(path.read_text()) if path.is_file() else {}
@@ -156,10 +156,10 @@ def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
             "published": str(published) if published else None,
             "classes": result.manifest.num_classes,
             "val_accuracy": round(report.val_accuracy, 4),
-            "probe_val_accuracy": round(report.probe.val_accuracy, 4) if report.probe else None,
-            "textbook_probe_val_accuracy": (
-                round(report.textbook_probe.val_accuracy, 4) if report.textbook_probe else None
-            ),
+            **{
+                name: None if value is None else round(value, 4)
+                for name, value in report.probe_accuracies().items()
+            },
             "features": "standardised" if report.head.standardised else "raw",
             "trained": report.trained,  # what is served: the head alone, or a block with it
             "recalibrated_bn": report.recalibrated_bn,

@@ -85,7 +85,6 @@ from resnet_service.training.report import (
     below_probe,
     write_report,
 )
-from resnet_service.training.report_figures import REPORT_JSON as REPORT_JSON
 from resnet_service.training.selection import (
     Candidate,
     Paired,
@@ -319,19 +318,22 @@ def _probes(
     val_set: Dataset,
     spec: PreprocessSpec,
 ) -> tuple[ProbeResult | None, ProbeResult | None]:
-    """The baselines (standardised, textbook) on the trunk *as loaded*: reuse that variant's
-    cache when there is one."""
+    """The baselines (standardised, textbook) on the trunk *as loaded*: that variant's
+    features when there is one (its pooled rows start with the training split's serving
+    views), else computed here."""
     base = next((v for v in variants if not v.recalibrated), None)
     if base is not None:
-        trunk, train, val = base.trunk, base.train, base.val
+        train_x, val_x = base.pooled.x[: base.train.num_images], base.val_x
+        train_y, val_y = base.train.targets, base.val.targets
     else:
         trunk = split_trunk(base_model)
         train = cache_views(trunk.stem, train_set.images, train_set.targets(), spec)
         val = cache_views(trunk.stem, val_set.images, val_set.targets(), spec)
-    split = trunk.features(train.views[0]), train.targets, trunk.features(val.views[0])
+        train_x, val_x = trunk.features(train.views[0]), trunk.features(val.views[0])
+        train_y, val_y = train.targets, val.targets
     return (
-        linear_probe(*split, val.targets),
-        linear_probe(*split, val.targets, standardise=False),
+        linear_probe(train_x, train_y, val_x, val_y),
+        linear_probe(train_x, train_y, val_x, val_y, standardise=False),
     )
 
 
@@ -571,10 +573,7 @@ def _write(
         "steps_run": report.steps_run,
         "best_step": report.best_step,
         "val_accuracy": report.val_accuracy,
-        "probe_val_accuracy": report.probe.val_accuracy if report.probe else None,
-        "textbook_probe_val_accuracy": (
-            report.textbook_probe.val_accuracy if report.textbook_probe else None
-        ),
+        **report.probe_accuracies(),
         "confusion_matrix": report.confusion,
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
     }

@@ -76,6 +76,16 @@ class FinetuneReport:
     history: list[StepStats] = field(default_factory=list)
     confusion: list[list[int]] = field(default_factory=list)
 
+    def probe_accuracies(self) -> dict[str, float | None]:
+        """The two baselines' validation accuracies under their JSON names (the report, the
+        bundle's provenance and the CLI's summary line carry them alike)."""
+        return {
+            "probe_val_accuracy": self.probe.val_accuracy if self.probe else None,
+            "textbook_probe_val_accuracy": (
+                self.textbook_probe.val_accuracy if self.textbook_probe else None
+            ),
+        }
+
 
 def below_probe(val_accuracy: float, probe_accuracy: float) -> bool:
     """Fewer validation images right than the probe. Both are shares of the same images, one a
@@ -97,13 +107,7 @@ def _finite(value: Any) -> Any:
 def report_dict(report: FinetuneReport, classes: list[str]) -> dict[str, Any]:
     """The report as JSON-ready data, headline figures first."""
     out = asdict(report)
-    headline = {
-        "val_accuracy": out.pop("val_accuracy"),
-        "probe_val_accuracy": report.probe.val_accuracy if report.probe else None,
-        "textbook_probe_val_accuracy": (
-            report.textbook_probe.val_accuracy if report.textbook_probe else None
-        ),
-    }
+    headline = {"val_accuracy": out.pop("val_accuracy"), **report.probe_accuracies()}
     cleaned: dict[str, Any] = _finite({**headline, **out, "classes": classes})
     return cleaned
 

@@ -5,18 +5,18 @@ trained ``layer4`` by accuracy on one validation split of a few dozen images, an
 to the plain probe on held-out data by picking whatever was lucky on those few images. Now:
 
 - **Linear heads** (both BatchNorm variants, every L2 strength on the grid, the probe's own
-  ``C=1`` among them, and the textbook probe: ``C=1`` on unstandardised features) are compared by cross-validation repeated over several fold assignments
-  on *every* labelled image (training and validation splits pooled): each image is scored
-  several times by a head that did not see it. The textbook probe's configuration (the
-  trunk's BatchNorm statistics, ``C=1`` on the raw features) is kept unless another beats it
-  by two standard errors of the paired per-image gain. Neither probe is better everywhere (over
-  12 tasks x 5 seeds the raw one led by 3-4 points where the class is a colour or a size and
-  trailed by 2 on textures, +0.6 on the mean), and choosing between the two by
-  cross-validation did worse than keeping the raw one: 120 images cannot tell a 3-point
-  difference (it left the default 2.7 points under the textbook probe on one task, against
-  2.0 under the standardised probe for the raw one). The best of a dozen candidates leads by
-  luck alone, and on the
-  project's texture tasks a re-estimated, weakly regularised head that led by under a point
+  ``C=1`` among them, and the textbook probe: ``C=1`` on unstandardised features) are
+  compared by cross-validation repeated over several fold assignments on *every* labelled
+  image (training and validation splits pooled): each image is scored several times by a
+  head that did not see it. The textbook probe's configuration (the trunk's BatchNorm
+  statistics, ``C=1`` on the raw features) is kept unless another beats it by two standard
+  errors of the paired per-image gain. Neither probe is better everywhere (over 12 tasks x 5
+  seeds the raw one led by 3-4 points where the class is a colour or a size and trailed by 2
+  on textures, +0.6 on the mean), and choosing between the two by cross-validation did worse
+  than keeping the raw one: 120 images cannot tell a 3-point difference (it left the default
+  2.7 points under the textbook probe on one task, against 2.0 under the standardised probe
+  for the raw one). The best of a dozen candidates leads by luck alone, and on the project's
+  texture tasks a re-estimated, weakly regularised head that led by under a point
   in cross-validation lost 5-9 points on held-out crops from another part of the photo. The
   chosen head is refitted on all labelled images.
 - **Training ``layer4``** is kept only when, on the validation split, it is right on clearly
