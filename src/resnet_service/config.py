@@ -88,6 +88,23 @@ class Settings(BaseSettings):
     repository_poll_s: float = Field(
         2.0, gt=0, le=3600, description="How often `poll` looks at the repository."
     )
+    model_memory_budget_mb: float | None = Field(
+        None,
+        gt=0,
+        le=1_000_000,
+        description="Models on demand: the resident memory (MiB) a worker's loaded models may "
+        "take. A repository's models are then available without being loaded: the first "
+        "request for one loads it (requests wait within their deadline), and the least "
+        "recently used unpinned model is unloaded to make room. Unset: every model loads at "
+        "start and stays (unless model_idle_ttl_s is set).",
+    )
+    model_idle_ttl_s: float | None = Field(
+        None,
+        gt=0,
+        le=30 * 86400,
+        description="Models on demand: unload a model no request used for this long (pinned "
+        "models stay); the next request loads it again. Unset: never.",
+    )
     default_model: str | None = Field(
         None,
         description="The model of requests that name none (and of /model); default: the only "
@@ -358,6 +375,12 @@ class Settings(BaseSettings):
             )
         if self.repository_control != "none" and self.model_repository is None:
             raise ValueError("repository_control needs a model_repository")
+        on_demand = [f for f in ("model_memory_budget_mb", "model_idle_ttl_s") if getattr(self, f)]
+        if on_demand and self.model_repository is None:
+            raise ValueError(
+                f"{' and '.join(on_demand)} need a model_repository (models on demand are "
+                "the repository's models)"
+            )
         if self.repository_control == "explicit" and self.admin_token is None:
             raise ValueError(
                 "repository_control=explicit needs admin_token (the control routes' token)"

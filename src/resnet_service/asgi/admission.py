@@ -25,7 +25,7 @@ from resnet_service.asgi.problems import error_headers
 from resnet_service.asgi.routes import AdmittedRoute, RouteTable
 from resnet_service.asgi.spans import finish_request_span, request_span
 from resnet_service.core import priority
-from resnet_service.core.errors import RetryLater, ServiceError
+from resnet_service.core.errors import ModelCold, RetryLater, ServiceError
 from resnet_service.core.priority import Priority
 from resnet_service.service import tracing
 from resnet_service.service.state import ServiceState
@@ -69,6 +69,8 @@ class AdmissionGate:
             with priority.requested(wanted):
                 admit = tracing.admitter(self.tracing)
                 classifier, ticket = self.service.admit(model, version, admit)
+        except ModelCold:
+            return None  # models on demand: the route waits for the load
         except RetryLater as exc:
             context.route, context.error_code = route.template, exc.code
             return _refusal(route, scope, context.request_id, exc)

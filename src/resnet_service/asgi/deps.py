@@ -14,6 +14,7 @@ from resnet_service.asgi.context import request_context
 from resnet_service.config import Settings
 from resnet_service.core.admission import Ticket
 from resnet_service.core.classifier import Classifier
+from resnet_service.core.errors import NotReady
 from resnet_service.service.auth import cache_scope, check_bearer
 from resnet_service.service.state import ServiceState
 
@@ -54,7 +55,7 @@ async def get_classifier(
     head when it did, so a request is answered by the version that admitted it; ``NotReady``
     (503) while loading, ``ModelNotFound`` (404) for what this replica does not serve."""
     chosen = request_context(request).classifier
-    return chosen if chosen is not None else service.require_classifier(model, version)
+    return chosen if chosen is not None else await service.classifier_loaded(model, version)
 
 
 ClassifierDep = Annotated[Classifier, Depends(get_classifier)]
@@ -84,7 +85,9 @@ def admitted_ticket(request: Request, classifier: Classifier) -> Iterator[Ticket
     if ticket is not None:
         yield ticket
         return
-    with classifier.admit() as own:  # the head did not admit it (an in-process app)
+    with classifier.admit() as own:  # the head did not admit it (an in-process app, a
+        if classifier.retiring:  # model on demand), so it may be leaving since: see admit
+            raise NotReady("The model version is being unloaded; retry.", 1)
         yield own
 
 

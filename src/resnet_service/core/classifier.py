@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import Context, copy_context
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 from resnet_service.core import priority
 from resnet_service.core.admission import AdmissionPolicy, Ticket, Workload
@@ -90,6 +90,13 @@ class ClassifierOptions:
     response_cache_bytes: int = 0
 
 
+class ShadowTap(Protocol):
+    """Where a classifier offers what it answered, to be run again on a shadow version
+    (``service.shadow``): called on the event loop, it must return at once."""
+
+    def offer(self, data: bytes, primary: Classification) -> None: ...
+
+
 @dataclass(slots=True)
 class _Slot:
     """One image's place in the pipeline; ``waited_s`` is set once it was served."""
@@ -125,6 +132,11 @@ class Classifier:
         self.tag_rules_problem: str | None = None
         #: The model's own labels, which tag rules name (``model.labels`` may be display names).
         self.own_labels: list[str] = list(own_labels or model.labels)
+        #: When a request last reached it (monotonic; models on demand unload the least
+        #: recently used).
+        self.last_used = time.monotonic()
+        #: A shadow version's tap (None: no shadow); set and cleared by the repository.
+        self.shadow: ShadowTap | None = None
         self.inference_threads = model.runtime.threads
         self.decode_threads = options.decode_threads
         self.limits = options.limits
@@ -212,6 +224,7 @@ class Classifier:
         the model loads, ``Overloaded`` (with Retry-After) when it would wait too long."""
         if not self.engine.ready:
             raise NotReady("the model is not ready (starting up or shutting down)")
+        self.last_used = time.monotonic()
         return self.workload.admit(priority.current())
 
     async def decode(
@@ -305,6 +318,8 @@ class Classifier:
             slot.waited_s = decoded.waited_s + result.timings.queue_s
         if key is not None and self.cache is not None:
             self.cache.put(key, result.probabilities)
+        if self.shadow is not None:
+            self.shadow.offer(data, result)
         return result
 
     def _from_cache(self, probabilities: Probabilities, k: int, started: float) -> Classification:

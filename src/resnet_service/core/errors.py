@@ -162,6 +162,19 @@ class NotReady(RetryLater):
     title = "Service not ready"
 
 
+class ModelCold(NotReady):
+    """A model version that is available but not loaded (models on demand): a face that can
+    wait loads it and waits within the request's deadline; elsewhere it is a 503 like any
+    model still loading."""
+
+    def __init__(self, model: str, version: str) -> None:
+        super().__init__(
+            f"Model '{model}' version {version} is not loaded; it loads on request.", 2
+        )
+        self.model = model
+        self.version = version
+
+
 class DeadlineExceeded(ServiceError):
     code = "deadline_exceeded"
     title = "Deadline exceeded"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from resnet_service.config import Precision, RuntimeName, Settings
 from resnet_service.core.errors import BundleInvalid
@@ -60,6 +60,19 @@ class VersionPolicy(BaseModel):
         return ordered[: (self.latest or Latest()).num_versions]
 
 
+class ShadowConfig(BaseModel):
+    """``shadow`` in a model's config: run a fraction of its requests on another version too,
+    compare the answers (never returned), and stop that version's traffic share when they
+    agree too little."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1)
+    fraction: float = Field(0.1, gt=0, le=1)
+    #: The stop rule: top-1 agreement below this over a full window (None: no rule).
+    min_agreement: float | None = Field(None, ge=0, le=1)
+    window: int = Field(200, ge=10, le=100_000)
+
+
 class ModelConfig(BaseModel):
     """``DIR/<model>/config.json``: every field optional; the replica's settings fill in."""
 
@@ -73,6 +86,22 @@ class ModelConfig(BaseModel):
     default_top_k: int | None = Field(None, ge=1, le=1000)
     #: Display names of labels (``{"n01440764": "tench"}``); unnamed labels stay as they are.
     display_names: dict[str, str] = Field(default_factory=dict)
+    #: Models on demand: keep this model loaded (loaded at start, never evicted or expired).
+    pinned: bool = False
+    #: Weights of versions for requests that name none (``{"2": 90, "1": 10}``: a canary).
+    traffic: dict[int, float] = Field(default_factory=dict)
+    shadow: ShadowConfig | None = None
+
+    @field_validator("traffic")
+    @classmethod
+    def _weights(cls, traffic: dict[int, float]) -> dict[int, float]:
+        if any(version < 1 for version in traffic):
+            raise ValueError("traffic names versions by number (1 and up)")
+        if any(weight < 0 for weight in traffic.values()):
+            raise ValueError("traffic weights must not be negative")
+        if traffic and sum(traffic.values()) <= 0:
+            raise ValueError("traffic weights must not all be 0")
+        return traffic
 
 
 class WeightsConfig(BaseModel):
@@ -107,12 +136,19 @@ class RepositoryModel:
     problem: str | None = None
 
     def wanted(self) -> list[VersionDir]:
-        """The versions its policy serves, highest first."""
+        """The versions its policy serves, and those its traffic split and shadow name,
+        highest first."""
         if self.problem is not None:
             return []
-        chosen = self.config.version_policy.choose([v.version for v in self.versions])
-        by_number = {v.version: v for v in self.versions}
-        return [by_number[n] for n in chosen]
+        chosen = set(self.config.version_policy.choose([v.version for v in self.versions]))
+        chosen |= set(self.config.traffic)
+        if self.config.shadow is not None:
+            chosen.add(self.config.shadow.version)
+        return sorted(
+            (v for v in self.versions if v.version in chosen),
+            key=lambda v: v.version,
+            reverse=True,
+        )
 
 
 def _kind(path: Path) -> VersionKind | None:
@@ -194,7 +230,12 @@ def version_settings(base: Settings, model: RepositoryModel, version: VersionDir
     """The replica's settings as they apply to one version: its source, and what the model's
     config overrides (set explicitly, so that building and loading treat them as choices)."""
     # Explicit Nones: a worker's environment names the repository, which a version is not.
-    update: dict[str, object] = {"model_repository": None, "repository_control": "none"}
+    update: dict[str, object] = {
+        "model_repository": None,
+        "repository_control": "none",
+        "model_memory_budget_mb": None,
+        "model_idle_ttl_s": None,
+    }
     # A version's tag rules live in its folder, whatever its kind (the replica's file is not
     # every model's).
     rules = version_rules_file(version)

@@ -104,6 +104,8 @@ def _lifespan(state: ServiceState, exit_on_startup_failure: bool) -> Any:
             loader = asyncio.create_task(_load_in_background(state, exit_on_startup_failure))
         elif state.classifier is not None:
             announce_ready(state)
+        elif state.models.readiness_problem() is None:
+            state.metrics.ready.set(1)  # models on demand: none loaded yet, all available
         try:
             yield
         finally:

@@ -162,6 +162,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="none: read at start; poll: follow the folders; explicit: the OIP control routes",
     )
     parser.add_argument("--repository-poll", dest="repository_poll_s", type=float)
+    parser.add_argument(
+        "--memory-budget",
+        dest="model_memory_budget_mb",
+        type=float,
+        help="models on demand: MiB a worker's loaded models may take (LRU eviction)",
+    )
+    parser.add_argument(
+        "--idle-ttl",
+        dest="model_idle_ttl_s",
+        type=float,
+        help="models on demand: unload a model unused for this many seconds",
+    )
     parser.add_argument("--default-model", help="the model of requests that name none")
     parser.add_argument("--drain-delay", dest="drain_delay_s", type=float)
     parser.add_argument("--shutdown-grace", dest="shutdown_grace_s", type=float)

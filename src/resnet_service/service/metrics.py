@@ -163,6 +163,62 @@ class Metrics:
             multiprocess_mode="max",
             registry=r,
         )
+        self._on_demand_metrics(r)
+
+    def _on_demand_metrics(self, r: CollectorRegistry) -> None:
+        """Models on demand and shadow versions (labels: the repository's names only)."""
+        self.model_loads = Counter(
+            f"{PREFIX}_model_loads",
+            "Model versions loaded (outcome: ok, failed).",
+            [*MODEL_LABELS, "outcome"],
+            registry=r,
+        )
+        self.model_unloads = Counter(
+            f"{PREFIX}_model_unloads",
+            "Model versions unloaded (reason: budget is an eviction; idle, retired).",
+            [*MODEL_LABELS, "reason"],
+            registry=r,
+        )
+        self.model_load_seconds = Histogram(
+            f"{PREFIX}_model_load_seconds",
+            "Time to load and warm one model version.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.cold_wait_seconds = Histogram(
+            f"{PREFIX}_cold_request_wait_seconds",
+            "How long a request waited for its model to load (models on demand).",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.models_resident_bytes = Gauge(
+            f"{PREFIX}_models_resident_bytes",
+            "Resident memory the loaded models' loads added (summed over workers).",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.shadow_compared = Counter(
+            f"{PREFIX}_shadow_compared",
+            "Requests run on a shadow version (result: agreed, differed, skipped).",
+            [*MODEL_LABELS, "result"],
+            registry=r,
+        )
+        self.shadow_agreement = Gauge(
+            f"{PREFIX}_shadow_agreement",
+            "Top-1 agreement of a shadow version with the served one over its window.",
+            list(MODEL_LABELS),
+            multiprocess_mode="livemin",
+            registry=r,
+        )
+        self.shadow_score_drift = Gauge(
+            f"{PREFIX}_shadow_score_drift",
+            "Mean absolute difference of the served top class's score, over the window.",
+            list(MODEL_LABELS),
+            multiprocess_mode="livemax",
+            registry=r,
+        )
 
     def count_priority(
         self,

@@ -11,14 +11,19 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from typing import Final
 
 from resnet_service.core.classifier import Classifier
-from resnet_service.core.errors import ModelNotFound, ModelNotNamed, NotReady
+from resnet_service.core.errors import ModelCold, ModelNotFound, ModelNotNamed, NotReady
+from resnet_service.service.shadow import Shadow
+from resnet_service.service.traffic import TrafficSplit
 
 
 class VersionState(StrEnum):
-    """Triton's model states, as the repository index reports them."""
+    """Triton's model states, as the repository index reports them, and ``AVAILABLE``: on
+    disk and ready to load on the first request (models on demand)."""
 
+    AVAILABLE = "AVAILABLE"
     LOADING = "LOADING"
     READY = "READY"
     UNLOADING = "UNLOADING"
@@ -45,6 +50,9 @@ class ServedVersion:
 
 Table = dict[str, dict[str, ServedVersion]]
 
+#: On demand, a request for a version in these states waits for it to (re)load.
+_COLD: Final = (VersionState.AVAILABLE, VersionState.LOADING, VersionState.UNLOADING)
+
 
 @dataclass(frozen=True, slots=True)
 class IndexEntry:
@@ -69,6 +77,16 @@ class ModelTable:
         self._table: Table = {}
         #: The models the repository asks for (readiness waits for each of them).
         self._expected: frozenset[str] | None = None
+        #: Models on demand: loaded on a request (readiness does not wait for them).
+        self._available: frozenset[str] = frozenset()
+        #: Set by the repository when models load on demand: a request for an available or
+        #: loading version gets ``ModelCold`` (wait for it) instead of ``NotReady``.
+        self.on_demand = False
+        #: Per model, the split of requests naming no version between versions (canary).
+        self._splits: dict[str, TrafficSplit] = {}
+        self._shadows: dict[str, Shadow] = {}
+        #: Models on demand that stay loaded.
+        self.pinned: frozenset[str] = frozenset()
 
     # --- writing (the reconciler) --------------------------------------------------------
     def put(self, entry: ServedVersion) -> None:
@@ -93,8 +111,32 @@ class ModelTable:
         with self._lock:
             self._table = {k: v for k, v in self._table.items() if k != model}
 
-    def expect(self, models: set[str]) -> None:
+    def expect(self, models: set[str], available: set[str] | None = None) -> None:
+        """Readiness waits for ``models``; ``available`` ones load on request."""
+        self._available = frozenset(available or ())
         self._expected = frozenset(models)
+
+    def route(self, model: str, split: TrafficSplit | None, shadow: Shadow | None) -> None:
+        """Route requests for ``model`` that name no version by ``split`` (None: the highest
+        ready version); ``shadow``: its shadow version's comparisons, for the index."""
+        with self._lock:
+            splits = {k: v for k, v in self._splits.items() if k != model}
+            shadows = {k: v for k, v in self._shadows.items() if k != model}
+            if split is not None:
+                splits[model] = split
+            if shadow is not None:
+                shadows[model] = shadow
+            self._splits, self._shadows = splits, shadows
+
+    def traffic(self, model: str) -> TrafficSplit | None:
+        return self._splits.get(model)
+
+    def shadow(self, model: str) -> Shadow | None:
+        return self._shadows.get(model)
+
+    def can_serve(self, name: str, version: str) -> bool:
+        """Whether ``version`` can take a request now (or, on demand, once loaded)."""
+        return _serves(self.entry(name, version), self.on_demand)
 
     # --- reading (every request) ---------------------------------------------------------
     def readiness_problem(self) -> str | None:
@@ -103,7 +145,7 @@ class ModelTable:
         if self._expected is None:
             return "the model is loading"
         missing = [name for name in sorted(self._expected) if self.serving(name) is None]
-        if not self._expected:
+        if not self._expected and not self._available:
             return "the model repository asks for no model"
         if not missing:
             return None
@@ -186,6 +228,9 @@ class ModelTable:
                 f"No model named '{name}'; this server has {_listing(self.names())} "
                 "(GET /models lists them)."
             )
+        split = self._splits.get(name)
+        if not version and split is not None:
+            version = split.pick(lambda v: self.can_serve(name, v))
         if version:
             return self._version(name, version)
         entry = self.serving(name)
@@ -193,6 +238,10 @@ class ModelTable:
             assert entry.classifier is not None
             return entry.classifier
         versions = self.versions(name)
+        if self.on_demand:
+            for v in versions:
+                if v.state in _COLD:
+                    raise ModelCold(name, v.version)
         if not versions:
             raise ModelNotFound(
                 f"Model '{name}' has no version loaded (unloaded, or none on disk)."
@@ -209,12 +258,22 @@ class ModelTable:
             raise ModelNotFound(
                 f"Model '{name}' has no version '{version}'; it has {_listing(have)}."
             )
+        if self.on_demand and entry.state in _COLD:
+            raise ModelCold(name, version)
         if entry.state is VersionState.LOADING:
             raise NotReady(f"Version {version} of model '{name}' is loading.", 2)
         if entry.state is not VersionState.READY or entry.classifier is None:
             why = f": {entry.reason}" if entry.reason else ""
             raise ModelNotFound(f"Version {version} of model '{name}' is {entry.state}{why}.")
         return entry.classifier
+
+
+def _serves(entry: ServedVersion | None, on_demand: bool) -> bool:
+    if entry is None:
+        return False
+    if on_demand and entry.state in _COLD:
+        return True
+    return entry.state is VersionState.READY
 
 
 def _listing(items: list[str]) -> str:

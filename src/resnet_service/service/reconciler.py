@@ -46,6 +46,8 @@ from resnet_service.service.builder_process import BuildFailed, build_in_child
 from resnet_service.service.control import ControlFile
 from resnet_service.service.loading import load_classifier, model_info_gauge
 from resnet_service.service.models import ModelTable, ServedVersion, VersionState
+from resnet_service.service.on_demand import OnDemand
+from resnet_service.service.routing import Routing
 from resnet_service.service.state import ServiceState
 from resnet_service.service.tag_rules_watch import CHECK_S as RULES_CHECK_S
 from resnet_service.service.tag_rules_watch import TagRulesWatch
@@ -110,6 +112,36 @@ class Reconciler:
         self.compute = ComputeGate()
         #: The loaded versions' tag rules files, followed in poll mode.
         self.tag_rules = TagRulesWatch()
+        #: The repository as last scanned.
+        self.models: dict[str, RepositoryModel] = {}
+        #: Built models by version folder identity (a bundle is built once, then loads fast).
+        self._built: dict[tuple[str, str, str], Path | None] = {}
+        #: Traffic splits and shadows, from the models' configs.
+        self.routing = Routing(state)
+        settings = self.settings
+        self.on_demand: OnDemand | None = None
+        if settings.model_memory_budget_mb is not None or settings.model_idle_ttl_s is not None:
+            budget = settings.model_memory_budget_mb
+            self.on_demand = OnDemand(
+                self,
+                int(budget * 2**20) if budget is not None else None,
+                settings.model_idle_ttl_s,
+                self.pinned,
+            )
+            state.models.on_demand = True
+            self.routing.on_demand = self.on_demand
+
+    def pinned(self, name: str) -> bool:
+        """Whether ``name`` stays loaded (its config's ``pinned``; every model without
+        models on demand)."""
+        model = self.models.get(name)
+        return self.on_demand is None or (model is not None and model.config.pinned)
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """No repository pass, load or unload while held (one at a time per worker)."""
+        with self._pass:
+            yield
 
     # --- one pass ------------------------------------------------------------------------
     def wanted(self, models: dict[str, RepositoryModel]) -> dict[str, list[VersionDir]]:
@@ -123,7 +155,7 @@ class Reconciler:
         """One pass: load what is missing, then unload what is no longer asked for."""
         with self._pass:
             generation = self.control.generation()
-            models = scan(self.root)
+            models = self.models = scan(self.root)
             wanted = self.wanted(models)
             table = self.state.models
             for name in models:
@@ -135,9 +167,13 @@ class Reconciler:
                 for version in versions:
                     self._ensure(models[name], version)
             self._record_problems(models)
-            table.expect({name for name, versions in wanted.items() if versions})
+            asked = {name for name, versions in wanted.items() if versions}
+            loaded = {name for name in asked if self.pinned(name)}
+            table.expect(loaded, asked - loaded)
+            table.pinned = frozenset(n for n in models if self.on_demand and self.pinned(n))
             for name in table.names():
                 self._retire(name, {str(v.version) for v in wanted.get(name, [])})
+            self.routing.update(models)
             self.applied_generation = generation
             self.control.report(self.applied_generation, self.state.models.index())
 
@@ -158,7 +194,63 @@ class Reconciler:
         failed = self.failures.get(key)
         if failed is not None and failed.stamp == version.stamp:
             return  # it failed as it is now; tried again when its folder changes
+        if not self.pinned(model.name):
+            if entry is None or entry.state is VersionState.UNAVAILABLE:
+                self._make_available(model, version)
+            return
         self._load(model, version)
+
+    def _make_available(self, model: RepositoryModel, version: VersionDir) -> None:
+        """On demand: build it now (a bundle's first load must not wait for a build) and
+        list it as available."""
+        name, number = model.name, str(version.version)
+        try:
+            self._build(version_settings(self.settings, model, version), version)
+        except (ServiceError, BuildFailed, OSError) as exc:
+            self._failed(name, number, version.stamp, exc)
+            return
+        self.state.models.put(
+            ServedVersion(name, number, VersionState.AVAILABLE, stamp=version.stamp)
+        )
+
+    def _failed(self, name: str, number: str, stamp: str, exc: Exception) -> str:
+        reason = exc.detail if isinstance(exc, ServiceError) else str(exc)
+        self.failures[(name, number)] = Failure(stamp, reason)
+        self.state.models.put(
+            ServedVersion(name, number, VersionState.UNAVAILABLE, reason, stamp=stamp)
+        )
+        self.state.metrics.model_loads.labels(name, number, "failed").inc()
+        log.error("model %s version %s not loaded: %s", name, number, reason)
+        return reason
+
+    def load_available(self, name: str, number: str) -> ModelLoadFailed | None:
+        """Load an available version now (the on-demand loader, holding ``locked``); the
+        error a waiting request gets when it cannot be."""
+        model = self.models.get(name)
+        version = (
+            next((v for v in model.versions if str(v.version) == number), None)
+            if model is not None
+            else None
+        )
+        if model is None or version is None:
+            self.state.models.drop(name, number)
+            return ModelLoadFailed(f"Model '{name}' version {number} is gone from the repository.")
+        self._load(model, version)
+        entry = self.state.models.entry(name, number)
+        if entry is not None and entry.state is VersionState.READY:
+            self.routing.attach(name)
+            return None
+        reason = entry.reason if entry is not None else "it could not be loaded"
+        return ModelLoadFailed(f"Model '{name}' version {number} could not be loaded: {reason}.")
+
+    def files_bytes(self, name: str, number: str) -> int:
+        """The size of a version's built files (the memory estimate of one never loaded)."""
+        model = self.models.get(name)
+        for version in model.versions if model is not None else ():
+            if str(version.version) == number:
+                folder = self._built.get((name, number, version.stamp)) or version.path
+                return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        return 0
 
     @contextmanager
     def _capacity_dip(self) -> Iterator[None]:
@@ -182,12 +274,21 @@ class Reconciler:
     def _load_version(self, model: RepositoryModel, version: VersionDir) -> None:
         name, number = model.name, str(version.version)
         table = self.state.models
-        table.put(ServedVersion(name, number, VersionState.LOADING, stamp=version.stamp))
+        known = table.entry(name, number)
+        table.put(
+            ServedVersion(
+                name,
+                number,
+                VersionState.LOADING,
+                memory_bytes=known.memory_bytes if known is not None else None,
+                stamp=version.stamp,
+            )
+        )
         log.info("loading model %s version %s from %s", name, number, version.path)
         started, before = time.monotonic(), resident_bytes()
         try:
             settings = version_settings(self.settings, model, version)
-            artifact = self._build(settings)
+            artifact = self._build(settings, version)
             classifier = load_classifier(
                 settings,
                 self.state.metrics,
@@ -198,12 +299,7 @@ class Reconciler:
                 compute=self.compute,
             )
         except (ServiceError, BuildFailed, OSError) as exc:
-            reason = exc.detail if isinstance(exc, ServiceError) else str(exc)
-            self.failures[(name, number)] = Failure(version.stamp, reason)
-            table.put(
-                ServedVersion(name, number, VersionState.UNAVAILABLE, reason, stamp=version.stamp)
-            )
-            log.error("model %s version %s not loaded: %s", name, number, reason)
+            self._failed(name, number, version.stamp, exc)
             return
         after = resident_bytes()
         memory = after - before if after is not None and before is not None else None
@@ -220,40 +316,68 @@ class Reconciler:
                 stamp=version.stamp,
             )
         )
+        took = time.monotonic() - started
+        metrics = self.state.metrics
+        metrics.model_loads.labels(name, number, "ok").inc()
+        metrics.model_load_seconds.labels(name).observe(took)
+        self._count_resident()
+        self.routing.attach(name)
         log.info(
             "model %s version %s ready in %.2fs (+%s MB)",
             name,
             number,
-            time.monotonic() - started,
+            took,
             f"{memory / 2**20:.0f}" if memory is not None else "?",
         )
 
-    def _build(self, settings: Settings) -> Path | None:
-        """The built model for a torch-free runtime (built in a child on a cache miss)."""
+    def _count_resident(self) -> None:
+        held = (VersionState.READY, VersionState.LOADING, VersionState.UNLOADING)
+        self.state.metrics.models_resident_bytes.set(
+            sum(
+                e.memory_bytes or 0
+                for e in self.state.models.index()
+                if e.state in held and e.classifier is not None
+            )
+        )
+
+    def _build(self, settings: Settings, version: VersionDir) -> Path | None:
+        """The built model for a torch-free runtime (built in a child on a cache miss; once
+        per version folder)."""
         if settings.runtime == "torch" and settings.artifact_path is None:
             return None
         if settings.artifact_path is not None:
             return settings.artifact_path
+        key = (version.model, str(version.version), version.stamp)
+        if key in self._built:
+            return self._built[key]
         env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
         env.update(settings.as_env())
         folder = build_in_child(env, json_logs=self.settings.log_format == "json")
-        return Path(folder) if folder else None
+        built = self._built[key] = Path(folder) if folder else None
+        return built
 
     def _retire(self, name: str, wanted: set[str]) -> None:
         """Unload the versions of ``name`` no longer wanted, once a wanted one serves (or the
         model is not wanted at all)."""
         table = self.state.models
+        serves = (
+            (VersionState.READY, VersionState.AVAILABLE)
+            if self.on_demand
+            else (VersionState.READY,)
+        )
         if wanted and not any(
-            (e := table.entry(name, v)) is not None and e.state is VersionState.READY
-            for v in wanted
+            (e := table.entry(name, v)) is not None and e.state in serves for v in wanted
         ):
             return  # nothing new serves yet: the old versions keep serving
         for entry in table.versions(name):
             if entry.version not in wanted:
                 self.retire(entry)
 
-    def retire(self, entry: ServedVersion) -> None:
-        """Out of the routing table, finish what it accepted, stop, give the memory back."""
+    def retire(
+        self, entry: ServedVersion, reason: str = "retired", keep_available: bool = False
+    ) -> None:
+        """Out of the routing table, finish what it accepted, stop, give the memory back;
+        ``keep_available``: listed as available again (models on demand: evicted, idle)."""
         table = self.state.models
         classifier = entry.classifier
         if classifier is None:
@@ -261,16 +385,30 @@ class Reconciler:
             return
         classifier.retiring = True  # before the idle check: see ServiceState.admit
         table.put(entry.with_state(VersionState.UNLOADING))
-        log.info("unloading model %s version %s", entry.model, entry.version)
+        log.info("unloading model %s version %s (%s)", entry.model, entry.version, reason)
         deadline = time.monotonic() + self.settings.shutdown_grace_s
         while not classifier.idle and time.monotonic() < deadline:
             time.sleep(0.01)  # requests it accepted are finishing; polled with a deadline
         classifier.stop()
+        classifier.shadow = None
         model_info_gauge(self.state.metrics, classifier).set(0)
-        table.drop(entry.model, entry.version)
+        if keep_available:
+            table.put(
+                ServedVersion(
+                    entry.model,
+                    entry.version,
+                    VersionState.AVAILABLE,
+                    memory_bytes=entry.memory_bytes,
+                    stamp=entry.stamp,
+                )
+            )
+        else:
+            table.drop(entry.model, entry.version)
         self.tag_rules.forget(entry.model, entry.version)
+        self.state.metrics.model_unloads.labels(entry.model, entry.version, reason).inc()
         del classifier, entry
         _return_memory()
+        self._count_resident()
 
     # --- explicit control (the OIP repository extension) ---------------------------------
     def load(self, name: str) -> None:
@@ -287,7 +425,8 @@ class Reconciler:
         self._apply(self.control.request(name, load=True))
         wanted = {str(v.version) for v in models[name].wanted()}
         entries = [e for e in self.state.models.versions(name) if e.version in wanted]
-        if not wanted or not any(e.state is VersionState.READY for e in entries):
+        serves = {VersionState.READY, VersionState.AVAILABLE if self.on_demand else None}
+        if not wanted or not any(e.state in serves for e in entries):
             reasons = "; ".join(f"version {e.version}: {e.reason}" for e in entries if e.reason)
             raise ModelLoadFailed(
                 f"Model '{name}' could not be loaded: {reasons or 'it has no version on disk'}."
@@ -321,13 +460,18 @@ class Reconciler:
 
     # --- the loop ------------------------------------------------------------------------
     def start(self) -> None:
-        """Follow the repository in the background (poll and explicit modes)."""
+        """Follow the repository in the background (poll and explicit modes; models on
+        demand in every mode)."""
         if self.settings.repository_control == "none":
+            if self.on_demand is not None:
+                self.on_demand.start()
             return
         self._thread = threading.Thread(target=self._run, name="repository", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        if self.on_demand is not None:
+            self.on_demand.start()
         poll = self.settings.repository_control == "poll"
         interval = self.settings.repository_poll_s if poll else _CONTROL_CHECK_S
         # Poll mode also follows the tag rules files, more often than the folders.
@@ -360,6 +504,8 @@ class Reconciler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(self.settings.shutdown_grace_s + 60)
+        if self.on_demand is not None:
+            self.on_demand.stop()
         with self._pass:
             pass
 
@@ -374,4 +520,5 @@ def open_repository(
     state.models = ModelTable(state.settings.default_model)
     reconciler = Reconciler(state, root, ControlFile(run_dir, worker))
     state.repository = reconciler
+    state.demand = reconciler.on_demand
     return reconciler

@@ -4,18 +4,21 @@ replica's word, metrics and the upload budget (one per worker, never module-glob
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Final, Protocol, TypeVar
 
 from resnet_service.config import Settings
 from resnet_service.core.admission import Ticket
 from resnet_service.core.classifier import Classifier
-from resnet_service.core.errors import ControlOff, NotReady
+from resnet_service.core.errors import ControlOff, ModelCold, NotReady
 from resnet_service.service.metrics import Metrics
 from resnet_service.service.models import ModelTable
 from resnet_service.service.upload_budget import UploadBudget
+
+T = TypeVar("T")
 
 
 class ReplicaView:
@@ -47,6 +50,12 @@ class RepositoryControl(Protocol):
     def stop(self) -> None: ...
 
 
+class Demand(Protocol):
+    """Models on demand, as requests call it (``service.on_demand.OnDemand``)."""
+
+    async def wait(self, model: str, version: str, timeout_s: float) -> None: ...
+
+
 @dataclass
 class ServiceState:
     """The state of one worker's service, shared by its HTTP and gRPC faces."""
@@ -59,6 +68,8 @@ class ServiceState:
     replica: ReplicaView | None = None
     #: Set when serving a model repository (None: one model from the settings).
     repository: RepositoryControl | None = None
+    #: Set when the repository's models load on demand.
+    demand: Demand | None = None
     upload_budget: UploadBudget = field(init=False)
 
     def __post_init__(self) -> None:
@@ -122,6 +133,35 @@ class ServiceState:
                 return classifier, ticket
             ticket.release()
         raise NotReady("The model is being replaced; retry.", 1)
+
+    async def admit_loaded(
+        self, model: str | None, version: str | None, admit: Callable[[Classifier], Ticket]
+    ) -> tuple[Classifier, Ticket]:
+        """``admit``, first waiting for a model on demand to load (see ``when_loaded``)."""
+        return await self.when_loaded(lambda: self.admit(model, version, admit))
+
+    async def classifier_loaded(self, model: str | None, version: str | None) -> Classifier:
+        """``require_classifier``, first waiting for a model on demand to load."""
+
+        def resolve() -> Classifier:
+            classifier = self.require_classifier(model, version)
+            classifier.last_used = time.monotonic()  # not the next one evicted
+            return classifier
+
+        return await self.when_loaded(resolve)
+
+    async def when_loaded(self, attempt: Callable[[], T]) -> T:
+        """``attempt()``; while it finds its model available but not loaded (models on
+        demand), wait for the load within the request's deadline and try again (an eviction
+        between the load and the attempt loads it again)."""
+        deadline = time.monotonic() + self.settings.request_timeout_s
+        while True:
+            try:
+                return attempt()
+            except ModelCold as cold:
+                if self.demand is None:
+                    raise
+                await self.demand.wait(cold.model, cold.version, deadline - time.monotonic())
 
     def require_repository(self) -> RepositoryControl:
         """The repository's control, or ``ControlOff`` when serving one model from settings."""

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Final
 
@@ -18,6 +22,7 @@ from resnet_service.faces.http.schemas import (
     ModelsResponse,
     ModelStatus,
     Readiness,
+    ShadowState,
     VersionStatus,
     model_ref,
 )
@@ -127,13 +132,22 @@ async def models(service: ServiceDep) -> ModelsResponse:
     listed = []
     for name in table.names():
         serving = table.serving(name)
+        split = table.traffic(name)
+        shares = (
+            {s.version: s for s in split.shares(partial(table.can_serve, name))} if split else {}
+        )
         versions = [
             VersionStatus(
                 version=e.version,
                 state=str(e.state),
                 reason=e.reason,
-                serving=serving is not None and e.version == serving.version,
+                serving=e.version in shares and shares[e.version].share > 0
+                if split
+                else serving is not None and e.version == serving.version,
                 memory_mb=round(e.memory_bytes / 2**20, 1) if e.memory_bytes is not None else None,
+                last_used=_wall_clock(e.classifier.last_used) if e.classifier else None,
+                traffic_share=round(shares[e.version].share, 4) if e.version in shares else None,
+                traffic_stopped=shares[e.version].stopped if e.version in shares else None,
                 runtime=e.classifier.model.info.runtime if e.classifier else None,
                 precision=e.classifier.model.info.precision if e.classifier else None,
                 num_classes=e.classifier.model.info.num_classes if e.classifier else None,
@@ -141,8 +155,20 @@ async def models(service: ServiceDep) -> ModelsResponse:
             )
             for e in table.versions(name)
         ]
-        listed.append(ModelStatus(name=name, versions=versions))
+        shadow = table.shadow(name)
+        listed.append(
+            ModelStatus(
+                name=name,
+                pinned=name in table.pinned,
+                versions=versions,
+                shadow=ShadowState(**asdict(shadow.status())) if shadow else None,
+            )
+        )
     return ModelsResponse(default=table.default_name, models=listed)
+
+
+def _wall_clock(monotonic: float) -> datetime:
+    return datetime.fromtimestamp(time.time() - (time.monotonic() - monotonic), UTC)
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness: the process answers")

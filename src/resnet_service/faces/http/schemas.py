@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from datetime import datetime
 from typing import Any, Final, Literal
 
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
@@ -264,11 +265,28 @@ class VersionStatus(BaseModel):
     """One version of a model in this worker."""
 
     version: str
-    state: Literal["LOADING", "READY", "UNLOADING", "UNAVAILABLE"]
+    state: Literal["AVAILABLE", "LOADING", "READY", "UNLOADING", "UNAVAILABLE"] = Field(
+        description="AVAILABLE: not loaded, loads on the first request (models on demand)."
+    )
     reason: str = Field(description="Why it is not READY (a failed build or load).")
-    serving: bool = Field(description="True for the version requests naming none get.")
+    serving: bool = Field(
+        description="True for the version requests naming none get (with a traffic split: "
+        "every version with a share)."
+    )
     memory_mb: float | None = Field(
-        description="Resident memory its load added to this worker (MiB)."
+        description="Resident memory its load added to this worker (MiB; for an AVAILABLE "
+        "version, what its last load took)."
+    )
+    last_used: datetime | None = Field(
+        None, description="When a request last reached it in this worker (null: not loaded)."
+    )
+    traffic_share: float | None = Field(
+        None,
+        description="Its share of the requests that name no version, from the model's traffic "
+        "split (null: no split).",
+    )
+    traffic_stopped: str | None = Field(
+        None, description="Why its traffic share was stopped (the shadow rule)."
     )
     runtime: Literal["torch", "openvino", "onnxruntime"] | None
     precision: Literal["int8", "fp32"] | None
@@ -284,9 +302,27 @@ class VersionStatus(BaseModel):
     )
 
 
+class ShadowState(BaseModel):
+    """A model's shadow version: requests also run there, answers compared, never returned."""
+
+    version: str
+    fraction: float = Field(description="The share of the model's requests shadowed.")
+    compared: int = Field(description="Requests compared so far in this worker.")
+    skipped: int = Field(
+        description="Shadowed requests not compared (the shadow not loaded or busy)."
+    )
+    agreement: float | None = Field(description="Top-1 agreement over the window.")
+    score_drift: float | None = Field(
+        description="Mean absolute difference of the served top class's score, over the window."
+    )
+    stopped: str | None = Field(description="Why the stop rule stopped the version's traffic.")
+
+
 class ModelStatus(BaseModel):
     name: str
+    pinned: bool = Field(False, description="Kept loaded (models on demand).")
     versions: list[VersionStatus] = Field(description="Highest first.")
+    shadow: ShadowState | None = None
 
 
 class ModelsResponse(BaseModel):

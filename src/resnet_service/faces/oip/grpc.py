@@ -169,7 +169,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         wanted = record.priority = _requested_priority(request, context)
         with priority.requested(wanted):
             admit = tracing.admitter(self.tracing)
-            classifier, ticket = self.service.admit(model, version, admit)
+            classifier, ticket = await self.service.admit_loaded(model, version, admit)
             with ticket:
                 ticket.uploaded()  # a unary RPC arrives whole
                 parsed = parse_request(request)

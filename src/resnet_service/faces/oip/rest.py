@@ -107,7 +107,7 @@ async def get_oip_classifier(request: Request, service: ServiceDep) -> Classifie
     if chosen is not None:
         return chosen
     params = request.path_params
-    return service.require_classifier(params.get("model_name"), params.get("model_version"))
+    return await service.classifier_loaded(params.get("model_name"), params.get("model_version"))
 
 
 OipClassifierDep = Annotated[Classifier, Depends(get_oip_classifier)]
