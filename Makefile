@@ -13,7 +13,7 @@ RUN_HOST := $(if $(filter command line,$(origin HOST)),$(HOST))
 RUN_FLAGS := $(if $(RUN_HOST),--host $(RUN_HOST)) $(if $(PORT),--port $(PORT)) \
 	$(if $(GRPC_PORT),--grpc-port $(GRPC_PORT)) $(if $(WORKERS),--workers $(WORKERS))
 
-.PHONY: install test-deps run test test-fast lint lint-deploy format typecheck openapi bench bench-quick bench-peers bench-http bench-tracing bench-outputs bench-tag bench-fair finetune-suite robustness check clean
+.PHONY: install test-deps run test test-fast lint lint-deploy format typecheck openapi bench bench-quick bench-peers bench-http bench-tracing bench-outputs bench-tag bench-fair bench-on-demand finetune-suite robustness check clean
 
 install: $(BIN)/resnet-service
 
@@ -86,6 +86,11 @@ bench-outputs: install
 # 10x open-loop flood (~3 min); writes bench/fairness.json.
 bench-fair: install
 	$(BIN)/python -m resnet_bench.fairness --out bench
+
+# Models on demand (a cold model's first answer), a 90/10 split over 2,000 requests and a
+# shadow version's cost, against issue 33's goals (~4 min); writes bench/on-demand.json.
+bench-on-demand: install
+	$(BIN)/python -m resnet_bench.on_demand --out bench
 
 # The tag job against this machine's limit for it (decode + batch-8 forward, measured in the
 # same run) and against a /classify/batch loop; peak RSS over 10k and 100k inputs (~20 min;

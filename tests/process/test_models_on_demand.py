@@ -24,10 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import psutil
 import pytest
+import tritonclient.grpc as tgrpc
+import tritonclient.http as thttp
 
-from resnet_bench.servers import metric_sum
+from resnet_bench.servers import bucket_quantile, histogram_buckets, metric_sum
 from tests.harness import ClassifyLoad, Server, jpeg_of, serve, wait_until
 
 IMAGE = jpeg_of("chelsea", (320, 240))
@@ -126,6 +129,8 @@ def test_eight_models_in_a_budget_of_three_all_answered_within_memory(
         base = max(psutil.Process(pid).memory_info().rss for pid in pids)
         with RssWatch(pids) as watch:
             failures, zipf_latency = asyncio.run(spread(server.url, zipf(96, 0), 4))
+            zipf_loads = metric_sum(server.url, "resnet_service_model_loads", outcome="ok")
+            zipf_waits = histogram_buckets(server.url, "resnet_service_cold_request_wait_seconds")
             more, uniform_latency = asyncio.run(spread(server.url, uniform(96, 1), 4))
         assert failures + more == []
         listed = models_of(server)
@@ -137,13 +142,18 @@ def test_eight_models_in_a_budget_of_three_all_answered_within_memory(
         peak = max(watch.peak.values())
         loads = metric_sum(server.url, "resnet_service_model_loads", outcome="ok")
         evictions = metric_sum(server.url, "resnet_service_model_unloads", reason="budget")
+        waits = histogram_buckets(server.url, "resnet_service_cold_request_wait_seconds")
         print(
-            f"\n[on demand] 8 models, budget {BUDGET_MB} MB, 2 workers: 192 requests, 0 errors; "
-            f"{loads:.0f} loads, {evictions:.0f} evictions (hit rate {1 - loads / 192:.2f}); "
-            f"peak worker RSS {peak / 2**20:.0f} MB (bound {bound / 2**20:.0f} = base "
-            f"{base / 2**20:.0f} + budget + {margin / 2**20:.0f}); p50 Zipf "
+            f"\n[on demand] 8 models, budget {BUDGET_MB} MB, 2 workers, 4 clients: 96 Zipf + 96 "
+            f"uniform requests, 0 errors; hit rate Zipf {1 - zipf_loads / 96:.2f}, uniform "
+            f"{1 - (loads - zipf_loads) / 96:.2f}; {evictions:.0f} evictions; cold wait p50/p99 "
+            f"≤ {bucket_quantile({}, zipf_waits, 0.5):g}/{bucket_quantile({}, zipf_waits, 0.99):g}"
+            f" s (Zipf), ≤ {bucket_quantile(zipf_waits, waits, 0.5):g}/"
+            f"{bucket_quantile(zipf_waits, waits, 0.99):g} s (uniform); answer p50 Zipf "
             f"{sorted(zipf_latency)[48] * 1000:.0f} ms, uniform "
-            f"{sorted(uniform_latency)[48] * 1000:.0f} ms"
+            f"{sorted(uniform_latency)[48] * 1000:.0f} ms; peak worker RSS "
+            f"{peak / 2**20:.0f} MB (bound {bound / 2**20:.0f} = base {base / 2**20:.0f} + "
+            f"budget + {margin / 2**20:.0f})"
         )
         assert peak <= bound, f"a worker reached {peak / 2**20:.0f} MB, over {bound / 2**20:.0f}"
         assert evictions > 0  # eight models cannot all fit: the budget was applied
@@ -186,10 +196,28 @@ def test_idle_models_unload_and_give_their_memory_back(
                 wait_until(all_unloaded, 30, "the idle models to unload", server)
                 floors.append(psutil.Process(pid).memory_info().rss)
         assert metric_sum(server.url, "resnet_service_model_unloads", reason="idle") == 8
+        # Over the Open Inference Protocol too (tritonclient), a cold model loads and answers.
+        port = httpx.get(f"{server.url}/model", params={"model": "m1"}).json()["settings"]
+        for client, module in (
+            (thttp.InferenceServerClient(f"127.0.0.1:{server.port}"), thttp),
+            (tgrpc.InferenceServerClient(f"127.0.0.1:{port['grpc_port']}"), tgrpc),
+        ):
+            cold = "m3" if module is thttp else "m4"
+            assert models_of(server)[cold]["versions"][0]["state"] == "AVAILABLE"
+            image = module.InferInput("image", [1], "BYTES")
+            image.set_data_from_numpy(np.array([IMAGE], dtype=object))
+            wanted = module.InferRequestedOutput("probabilities", class_count=3)
+            answer = client.infer(cold, [image], outputs=[wanted])
+            assert answer.as_numpy("probabilities").shape == (1, 3)
+            assert models_of(server)[cold]["versions"][0]["state"] == "READY"
     growth = (max(floors[1:]) - floors[0]) / 2**20
     print(f"\n[idle TTL] floors after each cycle: {[round(f / 2**20, 1) for f in floors]} MB")
     # A leak of one model's buffers would be tens of MB; measured growth 0.5-1.5 MB (goal 2).
     assert growth <= 4, f"the idle worker grew {growth:.1f} MB over 3 load-unload cycles"
+
+
+def served_version(body: dict[str, Any]) -> str:
+    return str(body["model"]["version"])
 
 
 def reversed_labels(source: Path, target: Path) -> None:
@@ -224,11 +252,8 @@ def test_traffic_split_holds_changes_under_load_and_the_shadow_rule_stops_a_cana
     extra = ("--workers", "2", "--repository-control", "poll", "--repository-poll", "0.5")
     with serve(tmp_path, *args(root, model_cache, *extra)) as server:
         listed = models_of(server)
-        assert {v["state"] for m in ("split", "canary") for v in listed[m]["versions"]} == {
-            "READY"
-        }
-        version = lambda body: str(body["model"]["version"])  # noqa: E731
-        with ClassifyLoad(server.url, version, model="split", clients=8) as load:
+        assert {v["state"] for m in ("split", "canary") for v in listed[m]["versions"]} == {"READY"}
+        with ClassifyLoad(server.url, served_version, model="split", clients=8) as load:
             wait_until(lambda: load.count() >= 1000, 240, "1,000 answers", server)
             first = load.last(load.count())[:1000]
             # The split changes under load: every request is still answered.
@@ -251,11 +276,13 @@ def test_traffic_split_holds_changes_under_load_and_the_shadow_rule_stops_a_cana
         assert 0.45 <= after <= 0.55
         with httpx.Client(base_url=server.url, timeout=60) as client:  # a request may pin one
             files = {"image": ("c.jpg", IMAGE, "image/jpeg")}
-            pinned = client.post("/classify", params={"model": "split", "version": "1"}, files=files)
+            pinned = client.post(
+                "/classify", params={"model": "split", "version": "1"}, files=files
+            )
             assert pinned.json()["model"]["version"] == "1"
 
         # The canary disagrees with version 1 on every image: the rule stops its share.
-        with ClassifyLoad(server.url, version, model="canary", clients=8) as load:
+        with ClassifyLoad(server.url, served_version, model="canary", clients=8) as load:
 
             def stopped() -> bool:
                 shadow = models_of(server)["canary"]["shadow"]
@@ -267,9 +294,10 @@ def test_traffic_split_holds_changes_under_load_and_the_shadow_rule_stops_a_cana
         assert load.answers.failures == []
         canary = models_of(server)["canary"]
         assert canary["shadow"]["agreement"] < 0.9
-        assert [v["traffic_share"] for v in canary["versions"] if v["version"] == "2"][0] == 0
+        assert next(v["traffic_share"] for v in canary["versions"] if v["version"] == "2") == 0
         # A worker that stopped it sends it nothing; with two workers, each applies its own
         # rule on its own requests, so allow the other's last few before its window filled.
         late = load.answers.after(stopped_at + 2)
-        assert late and set(late) == {"1"}
+        assert late
+        assert set(late) == {"1"}
         assert metric_sum(server.url, "resnet_service_shadow_compared", result="differed") > 0

@@ -46,6 +46,7 @@ HTTP_STATUS: Final[dict[str, int]] = {
     errors.InferenceFailed.code: 500,
     errors.Overloaded.code: 503,
     errors.NotReady.code: 503,
+    errors.ModelCold.code: 503,
     errors.ModelError.code: 503,
     errors.WeightsUnavailable.code: 503,
     errors.RuntimeUnavailable.code: 503,

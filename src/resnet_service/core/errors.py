@@ -167,12 +167,19 @@ class ModelCold(NotReady):
     wait loads it and waits within the request's deadline; elsewhere it is a 503 like any
     model still loading."""
 
-    def __init__(self, model: str, version: str) -> None:
-        super().__init__(
-            f"Model '{model}' version {version} is not loaded; it loads on request.", 2
-        )
+    code = "model_not_loaded"
+    title = "Model not loaded"
+
+    def __init__(self, detail: str, model: str = "", version: str = "") -> None:
+        super().__init__(detail, 2)
         self.model = model
         self.version = version
+
+    @classmethod
+    def of(cls, model: str, version: str) -> ModelCold:
+        return cls(
+            f"Model '{model}' version {version} is loading on request; retry.", model, version
+        )
 
 
 class DeadlineExceeded(ServiceError):

@@ -140,10 +140,12 @@ class RepositoryModel:
         highest first."""
         if self.problem is not None:
             return []
-        chosen = set(self.config.version_policy.choose([v.version for v in self.versions]))
-        chosen |= set(self.config.traffic)
-        if self.config.shadow is not None:
-            chosen.add(self.config.shadow.version)
+        shadow = self.config.shadow.version if self.config.shadow is not None else None
+        # The policy chooses among the others: a shadow never serves in their place.
+        served = [v.version for v in self.versions if v.version != shadow]
+        chosen = set(self.config.version_policy.choose(served)) | set(self.config.traffic)
+        if shadow is not None:
+            chosen.add(shadow)
         return sorted(
             (v for v in self.versions if v.version in chosen),
             key=lambda v: v.version,

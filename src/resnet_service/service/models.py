@@ -241,7 +241,7 @@ class ModelTable:
         if self.on_demand:
             for v in versions:
                 if v.state in _COLD:
-                    raise ModelCold(name, v.version)
+                    raise ModelCold.of(name, v.version)
         if not versions:
             raise ModelNotFound(
                 f"Model '{name}' has no version loaded (unloaded, or none on disk)."
@@ -259,7 +259,7 @@ class ModelTable:
                 f"Model '{name}' has no version '{version}'; it has {_listing(have)}."
             )
         if self.on_demand and entry.state in _COLD:
-            raise ModelCold(name, version)
+            raise ModelCold.of(name, version)
         if entry.state is VersionState.LOADING:
             raise NotReady(f"Version {version} of model '{name}' is loading.", 2)
         if entry.state is not VersionState.READY or entry.classifier is None:

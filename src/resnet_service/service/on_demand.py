@@ -24,13 +24,13 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from contextlib import AbstractContextManager
+from typing import Final, Protocol
 
+from resnet_service.config import Settings
 from resnet_service.core.errors import DeadlineExceeded, ModelLoadFailed
 from resnet_service.service.models import ServedVersion, VersionState
-
-if TYPE_CHECKING:
-    from resnet_service.service.reconciler import Reconciler
+from resnet_service.service.state import ServiceState
 
 log = logging.getLogger("resnet_service.on_demand")
 
@@ -59,12 +59,29 @@ def return_large_blocks() -> None:
         return  # not glibc: its allocator has its own policy
 
 
+class Loader(Protocol):
+    """What this loader asks of the repository's reconciler (``service.reconciler``)."""
+
+    state: ServiceState
+    settings: Settings
+
+    def locked(self) -> AbstractContextManager[None]: ...
+
+    def load_available(self, name: str, number: str) -> ModelLoadFailed | None: ...
+
+    def retire(
+        self, entry: ServedVersion, reason: str = "retired", keep_available: bool = False
+    ) -> None: ...
+
+    def files_bytes(self, name: str, number: str) -> int: ...
+
+
 class OnDemand:
     """The loader of one worker's models on demand."""
 
     def __init__(
         self,
-        reconciler: Reconciler,
+        reconciler: Loader,
         budget_bytes: int | None,
         idle_ttl_s: float | None,
         pinned: Callable[[str], bool],

@@ -129,7 +129,7 @@ class Reconciler:
                 self.pinned,
             )
             state.models.on_demand = True
-            self.routing.on_demand = self.on_demand
+            self.routing.request_load = self.on_demand.request
 
     def pinned(self, name: str) -> bool:
         """Whether ``name`` stays loaded (its config's ``pinned``; every model without

@@ -5,7 +5,7 @@ survive them."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from resnet_service.core.classifier import Classifier
 from resnet_service.model.repository_layout import RepositoryModel, ShadowConfig
@@ -14,8 +14,18 @@ from resnet_service.service.shadow import Shadow, ShadowRule
 from resnet_service.service.state import ServiceState
 from resnet_service.service.traffic import TrafficSplit
 
-if TYPE_CHECKING:
-    from resnet_service.service.on_demand import OnDemand
+
+def _split(model: RepositoryModel) -> TrafficSplit | None:
+    """The config's split; with a shadow and no split, every request goes to the highest
+    other version (a shadow's answers are never returned, so it takes no traffic unless the
+    split gives it some)."""
+    config = model.config
+    if config.traffic:
+        return TrafficSplit({str(v): w for v, w in config.traffic.items()})
+    if config.shadow is None:
+        return None
+    others = [v.version for v in model.wanted() if v.version != config.shadow.version]
+    return TrafficSplit({str(max(others)): 1.0}) if others else None
 
 
 class Routing:
@@ -23,7 +33,8 @@ class Routing:
 
     def __init__(self, state: ServiceState) -> None:
         self.state = state
-        self.on_demand: OnDemand | None = None
+        #: Models on demand: ask for a version's load without waiting (None: off).
+        self.request_load: Callable[[str, str], object] | None = None
         #: Per model: the config it was built from, and what was built.
         self._configs: dict[str, tuple[str, TrafficSplit | None, Shadow | None]] = {}
 
@@ -36,14 +47,12 @@ class Routing:
                 table.route(name, None, None)
         for name, model in models.items():
             config = model.config
-            said = config.model_dump_json(include={"traffic", "shadow"})
+            said = config.model_dump_json(include={"traffic", "shadow"}) + repr(
+                [v.version for v in model.wanted()]
+            )
             if name in self._configs and self._configs[name][0] == said:
                 continue
-            split = (
-                TrafficSplit({str(v): w for v, w in config.traffic.items()})
-                if config.traffic
-                else None
-            )
+            split = _split(model)
             shadow = self._shadow(name, config.shadow, split)
             self._configs[name] = (said, split, shadow)
             table.route(name, split, shadow)
@@ -70,8 +79,8 @@ class Routing:
         entry = self.state.models.entry(name, version)
         if entry is None:
             return None
-        if entry.state is VersionState.AVAILABLE and self.on_demand is not None:
-            self.on_demand.request(name, version)
+        if entry.state is VersionState.AVAILABLE and self.request_load is not None:
+            self.request_load(name, version)
         return entry.classifier if entry.state is VersionState.READY else None
 
     def attach(self, name: str) -> None:

@@ -44,6 +44,7 @@ GRPC_STATUS: Final[dict[str, grpc.StatusCode]] = {
     errors.InferenceFailed.code: grpc.StatusCode.INTERNAL,
     errors.Overloaded.code: _UNAVAILABLE,
     errors.NotReady.code: _UNAVAILABLE,
+    errors.ModelCold.code: _UNAVAILABLE,
     errors.ModelError.code: _UNAVAILABLE,
     errors.WeightsUnavailable.code: _UNAVAILABLE,
     errors.RuntimeUnavailable.code: _UNAVAILABLE,
