@@ -175,7 +175,7 @@ class Metrics:
         )
         self.model_unloads = Counter(
             f"{PREFIX}_model_unloads",
-            "Model versions unloaded (reason: budget is an eviction; idle, retired).",
+            "Model versions unloaded (reason: budget is an eviction; idle, retired, start).",
             [*MODEL_LABELS, "reason"],
             registry=r,
         )

@@ -462,6 +462,8 @@ class Reconciler:
     def start(self) -> None:
         """Follow the repository in the background (poll and explicit modes; models on
         demand in every mode)."""
+        if self.on_demand is not None:
+            self.on_demand.prime()
         if self.settings.repository_control == "none":
             if self.on_demand is not None:
                 self.on_demand.start()
