@@ -158,41 +158,70 @@ def split(workdir: Path, model: Path, image: bytes, requests: int = 2000) -> dic
     }
 
 
+def _shadow_state(port: int) -> dict[str, Any]:
+    models = httpx.get(f"http://{HOST}:{port}/models").json()["models"]
+    state: dict[str, Any] = {m["name"]: m["shadow"] for m in models}["shadowed"]
+    return state
+
+
+def _median(rows: list[float]) -> float:
+    return round(statistics.median(rows), 1)
+
+
 def shadow(
     workdir: Path, model: Path, image: bytes, fraction: float, rounds: int, seconds: float
 ) -> dict[str, Any]:
+    """Interleaved rounds, each: a 16-client closed loop on ``plain`` then on ``shadowed``
+    (throughput at saturation), then an open loop at half the plain capacity on each (the
+    primary's p50 where a shadow has room to run)."""
     config = {"shadowed": {"shadow": {"version": 2, "fraction": fraction}}}
     root = repository(workdir, model, {"plain": 1, "shadowed": 2}, config)
-    figures: dict[str, list[tuple[float, float]]] = {"plain": [], "shadowed": []}
+    names = ("plain", "shadowed")
+    rps: dict[str, list[float]] = {name: [] for name in names}
+    p50: dict[str, list[float]] = {name: [] for name in names}
+    compared: dict[str, int] = {"saturated": 0, "half": 0}
     with serve(root, workdir, "shadow", "--workers", "1") as srv:
         payloads = {
             name: loadgen.multipart_request(
                 HOST, srv.port, f"/classify?model={name}", "image", "i.jpg", image, "image/jpeg"
             )
-            for name in figures
+            for name in names
         }
         for _ in range(rounds):
-            for name, payload in payloads.items():
-                result = asyncio.run(loadgen.closed_loop(HOST, srv.port, payload, 16, seconds))
-                p50 = result.percentile_ms(50)
-                if p50 is None or result.errors:
+            for name in names:
+                before = _shadow_state(srv.port)["compared"]
+                result = asyncio.run(
+                    loadgen.closed_loop(HOST, srv.port, payloads[name], 16, seconds)
+                )
+                if result.errors:
                     raise RuntimeError(f"{name}: {result.summary()}")
-                figures[name].append((result.ok / result.elapsed_s, p50))
-        shadow_state = {
-            m["name"]: m["shadow"]
-            for m in httpx.get(f"http://{HOST}:{srv.port}/models").json()["models"]
-        }["shadowed"]
-    rps = {name: statistics.median(r for r, _ in rows) for name, rows in figures.items()}
-    median_ms = {name: statistics.median(p for _, p in rows) for name, rows in figures.items()}
+                rps[name].append(result.ok / result.elapsed_s)
+                compared["saturated"] += _shadow_state(srv.port)["compared"] - before
+            rate = statistics.median(rps["plain"]) / 2
+            for name in names:
+                before = _shadow_state(srv.port)["compared"]
+                result = asyncio.run(
+                    loadgen.open_loop(HOST, srv.port, payloads[name], rate, seconds)
+                )
+                median = result.percentile_ms(50)
+                if median is None or result.errors:
+                    raise RuntimeError(f"{name}: {result.summary()}")
+                p50[name].append(median)
+                compared["half"] += _shadow_state(srv.port)["compared"] - before
+        state = _shadow_state(srv.port)
     return {
         "fraction": fraction,
         "rounds": rounds,
-        "throughput_rps": {k: round(v, 1) for k, v in rps.items()},
-        "p50_ms": {k: round(v, 1) for k, v in median_ms.items()},
-        "p50_delay": round(median_ms["shadowed"] / median_ms["plain"] - 1, 4),
-        "throughput_cost": round(1 - rps["shadowed"] / rps["plain"], 4),
-        "compared": shadow_state["compared"],
-        "skipped": shadow_state["skipped"],
+        "saturated_rps": {name: _median(rows) for name, rows in rps.items()},
+        "throughput_cost": round(
+            1 - statistics.median(rps["shadowed"]) / statistics.median(rps["plain"]), 4
+        ),
+        "half_load_p50_ms": {name: _median(rows) for name, rows in p50.items()},
+        "p50_delay": round(
+            statistics.median(p50["shadowed"]) / statistics.median(p50["plain"]) - 1, 4
+        ),
+        "compared": compared,
+        "skipped": state["skipped"],
         "goals": {"p50_delay_at_most": 0.05, "throughput_cost_at_most": fraction},
     }
 

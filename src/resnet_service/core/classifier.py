@@ -94,7 +94,7 @@ class ShadowTap(Protocol):
     """Where a classifier offers what it answered, to be run again on a shadow version
     (``service.shadow``): called on the event loop, it must return at once."""
 
-    def offer(self, data: bytes, primary: Classification) -> None: ...
+    def offer(self, data: bytes, primary: Classification, pixels: Pixels) -> None: ...
 
 
 @dataclass(slots=True)
@@ -296,6 +296,17 @@ class Classifier:
             slot.waited_s = result.timings.queue_s
             return result
 
+    async def classify_pixels(self, pixels: Pixels, top_k: int | None = None) -> Classification:
+        """Model-sized pixels another version of this model decoded -> Top-k (no decode)."""
+        k = self.check_top_k(top_k)
+        if not self.engine.accepts(pixels):
+            raise InvalidParameter(f"pixels of shape {list(pixels.shape)} do not fit this model")
+        started = time.perf_counter()
+        with self._in_pipeline() as slot:
+            result = await self._infer(pixels, 0.0, k, started)
+            slot.waited_s = result.timings.queue_s
+            return result
+
     async def _classify(
         self, data: bytes, k: int, scope: str = "", wants: Wants = LOGITS_ONLY
     ) -> Classification:
@@ -319,7 +330,7 @@ class Classifier:
         if key is not None and self.cache is not None:
             self.cache.put(key, result.probabilities)
         if self.shadow is not None:
-            self.shadow.offer(data, result)
+            self.shadow.offer(data, result, decoded.array)
         return result
 
     def _from_cache(self, probabilities: Probabilities, k: int, started: float) -> Classification:

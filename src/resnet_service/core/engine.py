@@ -366,6 +366,10 @@ class InferenceEngine:
             ) from None
         return work.future
 
+    def accepts(self, array: FloatBatch | Pixels) -> bool:
+        """Whether ``array`` (model-sized pixels or a preprocessed tensor) fits this model."""
+        return self._accepts(array)
+
     def _accepts(self, array: FloatBatch | Pixels) -> bool:
         if array.dtype == np.uint8:
             return array.shape == self.pixel_shape and (

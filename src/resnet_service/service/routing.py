@@ -88,7 +88,7 @@ class Routing:
         shadow = self.shadow(name)
         for entry in self.state.models.versions(name):
             if entry.classifier is not None:
-                entry.classifier.shadow = shadow.tap(entry.version) if shadow else None
+                entry.classifier.shadow = shadow.tap(entry.classifier) if shadow else None
 
     def shadow(self, name: str) -> Shadow | None:
         found = self._configs.get(name)

@@ -1,10 +1,11 @@
 """A shadow version: a fraction of a model's requests also runs on another version, whose
 answers are compared with the served ones and never returned.
 
-The comparison runs after the primary answer is computed, as *bulk* work (``core.priority``):
-the batcher and the decode pool take interactive work first and admission sheds bulk first,
-so a shadow never delays the answer it copies and takes only the CPU left over (a comparison
-admission refuses is skipped and counted, never queued). Top-1 agreement and the drift of the
+The comparison runs after the primary answer is computed, on the pixels the primary decoded
+(no second decode when both versions take the same input), as *bulk* work
+(``core.priority``), and only while the primary has nothing waiting: a saturated model skips
+its comparisons (counted) rather than pay for them with its own requests' latency, so a
+shadow takes CPU the primary does not need (a comparison admission refuses is skipped too). Top-1 agreement and the drift of the
 primary's top class's score are kept over a window; the stop rule (agreement below a bound
 over a full window) takes the shadow version out of the model's traffic split, so a canary
 that disagrees stops getting requests.
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from resnet_service.core import priority
 from resnet_service.core.classifier import Classifier
 from resnet_service.core.errors import ServiceError
+from resnet_service.core.images import Pixels
 from resnet_service.core.results import Classification
 from resnet_service.service.metrics import Metrics
 
@@ -80,9 +82,9 @@ class Shadow:
         self._agreement = metrics.shadow_agreement.labels(*labels)
         self._drift = metrics.shadow_score_drift.labels(*labels)
 
-    def tap(self, primary_version: str) -> ShadowTap | None:
-        """The tap for one primary version (none for the shadow version itself)."""
-        return None if primary_version == self.rule.version else ShadowTap(self)
+    def tap(self, primary: Classifier) -> ShadowTap | None:
+        """The tap of one primary version (none for the shadow version itself)."""
+        return None if primary.version == self.rule.version else ShadowTap(self, primary)
 
     def _due(self) -> bool:
         """Deterministically every 1/fraction-th offer (exact shares, like the split)."""
@@ -95,14 +97,19 @@ class Shadow:
             self._credit -= 1.0
             return True
 
-    def offer(self, data: bytes, primary: Classification) -> None:
+    def offer(
+        self, data: bytes, primary: Classification, pixels: Pixels, busy: bool = False
+    ) -> None:
         if not self._due():
             return
-        task = asyncio.get_running_loop().create_task(self._compare(data, primary))
+        if busy:
+            self._skip("busy")
+            return
+        task = asyncio.get_running_loop().create_task(self._compare(data, primary, pixels))
         self._tasks.add(task)  # kept until done: the loop holds tasks weakly
         task.add_done_callback(self._tasks.discard)
 
-    async def _compare(self, data: bytes, primary: Classification) -> None:
+    async def _compare(self, data: bytes, primary: Classification, pixels: Pixels) -> None:
         shadow = self._find()
         if shadow is None or not shadow.ready or shadow.retiring:
             self._skip("not loaded")
@@ -110,7 +117,10 @@ class Shadow:
         try:
             with priority.requested(priority.BULK), shadow.admit() as ticket:
                 ticket.uploaded()
-                answer = await shadow.classify(data, top_k=1)
+                if shadow.engine.accepts(pixels):
+                    answer = await shadow.classify_pixels(pixels, top_k=1)
+                else:  # another input size or preprocessing: its own decode
+                    answer = await shadow.classify(data, top_k=1)
         except ServiceError as exc:
             self._skip(exc.code)
             return
@@ -181,8 +191,10 @@ class Shadow:
 class ShadowTap:
     """What a primary version's classifier calls (``core.classifier.ShadowTap``)."""
 
-    def __init__(self, shadow: Shadow) -> None:
+    def __init__(self, shadow: Shadow, primary: Classifier) -> None:
         self.shadow = shadow
+        self.primary = primary
 
-    def offer(self, data: bytes, primary: Classification) -> None:
-        self.shadow.offer(data, primary)
+    def offer(self, data: bytes, primary: Classification, pixels: Pixels) -> None:
+        # Busy: images wait in the primary's queue (the answer would wait for a shadow's turn).
+        self.shadow.offer(data, primary, pixels, busy=self.primary.engine.queue_depth > 0)
