@@ -178,11 +178,13 @@ def test_eight_models_in_a_budget_of_three_all_answered_within_memory(
 def test_idle_models_unload_and_give_their_memory_back(
     tmp_path: Path, eight: Path, model_cache: Path
 ) -> None:
-    """Each cycle loads two models, then waits for the idle TTL to unload both; after the
-    first cycle (which also starts the runtime: its libraries and threads stay) the idle
-    worker's memory stays where it was."""
+    """Each cycle loads two models, then waits for the idle TTL to unload both. The first
+    cycle also pays the worker's first requests (the image codecs, the HTTP stack: ~5 MB,
+    kept; the runtime itself was started before serving, see ``OnDemand.prime``); after it,
+    the idle worker's memory goes back to that floor each time."""
     with serve(tmp_path, *args(eight, model_cache, "--idle-ttl", "0.5")) as server:
         (pid,) = server.worker_pids()
+        start = psutil.Process(pid).memory_info().rss
         floors = []
         with httpx.Client(base_url=server.url, timeout=60) as client:
             for _ in range(4):
@@ -211,10 +213,13 @@ def test_idle_models_unload_and_give_their_memory_back(
             answer = client.infer(cold, [image], outputs=[wanted])
             assert answer.as_numpy("probabilities").shape == (1, 3)
             assert models_of(server)[cold]["versions"][0]["state"] == "READY"
-    growth = (max(floors[1:]) - floors[0]) / 2**20
-    print(f"\n[idle TTL] floors after each cycle: {[round(f / 2**20, 1) for f in floors]} MB")
-    # A leak of one model's buffers would be tens of MB; measured growth 0.5-1.5 MB (goal 2).
-    assert growth <= 4, f"the idle worker grew {growth:.1f} MB over 3 load-unload cycles"
+    growth = [round((floor - floors[0]) / 2**20, 1) for floor in floors[1:]]
+    print(
+        f"\n[idle TTL] before: {start / 2**20:.1f} MB, after the first cycle "
+        f"{floors[0] / 2**20:.1f} MB; after the next three: {growth} MB more"
+    )
+    # One model's buffers kept would be 65-80 MB; measured -0.2 to +0.8 MB (the goal: 2).
+    assert max(growth) <= 4, f"the idle worker kept {max(growth)} MB more over 3 more cycles"
 
 
 def served_version(body: dict[str, Any]) -> str:

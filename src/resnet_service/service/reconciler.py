@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 
@@ -392,22 +392,22 @@ class Reconciler:
         classifier.stop()
         classifier.shadow = None
         model_info_gauge(self.state.metrics, classifier).set(0)
+        self.tag_rules.forget(entry.model, entry.version)
+        self.state.metrics.model_unloads.labels(entry.model, entry.version, reason).inc()
+        # Still UNLOADING, without its classifier, until the memory is back: a state that
+        # says AVAILABLE is one whose memory the worker no longer holds.
+        table.put(replace(entry, state=VersionState.UNLOADING, classifier=None))
+        model, version, memory, stamp = entry.model, entry.version, entry.memory_bytes, entry.stamp
+        del classifier, entry
+        _return_memory()
         if keep_available:
             table.put(
                 ServedVersion(
-                    entry.model,
-                    entry.version,
-                    VersionState.AVAILABLE,
-                    memory_bytes=entry.memory_bytes,
-                    stamp=entry.stamp,
+                    model, version, VersionState.AVAILABLE, memory_bytes=memory, stamp=stamp
                 )
             )
         else:
-            table.drop(entry.model, entry.version)
-        self.tag_rules.forget(entry.model, entry.version)
-        self.state.metrics.model_unloads.labels(entry.model, entry.version, reason).inc()
-        del classifier, entry
-        _return_memory()
+            table.drop(model, version)
         self._count_resident()
 
     # --- explicit control (the OIP repository extension) ---------------------------------
