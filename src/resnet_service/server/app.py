@@ -71,7 +71,7 @@ async def _load_in_background(state: ServiceState, exit_on_failure: bool) -> Non
         if state.settings.model_repository is not None:
             reconciler = open_repository(state)
             await asyncio.to_thread(reconciler.reconcile)
-            reconciler.start()
+            await asyncio.to_thread(reconciler.start)  # models on demand start their runtime
         else:
             classifier = await asyncio.to_thread(load_classifier, state.settings, state.metrics)
             serve_one(state, classifier)
