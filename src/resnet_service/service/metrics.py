@@ -35,6 +35,8 @@ _LATENCY_BUCKETS: Final = (
     5.0,
     10.0,
 )
+#: A model's load and a request's wait for it: tenths of a second to the deadline.
+_LOAD_BUCKETS: Final = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS: Final = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 
 
@@ -183,14 +185,14 @@ class Metrics:
             f"{PREFIX}_model_load_seconds",
             "Time to load and warm one model version.",
             ["model"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=_LOAD_BUCKETS,
             registry=r,
         )
         self.cold_wait_seconds = Histogram(
             f"{PREFIX}_cold_request_wait_seconds",
             "How long a request waited for its model to load (models on demand).",
             ["model"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=_LOAD_BUCKETS,
             registry=r,
         )
         self.models_resident_bytes = Gauge(
