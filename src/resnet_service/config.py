@@ -378,8 +378,8 @@ class Settings(BaseSettings):
         on_demand = [f for f in ("model_memory_budget_mb", "model_idle_ttl_s") if getattr(self, f)]
         if on_demand and self.model_repository is None:
             raise ValueError(
-                f"{' and '.join(on_demand)} need a model_repository (models on demand are "
-                "the repository's models)"
+                f"{' and '.join(on_demand)} {'need' if len(on_demand) > 1 else 'needs'} a "
+                "model_repository (models on demand are the repository's models)"
             )
         if self.repository_control == "explicit" and self.admin_token is None:
             raise ValueError(

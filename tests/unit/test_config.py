@@ -86,6 +86,12 @@ def test_cross_field_checks(tmp_path: Path) -> None:
         load_settings(default_top_k=10, max_top_k=5)
     with pytest.raises(SettingsError, match="give one of"):
         load_settings(weights_path=tmp_path, bundle_path=tmp_path)
+    with pytest.raises(SettingsError, match="model_idle_ttl_s needs a model_repository"):
+        load_settings(model_idle_ttl_s=60)
+    assert (
+        load_settings(model_repository=tmp_path, model_memory_budget_mb=300).model_idle_ttl_s
+        is None
+    )
 
 
 def test_threads_follow_cpus_and_workers() -> None:
