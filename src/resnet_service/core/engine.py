@@ -343,7 +343,7 @@ class InferenceEngine:
             )
         if not self.ready:
             raise NotReady("the model is not ready (starting up or shutting down)")
-        if not self._accepts(array):
+        if not self.accepts(array):
             raise InferenceFailed(
                 f"expected a float32 array of shape {self.input_shape} or a uint8 image of "
                 f"shape {self.pixel_shape}, got {array.dtype} {array.shape}"
@@ -368,9 +368,6 @@ class InferenceEngine:
 
     def accepts(self, array: FloatBatch | Pixels) -> bool:
         """Whether ``array`` (model-sized pixels or a preprocessed tensor) fits this model."""
-        return self._accepts(array)
-
-    def _accepts(self, array: FloatBatch | Pixels) -> bool:
         if array.dtype == np.uint8:
             return array.shape == self.pixel_shape and (
                 self._pixel_runtime is not None or self._normalise is not None

@@ -52,6 +52,8 @@ Table = dict[str, dict[str, ServedVersion]]
 
 #: On demand, a request for a version in these states waits for it to (re)load.
 _COLD: Final = (VersionState.AVAILABLE, VersionState.LOADING, VersionState.UNLOADING)
+#: The states of a version that holds its classifier's memory.
+_HELD: Final = (VersionState.READY, VersionState.LOADING, VersionState.UNLOADING)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +135,10 @@ class ModelTable:
 
     def shadow(self, model: str) -> Shadow | None:
         return self._shadows.get(model)
+
+    def resident(self) -> list[ServedVersion]:
+        """The versions holding memory (loaded, or finishing their work)."""
+        return [e for e in self.index() if e.state in _HELD and e.classifier is not None]
 
     def can_serve(self, name: str, version: str) -> bool:
         """Whether ``version`` can take a request now (or, on demand, once loaded)."""

@@ -23,7 +23,6 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import Final, Protocol
@@ -76,6 +75,8 @@ class Loader(Protocol):
 
     def files_bytes(self, name: str, number: str) -> int: ...
 
+    def pinned(self, name: str) -> bool: ...
+
 
 class OnDemand:
     """The loader of one worker's models on demand."""
@@ -85,14 +86,12 @@ class OnDemand:
         reconciler: Loader,
         budget_bytes: int | None,
         idle_ttl_s: float | None,
-        pinned: Callable[[str], bool],
     ) -> None:
         self.reconciler = reconciler
         self.table = reconciler.state.models
         self.metrics = reconciler.state.metrics
         self.budget_bytes = budget_bytes
         self.idle_ttl_s = idle_ttl_s
-        self._pinned = pinned
         self._pending: dict[Key, concurrent.futures.Future[None]] = {}
         self._lock = threading.Lock()
         self._queue: queue.Queue[Key | None] = queue.Queue()
@@ -133,7 +132,7 @@ class OnDemand:
         after its models go) then belongs to the worker's base memory, instead of being
         counted against the budget as part of whichever model a request loads first."""
         with self.reconciler.locked():
-            if self.resident():
+            if self.table.resident():
                 return
             available = [e for e in self.table.index() if e.state is VersionState.AVAILABLE]
             for first in available:  # the first that loads (one may fail: it says why)
@@ -186,11 +185,6 @@ class OnDemand:
             future.set_exception(error)
 
     # --- memory --------------------------------------------------------------------------
-    def resident(self) -> list[ServedVersion]:
-        """The versions holding memory (loaded, or finishing their work)."""
-        held = (VersionState.READY, VersionState.LOADING, VersionState.UNLOADING)
-        return [e for e in self.table.index() if e.state in held and e.classifier is not None]
-
     def _estimate(self, key: Key) -> int:
         entry = self.table.entry(*key)
         if entry is not None and entry.memory_bytes is not None:
@@ -206,7 +200,7 @@ class OnDemand:
             return
         need = self._estimate(key)
         while True:
-            loaded = self.resident()
+            loaded = self.table.resident()
             used = sum(e.memory_bytes or 0 for e in loaded)
             if used + need <= self.budget_bytes:
                 return
@@ -224,7 +218,7 @@ class OnDemand:
             self.reconciler.retire(victim, reason="budget", keep_available=True)
 
     def _evictable(self, entry: ServedVersion) -> bool:
-        return not self._pinned(entry.model)
+        return not self.reconciler.pinned(entry.model)
 
     def _expire_idle(self) -> None:
         if self.idle_ttl_s is None:
@@ -232,7 +226,7 @@ class OnDemand:
         now = time.monotonic()
         idle = [
             e
-            for e in self.resident()
+            for e in self.table.resident()
             if e.state is VersionState.READY
             and self._evictable(e)
             and e.classifier is not None

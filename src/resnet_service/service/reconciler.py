@@ -126,7 +126,6 @@ class Reconciler:
                 self,
                 int(budget * 2**20) if budget is not None else None,
                 settings.model_idle_ttl_s,
-                self.pinned,
             )
             state.models.on_demand = True
             self.routing.request_load = self.on_demand.request
@@ -213,7 +212,7 @@ class Reconciler:
             ServedVersion(name, number, VersionState.AVAILABLE, stamp=version.stamp)
         )
 
-    def _failed(self, name: str, number: str, stamp: str, exc: Exception) -> str:
+    def _failed(self, name: str, number: str, stamp: str, exc: Exception) -> None:
         reason = exc.detail if isinstance(exc, ServiceError) else str(exc)
         self.failures[(name, number)] = Failure(stamp, reason)
         self.state.models.put(
@@ -221,7 +220,6 @@ class Reconciler:
         )
         self.state.metrics.model_loads.labels(name, number, "failed").inc()
         log.error("model %s version %s not loaded: %s", name, number, reason)
-        return reason
 
     def load_available(self, name: str, number: str) -> ModelLoadFailed | None:
         """Load an available version now (the on-demand loader, holding ``locked``); the
@@ -331,13 +329,8 @@ class Reconciler:
         )
 
     def _count_resident(self) -> None:
-        held = (VersionState.READY, VersionState.LOADING, VersionState.UNLOADING)
         self.state.metrics.models_resident_bytes.set(
-            sum(
-                e.memory_bytes or 0
-                for e in self.state.models.index()
-                if e.state in held and e.classifier is not None
-            )
+            sum(e.memory_bytes or 0 for e in self.state.models.resident())
         )
 
     def _build(self, settings: Settings, version: VersionDir) -> Path | None:
@@ -360,14 +353,7 @@ class Reconciler:
         """Unload the versions of ``name`` no longer wanted, once a wanted one serves (or the
         model is not wanted at all)."""
         table = self.state.models
-        serves = (
-            (VersionState.READY, VersionState.AVAILABLE)
-            if self.on_demand
-            else (VersionState.READY,)
-        )
-        if wanted and not any(
-            (e := table.entry(name, v)) is not None and e.state in serves for v in wanted
-        ):
+        if wanted and not any(table.can_serve(name, v) for v in wanted):
             return  # nothing new serves yet: the old versions keep serving
         for entry in table.versions(name):
             if entry.version not in wanted:
@@ -425,8 +411,7 @@ class Reconciler:
         self._apply(self.control.request(name, load=True))
         wanted = {str(v.version) for v in models[name].wanted()}
         entries = [e for e in self.state.models.versions(name) if e.version in wanted]
-        serves = {VersionState.READY, VersionState.AVAILABLE if self.on_demand else None}
-        if not wanted or not any(e.state in serves for e in entries):
+        if not wanted or not any(self.state.models.can_serve(name, e.version) for e in entries):
             reasons = "; ".join(f"version {e.version}: {e.reason}" for e in entries if e.reason)
             raise ModelLoadFailed(
                 f"Model '{name}' could not be loaded: {reasons or 'it has no version on disk'}."
@@ -464,16 +449,13 @@ class Reconciler:
         demand in every mode)."""
         if self.on_demand is not None:
             self.on_demand.prime()
+            self.on_demand.start()
         if self.settings.repository_control == "none":
-            if self.on_demand is not None:
-                self.on_demand.start()
             return
         self._thread = threading.Thread(target=self._run, name="repository", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        if self.on_demand is not None:
-            self.on_demand.start()
         poll = self.settings.repository_control == "poll"
         interval = self.settings.repository_poll_s if poll else _CONTROL_CHECK_S
         # Poll mode also follows the tag rules files, more often than the folders.

@@ -35,8 +35,8 @@ class Routing:
         self.state = state
         #: Models on demand: ask for a version's load without waiting (None: off).
         self.request_load: Callable[[str, str], object] | None = None
-        #: Per model: the config it was built from, and what was built.
-        self._configs: dict[str, tuple[str, TrafficSplit | None, Shadow | None]] = {}
+        #: Per model: the config its split and shadow (in the model table) were built from.
+        self._configs: dict[str, str] = {}
 
     def update(self, models: dict[str, RepositoryModel]) -> None:
         """Follow the configs of one repository pass (a changed config starts afresh)."""
@@ -50,12 +50,11 @@ class Routing:
             said = config.model_dump_json(include={"traffic", "shadow"}) + repr(
                 [v.version for v in model.wanted()]
             )
-            if name in self._configs and self._configs[name][0] == said:
+            if self._configs.get(name) == said:
                 continue
             split = _split(model)
-            shadow = self._shadow(name, config.shadow, split)
-            self._configs[name] = (said, split, shadow)
-            table.route(name, split, shadow)
+            self._configs[name] = said
+            table.route(name, split, self._shadow(name, config.shadow, split))
             self.attach(name)
 
     def _shadow(
@@ -85,11 +84,7 @@ class Routing:
 
     def attach(self, name: str) -> None:
         """Give ``name``'s loaded versions their shadow tap (or take it away)."""
-        shadow = self.shadow(name)
+        shadow = self.state.models.shadow(name)
         for entry in self.state.models.versions(name):
             if entry.classifier is not None:
                 entry.classifier.shadow = shadow.tap(entry.classifier) if shadow else None
-
-    def shadow(self, name: str) -> Shadow | None:
-        found = self._configs.get(name)
-        return found[2] if found is not None else None
