@@ -290,16 +290,22 @@ def test_traffic_split_holds_changes_under_load_and_the_shadow_rule_stops_a_cana
         # The canary disagrees with version 1 on every image: the rule stops its share.
         # Two clients: a shadow compares only while the primary has nothing queued.
         with ClassifyLoad(server.url, served_version, model="canary", clients=2) as load:
+            # Each worker keeps its own shadow; both clients' connections may land on one
+            # worker, so the figures are those of a worker that stopped it.
+            stopping: dict[str, Any] = {}
 
             def stopped() -> bool:
-                shadow = models_of(server)["canary"]["shadow"]
-                return shadow is not None and shadow["stopped"] is not None
+                canary = models_of(server)["canary"]
+                if canary["shadow"] is None or canary["shadow"]["stopped"] is None:
+                    return False
+                stopping.update(canary)
+                return True
 
             wait_until(stopped, 120, "the shadow rule to stop the canary", server)
             stopped_at = time.monotonic()
             wait_until(lambda: len(load.answers.after(stopped_at)) >= 400, 120, "400 more", server)
         assert load.answers.failures == []
-        canary = models_of(server)["canary"]
+        canary = stopping
         assert canary["shadow"]["agreement"] < 0.9
         assert next(v["traffic_share"] for v in canary["versions"] if v["version"] == "2") == 0
         # A worker that stopped it sends it nothing; each of the two applies the rule to its own
