@@ -24,12 +24,14 @@ from resnet_service.training.head import (
     probe_l2,
     refit,
 )
-from resnet_service.training.loop import LoopConfig, train_block
+from resnet_service.training.loop import Checkpoint, LoopConfig, train_block
 from resnet_service.training.options import FinetuneConfig
 from resnet_service.training.probe import linear_probe
 from resnet_service.training.selection import (
     Candidate,
     choose_linear,
+    cross_fitted,
+    halves,
     paired,
     pool,
     textbook_first,
@@ -259,6 +261,41 @@ def test_block_training_needs_a_clear_paired_win() -> None:
     mixed = paired(targets, head, torch.tensor([1] * 6 + [0] * 34))  # +10 -6
     assert (mixed.wins, mixed.losses) == (10, 6)
     assert not mixed.clear_win
+
+
+def test_halves_split_every_class_evenly_and_depend_on_the_seed() -> None:
+    targets = torch.tensor([0] * 8 + [1] * 8 + [2] * 7)
+    first = halves(targets, seed=0)
+    assert [int(first[targets == c].sum()) for c in range(3)] == [4, 4, 4]
+    assert torch.equal(first, halves(targets, seed=0))
+    assert not torch.equal(first, halves(targets, seed=1))
+
+
+def test_the_block_decision_does_not_count_the_luck_of_choosing_a_checkpoint() -> None:
+    """Two checkpoints each right on six more images of one half only: either looks like a
+    6-0 win on the whole split (a clear one), but a half judged at the checkpoint the other
+    half chose sees no gain. A checkpoint better on both halves is chosen by each and wins."""
+    targets = torch.tensor([0] * 12 + [1] * 12)
+    first = halves(targets, seed=0)
+    head = 1 - targets  # wrong everywhere: any gain is visible
+    loss = torch.zeros(len(targets))
+
+    def right_on(rows: torch.Tensor, step: int) -> Checkpoint:
+        return Checkpoint(step, torch.where(rows, targets, head), loss)
+
+    start = Checkpoint(0, head, loss)
+    lucky = [
+        right_on(first & (torch.cumsum(first, 0) <= 6), 10),
+        right_on(~first & (torch.cumsum(~first, 0) <= 6), 20),
+    ]
+    assert paired(targets, head, lucky[0].preds).clear_win  # what the old decision saw
+    none = cross_fitted(targets, head, [start, *lucky], first)
+    assert (none.wins, none.losses) == (0, 0)
+    assert not none.clear_win
+    better = (first & (torch.cumsum(first, 0) <= 7)) | (~first & (torch.cumsum(~first, 0) <= 7))
+    real = cross_fitted(targets, head, [start, *lucky, right_on(better, 30)], first)
+    assert (real.wins, real.losses) == (7 + 7, 0)
+    assert real.clear_win
 
 
 def test_pooled_rows_put_every_serving_view_first() -> None:

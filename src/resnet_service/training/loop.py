@@ -66,9 +66,25 @@ class StepStats:
     seconds: float  # since the loop started
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """One evaluated checkpoint's validation answers, image by image: what the block decision
+    re-selects on halves of the validation split (``selection.cross_fitted``)."""
+
+    step: int
+    preds: torch.Tensor
+    losses: torch.Tensor
+
+    def score(self, targets: torch.Tensor, rows: torch.Tensor) -> tuple[float, float]:
+        """The loop's own criterion (accuracy, then lower loss) on the ``rows`` mask."""
+        right = (self.preds[rows] == targets[rows]).float().mean()
+        return float(right), -float(self.losses[rows].mean())
+
+
 @dataclass
 class LoopResult:
-    """Where training ended and what it kept."""
+    """Where training ended and what it kept; ``checkpoints`` are every evaluated one, step 0
+    (the block untouched) first."""
 
     best_step: int
     val_accuracy: float
@@ -78,6 +94,7 @@ class LoopResult:
     stopped_because: str  # "max_steps", "patience" or "time_budget"
     seconds: float
     history: list[StepStats] = field(default_factory=list)
+    checkpoints: list[Checkpoint] = field(default_factory=list)
 
 
 @dataclass
@@ -91,12 +108,19 @@ def evaluate(
     model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
 ) -> tuple[float, float, torch.Tensor]:
     """(loss, accuracy, predictions) in eval mode, batch by batch."""
+    checkpoint = _checkpoint(model, inputs, targets, 0)
+    accuracy = float((checkpoint.preds == targets).float().mean())
+    return float(checkpoint.losses.mean()), accuracy, checkpoint.preds
+
+
+def _checkpoint(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, step: int
+) -> Checkpoint:
     model.eval()
     with torch.no_grad():
         logits = torch.cat([model(part) for part in torch.split(inputs, BATCH)])
-    loss = float(nn.functional.cross_entropy(logits, targets))
-    preds = logits.argmax(1)
-    return loss, float((preds == targets).float().mean()), preds
+    losses = nn.functional.cross_entropy(logits, targets, reduction="none")
+    return Checkpoint(step, logits.argmax(1), losses)
 
 
 def _schedule(config: LoopConfig, plan: _Plan) -> Callable[[int], float]:
@@ -172,9 +196,10 @@ def train_block(
     optimizer = _optimizer(trainable, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config, plan))
     next_batch = _batches(train, config)
-    val_loss, val_acc, _ = evaluate(model, val_inputs, val_targets)
-    history = [StepStats(0, math.nan, math.nan, val_loss, val_acc, 0.0)]
-    best, best_step = (val_acc, -val_loss), 0
+    everything = torch.ones(len(val_targets), dtype=torch.bool)
+    checkpoints = [_checkpoint(model, val_inputs, val_targets, 0)]
+    best, best_step = checkpoints[0].score(val_targets, everything), 0
+    history = [StepStats(0, math.nan, math.nan, -best[1], best[0], 0.0)]
     best_state = copy.deepcopy(model.state_dict())
     seen_loss, seen_correct, seen = 0.0, 0, 0
     step, stopped = 0, "max_steps"
@@ -201,15 +226,16 @@ def train_block(
         if len(history) == 1:
             _fit_to_budget(plan, step, time.monotonic() - started, config)
             bar.total = plan.max_steps
-        val_loss, val_acc, _ = evaluate(model, val_inputs, val_targets)
+        checkpoints.append(_checkpoint(model, val_inputs, val_targets, step))
+        score = checkpoints[-1].score(val_targets, everything)
         elapsed = time.monotonic() - started
-        stats = StepStats(step, seen_loss / seen, seen_correct / seen, val_loss, val_acc, elapsed)
+        stats = StepStats(step, seen_loss / seen, seen_correct / seen, -score[1], score[0], elapsed)
         history.append(stats)
         seen_loss, seen_correct, seen = 0.0, 0, 0
         _log_step(stats)
-        bar.set_postfix(loss=f"{stats.train_loss:.3f}", val_acc=f"{val_acc:.3f}")
-        if (val_acc, -val_loss) > best:
-            best, best_step = (val_acc, -val_loss), step
+        bar.set_postfix(loss=f"{stats.train_loss:.3f}", val_acc=f"{score[0]:.3f}")
+        if score > best:
+            best, best_step = score, step
             best_state = copy.deepcopy(model.state_dict())
         elif step >= config.min_steps and step - best_step >= config.patience:
             stopped = "patience"
@@ -228,6 +254,7 @@ def train_block(
         stopped_because=stopped,
         seconds=time.monotonic() - started,
         history=history,
+        checkpoints=checkpoints,
     )
 
 
