@@ -31,7 +31,6 @@ from resnet_service.training.selection import (
     Candidate,
     choose_linear,
     cross_fitted,
-    halves,
     paired,
     pool,
     textbook_first,
@@ -263,38 +262,28 @@ def test_block_training_needs_a_clear_paired_win() -> None:
     assert not mixed.clear_win
 
 
-def test_halves_split_every_class_evenly_and_depend_on_the_seed() -> None:
-    targets = torch.tensor([0] * 8 + [1] * 8 + [2] * 7)
-    first = halves(targets, seed=0)
-    assert [int(first[targets == c].sum()) for c in range(3)] == [4, 4, 4]
-    assert torch.equal(first, halves(targets, seed=0))
-    assert not torch.equal(first, halves(targets, seed=1))
-
-
 def test_the_block_decision_does_not_count_the_luck_of_choosing_a_checkpoint() -> None:
-    """Two checkpoints each right on six more images of one half only: either looks like a
-    6-0 win on the whole split (a clear one), but a half judged at the checkpoint the other
-    half chose sees no gain. A checkpoint better on both halves is chosen by each and wins."""
+    """Two checkpoints each right on six other images: the first looks like a clear 6-0 win on
+    the whole split, but each of its six images, left out, sees the other checkpoint chosen,
+    which misses it: no win. A checkpoint right on eight images stays chosen without any one
+    of them: a clear 8-0."""
     targets = torch.tensor([0] * 12 + [1] * 12)
-    first = halves(targets, seed=0)
     head = 1 - targets  # wrong everywhere: any gain is visible
     loss = torch.zeros(len(targets))
 
-    def right_on(rows: torch.Tensor, step: int) -> Checkpoint:
-        return Checkpoint(step, torch.where(rows, targets, head), loss)
+    def right_on(rows: range, step: int) -> Checkpoint:
+        mask = torch.zeros(len(targets), dtype=torch.bool)
+        mask[list(rows)] = True
+        return Checkpoint(step, torch.where(mask, targets, head), loss)
 
     start = Checkpoint(0, head, loss)
-    lucky = [
-        right_on(first & (torch.cumsum(first, 0) <= 6), 10),
-        right_on(~first & (torch.cumsum(~first, 0) <= 6), 20),
-    ]
+    lucky = [right_on(range(0, 6), 10), right_on(range(6, 12), 20)]
     assert paired(targets, head, lucky[0].preds).clear_win  # what the old decision saw
-    none = cross_fitted(targets, head, [start, *lucky], first)
+    none = cross_fitted(targets, head, [start, *lucky])
     assert (none.wins, none.losses) == (0, 0)
     assert not none.clear_win
-    better = (first & (torch.cumsum(first, 0) <= 7)) | (~first & (torch.cumsum(~first, 0) <= 7))
-    real = cross_fitted(targets, head, [start, *lucky, right_on(better, 30)], first)
-    assert (real.wins, real.losses) == (7 + 7, 0)
+    real = cross_fitted(targets, head, [start, *lucky, right_on(range(12, 20), 30)])
+    assert (real.wins, real.losses) == (8, 0)
     assert real.clear_win
 
 

@@ -18,8 +18,8 @@ The recipe, and why (``--train auto``, the default):
 4. **Train the last block** (``loop.py``), starting from that head fitted on the training
    split, when the head is not already perfect on validation, within ``time_budget`` seconds
    for the whole run. The block is kept only when it is right on clearly more validation
-   images than the head (a paired sign test, cross-fitted so that no image judges the
-   checkpoint it chose); otherwise it is put back and the head, refitted on every labelled
+   images than the head (a paired sign test, cross-fitted so that no image judges a
+   checkpoint it helped choose); otherwise it is put back and the head, refitted on every labelled
    image, is served.
 5. **Compare with baselines the run did not tune** (``probe.py``): scikit-learn logistic
    regression on the frozen features, standardised and raw (the textbook probe), and the
@@ -92,7 +92,6 @@ from resnet_service.training.selection import (
     Pooled,
     choose_linear,
     cross_fitted,
-    halves,
     pool,
     textbook_first,
 )
@@ -467,10 +466,11 @@ def _train_phase(
     outcome = f"best validation at step {result.best_step} of {result.steps_run}"
     if config.train == "auto":
         targets = chosen.variant.val.targets
-        split = halves(targets, config.seed)
-        comparison: Paired = cross_fitted(targets, chosen.val_preds, result.checkpoints, split)
+        comparison: Paired = cross_fitted(targets, chosen.val_preds, result.checkpoints)
         kept = comparison.clear_win
-        outcome += f"; cross-fitted over two halves of validation, {comparison.describe()}"
+        outcome += (
+            f"; each image judged at the checkpoint the others chose, {comparison.describe()}"
+        )
     else:
         kept = result.best_step > 0
     if not kept:
