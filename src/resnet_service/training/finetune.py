@@ -19,8 +19,8 @@ The recipe, and why (``--train auto``, the default):
    split, when the head is not already perfect on validation, within ``time_budget`` seconds
    for the whole run. The block is kept only when it is right on clearly more validation
    images than the head (a paired sign test, cross-fitted so that no image judges a
-   checkpoint it helped choose); otherwise it is put back and the head, refitted on every labelled
-   image, is served.
+   checkpoint it helped choose); otherwise it is put back and the head, refitted on every
+   labelled image, is served.
 5. **Compare with baselines the run did not tune** (``probe.py``): scikit-learn logistic
    regression on the frozen features, standardised and raw (the textbook probe), and the
    same split, written next to the model's own accuracy in ``report.json``/``report.png``.

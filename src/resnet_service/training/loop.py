@@ -69,7 +69,7 @@ class StepStats:
 @dataclass(frozen=True)
 class Checkpoint:
     """One evaluated checkpoint's validation answers, image by image: what the block decision
-    re-selects on halves of the validation split (``selection.cross_fitted``)."""
+    chooses among again, leaving each image out in turn (``selection.cross_fitted``)."""
 
     step: int
     preds: torch.Tensor
