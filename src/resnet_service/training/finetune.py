@@ -346,9 +346,8 @@ def _train_block(
     config: FinetuneConfig,
     spec: PreprocessSpec,
     deadline: float,
-) -> tuple[LoopResult, torch.Tensor]:
-    """Layer4 (+ head) on cached stem activations, or everything on cached images; the
-    result and the kept checkpoint's validation predictions."""
+) -> LoopResult:
+    """Layer4 (+ head) on cached stem activations, or everything on cached images."""
     trunk, head, targets = chosen.variant.trunk, chosen.head, chosen.variant.val.targets
     if part == "layer4":
         model = nn.Sequential(trunk.block, trunk.pool, head)
@@ -382,8 +381,7 @@ def _train_block(
         seed=config.seed,
         progress=config.progress,
     )
-    result = train_block(model, trainable, train, val_inputs, targets, loop)
-    return result, evaluate(model, val_inputs, targets)[2]
+    return train_block(model, trainable, train, val_inputs, targets, loop)
 
 
 def _block_decision(
@@ -462,7 +460,7 @@ def _train_phase(
         return _Trained("head", decision, None, chosen.val_preds)
     block = chosen.variant.trunk.block
     before = copy.deepcopy((block.state_dict(), chosen.head.state_dict()))
-    result, preds = _train_block(chosen, part, train_set, val_set, config, spec, deadline)
+    result = _train_block(chosen, part, train_set, val_set, config, spec, deadline)
     outcome = f"best validation at step {result.best_step} of {result.steps_run}"
     if config.train == "auto":
         targets = chosen.variant.val.targets
@@ -480,7 +478,10 @@ def _train_phase(
     reason = f"{decision.reason}; {outcome} (stopped: {result.stopped_because})"
     trained = part if kept else "head"
     return _Trained(
-        trained, Decision("train", trained, reason), result, preds if kept else chosen.val_preds
+        trained,
+        Decision("train", trained, reason),
+        result,
+        result.best.preds if kept else chosen.val_preds,
     )
 
 

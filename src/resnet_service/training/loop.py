@@ -96,6 +96,11 @@ class LoopResult:
     history: list[StepStats] = field(default_factory=list)
     checkpoints: list[Checkpoint] = field(default_factory=list)
 
+    @property
+    def best(self) -> Checkpoint:
+        """The kept checkpoint's validation answers (the model is left at that checkpoint)."""
+        return next(c for c in self.checkpoints if c.step == self.best_step)
+
 
 @dataclass
 class _Plan:

@@ -118,14 +118,12 @@ def cross_fitted(
     checkpoint that every *other* image scores best (earliest on ties, as the loop keeps).
     Most images see the served checkpoint; an image whose own answer made that checkpoint
     the best sees the one chosen without it."""
-    wins = losses = 0
+    judged = torch.empty_like(head)
     for row in range(len(targets)):
         others = torch.ones(len(targets), dtype=torch.bool)
         others[row] = False
-        best = max(checkpoints, key=lambda c: c.score(targets, others))
-        right, was_right = bool(best.preds[row] == targets[row]), bool(head[row] == targets[row])
-        wins, losses = wins + (right and not was_right), losses + (was_right and not right)
-    return Paired(wins, losses)
+        judged[row] = max(checkpoints, key=lambda c: c.score(targets, others)).preds[row]
+    return paired(targets, head, judged)
 
 
 @dataclass(frozen=True)
